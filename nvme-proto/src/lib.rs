@@ -28,6 +28,7 @@ pub mod discovery;
 pub mod error;
 pub mod fabrics;
 pub mod features;
+pub mod fuzzing;
 pub mod identify;
 pub mod io;
 pub mod log_page;
@@ -39,9 +40,6 @@ pub mod sqe;
 pub mod status;
 pub mod text;
 pub mod uuid;
-
-#[cfg(any(test, feature = "fuzzing"))]
-pub mod fuzzing;
 
 pub use command::{AdminCommand, Capsule, Command, FabricsCommand, IoCommand, QueueKind};
 pub use cqe::Cqe;
