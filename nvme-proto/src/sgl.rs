@@ -211,6 +211,21 @@ impl SglDescriptor {
         b
     }
 
+    /// This descriptor, if an NVMe/RDMA target can move its data: keyed (RDMA READ/WRITE) or in-capsule.
+    /// Segments are refused as Linux nvmet-rdma refuses them: SGL Descriptor Type Invalid, at the
+    /// descriptor's identifier byte.
+    pub fn for_rdma(self) -> Result<Self, DecodeError> {
+        match self {
+            SglDescriptor::Keyed { .. } | SglDescriptor::InCapsule { .. } => Ok(self),
+            SglDescriptor::Segment { .. } => Err(DecodeError::new(
+                "SGL descriptor type",
+                Self::IDENTIFIER,
+                Reason::Value(self.to_bytes()[Self::IDENTIFIER] as u64),
+                Status::SGL_INVALID_TYPE.with_dnr(),
+            )),
+        }
+    }
+
     /// Number of data bytes this descriptor describes.
     pub fn length(&self) -> u32 {
         match *self {
