@@ -117,7 +117,7 @@ fn exchanges_and_open(messages: &[Message]) -> (Vec<Exchange>, Vec<Exchange>) {
     (done, open)
 }
 
-fn find<'a>(xs: &'a [Exchange], qpn: u32, pred: impl Fn(&Command) -> bool) -> Vec<&'a Exchange> {
+fn find(xs: &[Exchange], qpn: u32, pred: impl Fn(&Command) -> bool) -> Vec<&Exchange> {
     xs.iter()
         .filter(|x| x.qpn == qpn && pred(&x.capsule.command))
         .collect()
@@ -720,9 +720,11 @@ fn write_seed_corpus() {
         }
     }
     // Shapes the captures do not contain: an error log, a firmware slot log, DSM ranges.
-    let mut err = nvme_proto::log_page::ErrorLogEntry::default();
-    err.error_count = 1.into();
-    err.status_field = (Status::INVALID_FIELD.with_dnr().raw() << 1).into();
+    let err = nvme_proto::log_page::ErrorLogEntry {
+        error_count: 1.into(),
+        status_field: (Status::INVALID_FIELD.with_dnr().raw() << 1).into(),
+        ..Default::default()
+    };
     write("log_page", &with(0, zerocopy::IntoBytes::as_bytes(&err)));
     let mut fw = nvme_proto::log_page::FirmwareSlotLog::zeroed();
     fw.afi = 1;
