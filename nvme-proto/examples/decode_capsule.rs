@@ -156,7 +156,7 @@ fn main() -> ExitCode {
         println!(
             "log page {:#04x}: {} bytes from offset {}",
             g.lid,
-            g.len(),
+            g.data_len(),
             g.offset
         );
     }

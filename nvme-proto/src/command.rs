@@ -78,12 +78,9 @@ pub struct GetLogPage {
 }
 
 impl GetLogPage {
-    /// Bytes requested.
-    pub const fn len(&self) -> u64 {
+    /// Bytes requested: (NUMD + 1) dwords.
+    pub const fn data_len(&self) -> u64 {
         (self.numd as u64 + 1) * 4
-    }
-    pub const fn is_empty(&self) -> bool {
-        false
     }
 }
 

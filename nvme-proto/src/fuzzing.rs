@@ -92,7 +92,7 @@ pub fn capsule(data: &[u8]) {
             raw.fctype(),
             raw.psdt(),
             raw.fuse(),
-            (10..=15).fold(0u32, |a, n| a ^ raw.cdw(n)),
+            (0..=16).fold(0u32, |a, n| a ^ raw.cdw(n).unwrap_or(0)),
         );
     }
 }
@@ -238,7 +238,7 @@ pub fn log_page(data: &[u8]) {
         _ => {
             if let Ok(ana) = AnaLog::parse(rest) {
                 let bytes = ana.to_bytes().expect("decoded ANA log re-encodes");
-                assert_eq!(bytes.len(), ana.len());
+                assert_eq!(bytes.len(), ana.encoded_len());
                 assert_eq!(AnaLog::parse(&bytes).as_ref(), Ok(&ana));
             }
         }

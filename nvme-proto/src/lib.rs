@@ -28,6 +28,7 @@ pub mod discovery;
 pub mod error;
 pub mod fabrics;
 pub mod features;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod identify;
 pub mod io;

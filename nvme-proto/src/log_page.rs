@@ -329,7 +329,7 @@ impl AnaLog {
                 Status::INTERNAL,
             )
         })?;
-        let mut out = Vec::with_capacity(self.len());
+        let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(
             AnaHeaderRaw {
                 chgcnt: self.chgcnt.into(),
@@ -363,16 +363,13 @@ impl AnaLog {
     }
 
     /// Encoded size in bytes.
-    pub fn len(&self) -> usize {
+    pub fn encoded_len(&self) -> usize {
         ANA_HEADER_LEN
             + self
                 .groups
                 .iter()
                 .map(|g| ANA_GROUP_LEN + 4 * g.nsids.len())
                 .sum::<usize>()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
     }
 }
 

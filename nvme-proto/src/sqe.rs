@@ -104,16 +104,16 @@ impl Sqe {
     pub fn fctype(&self) -> u8 {
         self.nsid.get() as u8
     }
-    /// CDW10..CDW15 by number (10..=15).
-    pub fn cdw(&self, n: usize) -> u32 {
-        match n {
+    /// CDW10..CDW15 by number; `None` for any other number.
+    pub fn cdw(&self, n: usize) -> Option<u32> {
+        Some(match n {
             10 => self.cdw10.get(),
             11 => self.cdw11.get(),
             12 => self.cdw12.get(),
             13 => self.cdw13.get(),
             14 => self.cdw14.get(),
             15 => self.cdw15.get(),
-            _ => 0,
-        }
+            _ => return None,
+        })
     }
 }

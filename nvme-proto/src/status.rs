@@ -87,7 +87,7 @@ impl Status {
     pub const fn with_more(self) -> Self {
         Self(self.0 | Self::MORE)
     }
-    /// Panics-free: `crd` is masked to its two bits.
+    /// Sets the Command Retry Delay index; only its two low bits are meaningful.
     pub const fn with_crd(self, crd: u8) -> Self {
         Self((self.0 & !(3 << 11)) | (((crd & 3) as u16) << 11))
     }

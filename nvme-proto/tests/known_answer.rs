@@ -248,7 +248,7 @@ fn admin_sqe_bytes() {
             0x0c, 0x81, 0x03, 0x08, 0x01, 0x00, 0x03, 0x02, 0x10, 0, 0, 0, 1, 0, 0, 0, 5, 0, 0, 2
         ]
     );
-    assert_eq!(glp.len(), (0x0001_0803 + 1) * 4);
+    assert_eq!(glp.data_len(), (0x0001_0803 + 1) * 4);
 
     let id = Identify {
         nsid: 1,
@@ -471,5 +471,43 @@ fn sgl_descriptor_bytes() {
     assert!(
         SglDescriptor::keyed(0, 0x0100_0000, 0, false).is_err(),
         "25-bit length refused"
+    );
+}
+
+/// Set / Get Features CDW10 / CDW11 as Linux nvme_set_features / nvme_get_features send them.
+#[rstest]
+#[case(Feature::VolatileWriteCache { enabled: true }, 0x06, 0x0000_0001)]
+#[case(Feature::NumberOfQueues(NumberOfQueues { nsqr: 0x10, ncqr: 0x20 }), 0x07, 0x0020_0010)]
+#[case(Feature::AsyncEventConfig(0x8000_0900), 0x0b, 0x8000_0900)]
+#[case(Feature::KeepAliveTimer { kato_ms: 5000 }, 0x0f, 5000)]
+#[case(Feature::HostIdentifier { extended: true }, 0x81, 0x0000_0001)]
+fn feature_dwords(#[case] feature: Feature, #[case] fid: u8, #[case] cdw11: u32) {
+    let set = SetFeatures {
+        nsid: 0,
+        save: false,
+        feature,
+    };
+    let b = sqe_bytes(Capsule {
+        command_id: 0,
+        data: SglDescriptor::default(),
+        command: Command::Admin(AdminCommand::SetFeatures(set)),
+    });
+    assert_eq!((b[0], b[40], &b[41..44]), (0x09, fid, &[0u8, 0, 0][..]));
+    assert_eq!(&b[44..48], &cdw11.to_le_bytes());
+    let get = nvme_proto::command::GetFeatures {
+        nsid: 0,
+        fid,
+        select: nvme_proto::features::FeatureSelect::Saved,
+        cdw11: 1,
+    };
+    let b = sqe_bytes(Capsule {
+        command_id: 0,
+        data: SglDescriptor::default(),
+        command: Command::Admin(AdminCommand::GetFeatures(get)),
+    });
+    assert_eq!(
+        (b[0], b[40], b[41], b[44]),
+        (0x0a, fid, 0x02, 1),
+        "SEL in CDW10 bits 10:8"
     );
 }

@@ -531,7 +531,7 @@ proptest! {
     fn ana_logs(chgcnt in any::<u64>(), groups in proptest::collection::vec((any::<u32>(), any::<u64>(), ana_state(), proptest::collection::vec(any::<u32>(), 0..20)), 0..10)) {
         let log = AnaLog { chgcnt, groups: groups.into_iter().map(|(grpid, chgcnt, state, nsids)| AnaGroup { grpid, chgcnt, state, nsids }).collect() };
         let bytes = log.to_bytes().unwrap();
-        prop_assert_eq!(bytes.len(), log.len());
+        prop_assert_eq!(bytes.len(), log.encoded_len());
         // Hosts read a fixed-size buffer: zero padding after the last group is fine.
         let mut padded = bytes.clone();
         padded.resize(bytes.len() + 64, 0);

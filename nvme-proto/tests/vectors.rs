@@ -403,7 +403,7 @@ fn discovery_log_from_nvmet() {
     let Command::Admin(AdminCommand::GetLogPage(first)) = logs[0].capsule.command else {
         unreachable!()
     };
-    assert_eq!((first.len(), first.offset), (1024, 0));
+    assert_eq!((first.data_len(), first.offset), (1024, 0));
     // The first read is the header only: NUMREC announces records that were not read.
     let head = DiscoveryLog::parse(&logs[0].data).unwrap();
     assert_eq!(
@@ -479,7 +479,7 @@ fn log_pages_and_features_from_the_bring_up() {
     let Command::Admin(AdminCommand::GetLogPage(g)) = ana_x.capsule.command else {
         unreachable!()
     };
-    assert_eq!(g.len(), 8208);
+    assert_eq!(g.data_len(), 8208);
     let ana = AnaLog::parse(&ana_x.data).unwrap();
     let group = ana
         .groups
