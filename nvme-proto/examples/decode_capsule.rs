@@ -73,11 +73,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        (None, None) => (
-            EMBEDDED.to_vec(),
-            Queue::Io,
-            "embedded: Linux host I/O-queue Connect".to_owned(),
-        ),
+        (None, None) => (EMBEDDED.to_vec(), Queue::Io, "embedded: Linux host I/O-queue Connect".to_owned()),
     };
     let queue = match args.queue.unwrap_or(default_queue) {
         Queue::Admin => QueueKind::Admin,
@@ -85,21 +81,14 @@ fn main() -> ExitCode {
     };
     println!("capsule: {source}, {} bytes, {queue:?} queue", bytes.len());
     if bytes.len() < SQE_LEN {
-        eprintln!(
-            "error: a capsule starts with a 64-byte SQE; got {} bytes",
-            bytes.len()
-        );
+        eprintln!("error: a capsule starts with a 64-byte SQE; got {} bytes", bytes.len());
         return ExitCode::from(1);
     }
     let (sqe, in_capsule) = bytes.split_at(SQE_LEN);
     let capsule = match Capsule::parse_bytes(sqe, queue) {
         Ok(c) => c,
         Err(e) => {
-            let set = if sqe[0] == 0x7f {
-                CommandSet::Fabrics
-            } else {
-                CommandSet::Admin
-            };
+            let set = if sqe[0] == 0x7f { CommandSet::Fabrics } else { CommandSet::Admin };
             println!("rejected: {e}");
             println!(
                 "  completion status {:#06x} ({}), error location byte {}",
@@ -113,33 +102,19 @@ fn main() -> ExitCode {
     println!("command id: {:#06x}", capsule.command_id);
     println!("command: {:#?}", capsule.command);
     match capsule.data {
-        SglDescriptor::Keyed {
-            address,
-            length,
-            key,
-            invalidate,
-        } => println!(
+        SglDescriptor::Keyed { address, length, key, invalidate } => println!(
             "data: keyed SGL, remote address {address:#x}, {} bytes, rkey {key:#x}{}",
             length.get(),
-            if invalidate {
-                ", invalidate on completion"
-            } else {
-                ""
-            }
+            if invalidate { ", invalidate on completion" } else { "" }
         ),
         SglDescriptor::InCapsule { offset, length } => {
-            println!(
-                "data: in-capsule, offset {offset}, {length} bytes ({} present)",
-                in_capsule.len()
-            )
+            println!("data: in-capsule, offset {offset}, {length} bytes ({} present)", in_capsule.len())
         }
         SglDescriptor::Segment { .. } => println!("data: SGL segment (an RDMA target rejects it)"),
     }
     if let Command::Fabrics(FabricsCommand::Connect(_)) = capsule.command {
         if let SglDescriptor::InCapsule { offset, length } = capsule.data {
-            let data = usize::try_from(offset)
-                .ok()
-                .and_then(|o| in_capsule.get(o..o.checked_add(length as usize)?));
+            let data = usize::try_from(offset).ok().and_then(|o| in_capsule.get(o..o.checked_add(length as usize)?));
             match data.map(ConnectData::parse) {
                 Some(Ok(d)) => println!(
                     "connect data: hostid {}, cntlid {:#06x}\n  subnqn  {}\n  hostnqn {}",
@@ -153,12 +128,7 @@ fn main() -> ExitCode {
         }
     }
     if let Command::Admin(AdminCommand::GetLogPage(g)) = capsule.command {
-        println!(
-            "log page {:#04x}: {} bytes from offset {}",
-            g.lid,
-            g.data_len(),
-            g.offset
-        );
+        println!("log page {:#04x}: {} bytes from offset {}", g.lid, g.data_len(), g.offset);
     }
     ExitCode::SUCCESS
 }

@@ -55,11 +55,8 @@ impl AsyncEvent {
         log_page: crate::log_page::lid::CHANGED_NAMESPACES,
     };
     /// "ANA change": read the ANA log (0x0C).
-    pub const ANA_CHANGED: AsyncEvent = AsyncEvent {
-        kind: AsyncEventType::Notice,
-        info: notice::ANA_CHANGE,
-        log_page: crate::log_page::lid::ANA,
-    };
+    pub const ANA_CHANGED: AsyncEvent =
+        AsyncEvent { kind: AsyncEventType::Notice, info: notice::ANA_CHANGE, log_page: crate::log_page::lid::ANA };
     /// "Discovery log page change": read the discovery log (0x70).
     pub const DISCOVERY_CHANGED: AsyncEvent = AsyncEvent {
         kind: AsyncEventType::Notice,
@@ -68,11 +65,7 @@ impl AsyncEvent {
     };
 
     pub const fn from_dword(dw0: u32) -> Self {
-        AsyncEvent {
-            kind: AsyncEventType::from_bits(dw0 as u8),
-            info: (dw0 >> 8) as u8,
-            log_page: (dw0 >> 16) as u8,
-        }
+        AsyncEvent { kind: AsyncEventType::from_bits(dw0 as u8), info: (dw0 >> 8) as u8, log_page: (dw0 >> 16) as u8 }
     }
     pub const fn to_dword(self) -> u32 {
         (self.kind as u32) | (self.info as u32) << 8 | (self.log_page as u32) << 16

@@ -152,11 +152,7 @@ impl Capsule {
     pub fn parse(sqe: &Sqe, queue: QueueKind) -> Result<Capsule, DecodeError> {
         // NVMe-oF: no fused commands, and PSDT must say "SGL, metadata in one buffer" (Linux nvmet_req_init).
         if sqe.fuse() != 0 || sqe.psdt() != psdt::SGL_METADATA_BUFFER {
-            return Err(DecodeError::value(
-                "SQE flags",
-                offset::FLAGS,
-                sqe.flags as u64,
-            ));
+            return Err(DecodeError::value("SQE flags", offset::FLAGS, sqe.flags as u64));
         }
         let data = SglDescriptor::parse(&sqe.dptr).map_err(|e| e.at(offset::DPTR))?;
         let command = if sqe.opcode == opcode::FABRICS {
@@ -167,11 +163,7 @@ impl Capsule {
                 QueueKind::Io => Command::Io(decode_io(sqe)?),
             }
         };
-        Ok(Capsule {
-            command_id: sqe.command_id(),
-            data,
-            command,
-        })
+        Ok(Capsule { command_id: sqe.command_id(), data, command })
     }
 
     /// Decodes 64 bytes; see [`Capsule::parse`].
@@ -235,9 +227,7 @@ fn decode_fabrics(sqe: &Sqe, queue: QueueKind) -> Result<FabricsCommand, DecodeE
         (fctype::CONNECT, _) => Ok(FabricsCommand::Connect(Connect::decode(sqe)?)),
         (fctype::PROPERTY_GET, QueueKind::Admin) => {
             let (size, offset, _) = fabrics::decode_property(sqe);
-            Ok(FabricsCommand::PropertyGet {
-                property: Property::from_wire(offset, size)?,
-            })
+            Ok(FabricsCommand::PropertyGet { property: Property::from_wire(offset, size)? })
         }
         (fctype::PROPERTY_SET, QueueKind::Admin) => {
             let (size, offset, value) = fabrics::decode_property(sqe);
@@ -252,12 +242,8 @@ fn decode_fabrics(sqe: &Sqe, queue: QueueKind) -> Result<FabricsCommand, DecodeE
         (fctype::DISCONNECT, QueueKind::Io) => {
             let recfmt = sqe.cdw10.get() as u16;
             if recfmt != fabrics::RECORD_FORMAT_0 {
-                return Err(DecodeError::value(
-                    "Disconnect RECFMT",
-                    fabrics::offset::DISCONNECT_RECFMT,
-                    recfmt as u64,
-                )
-                .with_status(Status::CONNECT_INCOMPATIBLE_FORMAT.with_dnr()));
+                return Err(DecodeError::value("Disconnect RECFMT", fabrics::offset::DISCONNECT_RECFMT, recfmt as u64)
+                    .with_status(Status::CONNECT_INCOMPATIBLE_FORMAT.with_dnr()));
             }
             Ok(FabricsCommand::Disconnect)
         }
@@ -291,11 +277,7 @@ fn decode_admin(sqe: &Sqe) -> Result<AdminCommand, DecodeError> {
         opcode::GET_LOG_PAGE => {
             let offset = sqe.cdw12.get() as u64 | (sqe.cdw13.get() as u64) << 32;
             if offset % 4 != 0 {
-                return Err(DecodeError::value(
-                    "Get Log Page offset",
-                    offset::CDW12,
-                    offset,
-                ));
+                return Err(DecodeError::value("Get Log Page offset", offset::CDW12, offset));
             }
             let cdw14 = sqe.cdw14.get();
             AdminCommand::GetLogPage(GetLogPage {
@@ -317,10 +299,7 @@ fn decode_admin(sqe: &Sqe) -> Result<AdminCommand, DecodeError> {
             cnssid: cdw11 as u16,
             csi: (cdw11 >> 24) as u8,
         }),
-        opcode::ABORT => AdminCommand::Abort {
-            sqid: cdw10 as u16,
-            cid: (cdw10 >> 16) as u16,
-        },
+        opcode::ABORT => AdminCommand::Abort { sqid: cdw10 as u16, cid: (cdw10 >> 16) as u16 },
         opcode::SET_FEATURES => AdminCommand::SetFeatures(SetFeatures {
             nsid,
             save: cdw10 & (1 << 31) != 0,
@@ -342,11 +321,8 @@ fn encode_admin(cmd: &AdminCommand, sqe: &mut Sqe) {
     match *cmd {
         AdminCommand::GetLogPage(g) => {
             sqe.nsid = g.nsid.into();
-            sqe.cdw10 = (g.lid as u32
-                | ((g.lsp & 0x7f) as u32) << 8
-                | (g.rae as u32) << 15
-                | (g.numd & 0xffff) << 16)
-                .into();
+            sqe.cdw10 =
+                (g.lid as u32 | ((g.lsp & 0x7f) as u32) << 8 | (g.rae as u32) << 15 | (g.numd & 0xffff) << 16).into();
             sqe.cdw11 = (g.numd >> 16 | (g.lsi as u32) << 16).into();
             sqe.cdw12 = (g.offset as u32).into();
             sqe.cdw13 = ((g.offset >> 32) as u32).into();
@@ -376,9 +352,7 @@ fn decode_io(sqe: &Sqe) -> Result<IoCommand, DecodeError> {
     Ok(match sqe.opcode {
         opcode::READ => IoCommand::Read(ReadWrite::decode(sqe)),
         opcode::WRITE => IoCommand::Write(ReadWrite::decode(sqe)),
-        opcode::FLUSH => IoCommand::Flush {
-            nsid: sqe.nsid.get(),
-        },
+        opcode::FLUSH => IoCommand::Flush { nsid: sqe.nsid.get() },
         opcode::WRITE_ZEROES => IoCommand::WriteZeroes(ReadWrite::decode(sqe)),
         opcode::DATASET_MANAGEMENT => IoCommand::DatasetManagement(DatasetManagement {
             nsid: sqe.nsid.get(),

@@ -6,24 +6,12 @@
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::{DecodeError, exact};
+use crate::error::{DecodeError, view};
 use crate::status::Status;
 
 pub const CQE_LEN: usize = 16;
 
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Debug,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct Cqe {
     pub dw0: U32,
@@ -38,8 +26,7 @@ const _: () = assert!(size_of::<Cqe>() == CQE_LEN);
 
 impl Cqe {
     pub fn parse(bytes: &[u8]) -> Result<&Cqe, DecodeError> {
-        let bytes: &[u8; CQE_LEN] = exact("CQE", bytes)?;
-        Ok(Cqe::ref_from_bytes(bytes).expect("16 bytes, alignment 1"))
+        view("CQE", bytes)
     }
 
     pub fn new(command_id: u16, sq_id: u16, sq_head: u16, status: Status, result: u64) -> Cqe {

@@ -5,7 +5,7 @@
 use zerocopy::little_endian::{U16, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::{DecodeError, Reason, exact};
+use crate::error::{DecodeError, Reason, view};
 use crate::nqn;
 use crate::status::Status;
 use crate::text;
@@ -63,9 +63,7 @@ pub mod rdma {
 }
 
 /// Discovery log header.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct DiscoveryLogHeader {
     /// Generation counter: changes whenever the log changes.
@@ -78,9 +76,7 @@ pub struct DiscoveryLogHeader {
 const _: () = assert!(size_of::<DiscoveryLogHeader>() == DISCOVERY_HEADER_LEN);
 
 /// The RDMA view of the 256-byte TSAS field.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct RdmaTsas {
     pub qptype: u8,
@@ -142,11 +138,7 @@ pub struct RdmaParams {
 
 impl DiscoveryLogEntry {
     pub fn parse(bytes: &[u8]) -> Result<DiscoveryLogEntry, DecodeError> {
-        let raw = DiscoveryLogEntryRaw::ref_from_bytes(exact::<DISCOVERY_ENTRY_LEN>(
-            "discovery log entry",
-            bytes,
-        )?)
-        .expect("1024 bytes, alignment 1");
+        let raw: &DiscoveryLogEntryRaw = view("discovery log entry", bytes)?;
         Ok(DiscoveryLogEntry {
             trtype: raw.trtype,
             adrfam: raw.adrfam,
@@ -156,15 +148,9 @@ impl DiscoveryLogEntry {
             cntlid: raw.cntlid.get(),
             asqsz: raw.asqsz.get(),
             eflags: raw.eflags.get(),
-            trsvcid: text::read_padded("discovery TRSVCID", &raw.trsvcid)
-                .map_err(|e| e.at(32))?
-                .to_owned(),
-            subnqn: nqn::read_wire("discovery SUBNQN", &raw.subnqn)
-                .map_err(|e| e.at(256))?
-                .to_owned(),
-            traddr: text::read_padded("discovery TRADDR", &raw.traddr)
-                .map_err(|e| e.at(512))?
-                .to_owned(),
+            trsvcid: text::read_padded("discovery TRSVCID", &raw.trsvcid).map_err(|e| e.at(32))?.to_owned(),
+            subnqn: nqn::read_wire("discovery SUBNQN", &raw.subnqn).map_err(|e| e.at(256))?.to_owned(),
+            traddr: text::read_padded("discovery TRADDR", &raw.traddr).map_err(|e| e.at(512))?.to_owned(),
             rdma: (raw.trtype == trtype::RDMA).then_some(RdmaParams {
                 qptype: raw.tsas.qptype,
                 prtype: raw.tsas.prtype,
@@ -185,12 +171,9 @@ impl DiscoveryLogEntry {
         raw.cntlid = self.cntlid.into();
         raw.asqsz = self.asqsz.into();
         raw.eflags = self.eflags.into();
-        text::write_padded("discovery TRSVCID", &mut raw.trsvcid, &self.trsvcid, 0)
-            .map_err(|e| e.at(32))?;
-        nqn::write_wire("discovery SUBNQN", &mut raw.subnqn, &self.subnqn)
-            .map_err(|e| e.at(256))?;
-        text::write_padded("discovery TRADDR", &mut raw.traddr, &self.traddr, 0)
-            .map_err(|e| e.at(512))?;
+        text::write_padded("discovery TRSVCID", &mut raw.trsvcid, &self.trsvcid, 0).map_err(|e| e.at(32))?;
+        nqn::write_wire("discovery SUBNQN", &mut raw.subnqn, &self.subnqn).map_err(|e| e.at(256))?;
+        text::write_padded("discovery TRADDR", &mut raw.traddr, &self.traddr, 0).map_err(|e| e.at(512))?;
         if let Some(r) = self.rdma {
             raw.tsas.qptype = r.qptype;
             raw.tsas.prtype = r.prtype;
@@ -218,16 +201,14 @@ impl DiscoveryLog {
     /// Decodes a log read from offset 0: the header, then as many whole entries as both NUMREC and the buffer
     /// allow. A buffer shorter than the header, or a partial trailing entry, is an error.
     pub fn parse(bytes: &[u8]) -> Result<DiscoveryLog, DecodeError> {
-        let (header, rest) = DiscoveryLogHeader::ref_from_prefix(bytes).map_err(|_| {
-            DecodeError::length("discovery log header", DISCOVERY_HEADER_LEN, bytes.len())
-        })?;
+        let (header, rest) = DiscoveryLogHeader::ref_from_prefix(bytes)
+            .map_err(|_| DecodeError::length("discovery log header", DISCOVERY_HEADER_LEN, bytes.len()))?;
         if rest.len() % DISCOVERY_ENTRY_LEN != 0 {
             return Err(DecodeError::new(
                 "discovery log",
                 DISCOVERY_HEADER_LEN,
                 Reason::Length {
-                    expected: rest.len().next_multiple_of(DISCOVERY_ENTRY_LEN)
-                        + DISCOVERY_HEADER_LEN,
+                    expected: rest.len().next_multiple_of(DISCOVERY_ENTRY_LEN) + DISCOVERY_HEADER_LEN,
                     actual: bytes.len(),
                 },
                 Status::INVALID_FIELD.with_dnr(),
@@ -240,16 +221,10 @@ impl DiscoveryLog {
             .take(numrec.min(present) as usize)
             .enumerate()
             .map(|(i, e)| {
-                DiscoveryLogEntry::parse(e)
-                    .map_err(|err| err.at(DISCOVERY_HEADER_LEN + i * DISCOVERY_ENTRY_LEN))
+                DiscoveryLogEntry::parse(e).map_err(|err| err.at(DISCOVERY_HEADER_LEN + i * DISCOVERY_ENTRY_LEN))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(DiscoveryLog {
-            genctr: header.genctr.get(),
-            numrec,
-            recfmt: header.recfmt.get(),
-            entries,
-        })
+        Ok(DiscoveryLog { genctr: header.genctr.get(), numrec, recfmt: header.recfmt.get(), entries })
     }
 
     /// Whether `entries` holds every record the header announces.
@@ -265,14 +240,10 @@ impl DiscoveryLog {
             recfmt: self.recfmt.into(),
             reserved18: [0; 1006],
         };
-        let mut out =
-            Vec::with_capacity(DISCOVERY_HEADER_LEN + self.entries.len() * DISCOVERY_ENTRY_LEN);
+        let mut out = Vec::with_capacity(DISCOVERY_HEADER_LEN + self.entries.len() * DISCOVERY_ENTRY_LEN);
         out.extend_from_slice(header.as_bytes());
         for (i, e) in self.entries.iter().enumerate() {
-            out.extend_from_slice(
-                &e.to_bytes()
-                    .map_err(|err| err.at(DISCOVERY_HEADER_LEN + i * DISCOVERY_ENTRY_LEN))?,
-            );
+            out.extend_from_slice(&e.to_bytes().map_err(|err| err.at(DISCOVERY_HEADER_LEN + i * DISCOVERY_ENTRY_LEN))?);
         }
         Ok(out)
     }

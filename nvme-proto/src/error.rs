@@ -52,38 +52,18 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    pub(crate) const fn new(
-        what: &'static str,
-        offset: usize,
-        reason: Reason,
-        status: Status,
-    ) -> Self {
-        Self {
-            what,
-            offset,
-            reason,
-            status,
-        }
+    pub(crate) const fn new(what: &'static str, offset: usize, reason: Reason, status: Status) -> Self {
+        Self { what, offset, reason, status }
     }
 
     /// A wrong buffer length; completes as Invalid Field.
     pub(crate) const fn length(what: &'static str, expected: usize, actual: usize) -> Self {
-        Self::new(
-            what,
-            0,
-            Reason::Length { expected, actual },
-            Status::INVALID_FIELD.with_dnr(),
-        )
+        Self::new(what, 0, Reason::Length { expected, actual }, Status::INVALID_FIELD.with_dnr())
     }
 
     /// A field with a value that is not allowed; completes as Invalid Field.
     pub(crate) const fn value(what: &'static str, offset: usize, value: u64) -> Self {
-        Self::new(
-            what,
-            offset,
-            Reason::Value(value),
-            Status::INVALID_FIELD.with_dnr(),
-        )
+        Self::new(what, offset, Reason::Value(value), Status::INVALID_FIELD.with_dnr())
     }
 
     /// Same error, with `base` added to its offset: for a field decoded inside a larger structure.
@@ -99,12 +79,16 @@ impl DecodeError {
     }
 }
 
+/// Views `bytes` as a wire structure; a wrong length is an error, never a panic (all our structures have
+/// alignment 1, so length is the only way to fail).
+pub(crate) fn view<'a, T>(what: &'static str, bytes: &'a [u8]) -> Result<&'a T, DecodeError>
+where
+    T: zerocopy::FromBytes + zerocopy::KnownLayout + zerocopy::Immutable + zerocopy::Unaligned,
+{
+    T::ref_from_bytes(bytes).map_err(|_| DecodeError::length(what, size_of::<T>(), bytes.len()))
+}
+
 /// Checks that `bytes` has exactly `N` bytes and returns them as an array reference.
-pub(crate) fn exact<'a, const N: usize>(
-    what: &'static str,
-    bytes: &'a [u8],
-) -> Result<&'a [u8; N], DecodeError> {
-    bytes
-        .try_into()
-        .map_err(|_| DecodeError::length(what, N, bytes.len()))
+pub(crate) fn exact<'a, const N: usize>(what: &'static str, bytes: &'a [u8]) -> Result<&'a [u8; N], DecodeError> {
+    bytes.try_into().map_err(|_| DecodeError::length(what, N, bytes.len()))
 }

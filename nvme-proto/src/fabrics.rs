@@ -4,7 +4,7 @@
 use zerocopy::little_endian::U16;
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::{DecodeError, exact};
+use crate::error::{DecodeError, view};
 use crate::nqn;
 use crate::property::PropertySize;
 use crate::sqe::Sqe;
@@ -81,12 +81,8 @@ impl Connect {
             kato: sqe.cdw12.get(),
         };
         if connect.recfmt != RECORD_FORMAT_0 {
-            return Err(DecodeError::value(
-                "Connect RECFMT",
-                offset::CONNECT_RECFMT,
-                connect.recfmt as u64,
-            )
-            .with_status(Status::CONNECT_INCOMPATIBLE_FORMAT.with_dnr()));
+            return Err(DecodeError::value("Connect RECFMT", offset::CONNECT_RECFMT, connect.recfmt as u64)
+                .with_status(Status::CONNECT_INCOMPATIBLE_FORMAT.with_dnr()));
         }
         Ok(connect)
     }
@@ -124,16 +120,10 @@ impl ConnectData {
     /// Decodes the 1024 bytes. Errors carry Connect Invalid Parameters; build the CQE result with
     /// [`invalid_parameter_result`] from the error's offset.
     pub fn parse(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let raw = ConnectDataRaw::ref_from_bytes(exact::<CONNECT_DATA_LEN>("Connect data", bytes)?)
-            .expect("1024 bytes, alignment 1");
-        let invalid = |e: DecodeError, at| {
-            e.at(at)
-                .with_status(Status::CONNECT_INVALID_PARAMETERS.with_dnr())
-        };
-        let subnqn = nqn::read_wire("Connect SUBNQN", &raw.subnqn)
-            .map_err(|e| invalid(e, offset::DATA_SUBNQN))?;
-        let hostnqn = nqn::read_wire("Connect HOSTNQN", &raw.hostnqn)
-            .map_err(|e| invalid(e, offset::DATA_HOSTNQN))?;
+        let raw: &ConnectDataRaw = view("Connect data", bytes)?;
+        let invalid = |e: DecodeError, at| e.at(at).with_status(Status::CONNECT_INVALID_PARAMETERS.with_dnr());
+        let subnqn = nqn::read_wire("Connect SUBNQN", &raw.subnqn).map_err(|e| invalid(e, offset::DATA_SUBNQN))?;
+        let hostnqn = nqn::read_wire("Connect HOSTNQN", &raw.hostnqn).map_err(|e| invalid(e, offset::DATA_HOSTNQN))?;
         Ok(ConnectData {
             hostid: Uuid(raw.hostid),
             cntlid: raw.cntlid.get(),
@@ -146,10 +136,8 @@ impl ConnectData {
         let mut raw = ConnectDataRaw::new_zeroed();
         raw.hostid = self.hostid.0;
         raw.cntlid = self.cntlid.into();
-        nqn::write_wire("Connect SUBNQN", &mut raw.subnqn, &self.subnqn)
-            .map_err(|e| e.at(offset::DATA_SUBNQN))?;
-        nqn::write_wire("Connect HOSTNQN", &mut raw.hostnqn, &self.hostnqn)
-            .map_err(|e| e.at(offset::DATA_HOSTNQN))?;
+        nqn::write_wire("Connect SUBNQN", &mut raw.subnqn, &self.subnqn).map_err(|e| e.at(offset::DATA_SUBNQN))?;
+        nqn::write_wire("Connect HOSTNQN", &mut raw.hostnqn, &self.hostnqn).map_err(|e| e.at(offset::DATA_HOSTNQN))?;
         let mut out = [0u8; CONNECT_DATA_LEN];
         out.copy_from_slice(raw.as_bytes());
         Ok(out)
@@ -176,11 +164,7 @@ pub const fn invalid_parameter_result(parameter: ConnectParameter) -> u32 {
 
 /// Decodes a Connect Invalid Parameters CQE DW0.
 pub const fn parse_invalid_parameter_result(dw0: u32) -> ConnectParameter {
-    if (dw0 >> 16) & 0xff == 1 {
-        ConnectParameter::Data(dw0 as u16)
-    } else {
-        ConnectParameter::Command(dw0 as u16)
-    }
+    if (dw0 >> 16) & 0xff == 1 { ConnectParameter::Data(dw0 as u16) } else { ConnectParameter::Command(dw0 as u16) }
 }
 
 /// CQE DW0 of a successful Connect: the controller id in bits 15:0 (Linux `result.u16`).

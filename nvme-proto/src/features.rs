@@ -35,20 +35,13 @@ impl NumberOfQueues {
     /// Decodes CDW11 of Set Features; 0xFFFF in either count is invalid (it would mean 65536 queues).
     pub fn from_cdw11(cdw11: u32) -> Result<Self, DecodeError> {
         if cdw11 as u16 == 0xffff || (cdw11 >> 16) as u16 == 0xffff {
-            return Err(DecodeError::value(
-                "Number of Queues",
-                offset::CDW11,
-                cdw11 as u64,
-            ));
+            return Err(DecodeError::value("Number of Queues", offset::CDW11, cdw11 as u64));
         }
         Ok(Self::from_dword(cdw11))
     }
     /// Decodes a completion's DW0 (no validity restriction there).
     pub const fn from_dword(dw: u32) -> Self {
-        NumberOfQueues {
-            nsqr: dw as u16,
-            ncqr: (dw >> 16) as u16,
-        }
+        NumberOfQueues { nsqr: dw as u16, ncqr: (dw >> 16) as u16 }
     }
     pub const fn to_dword(self) -> u32 {
         self.nsqr as u32 | (self.ncqr as u32) << 16
@@ -97,15 +90,11 @@ impl Feature {
     /// Decodes Set Features' FID and CDW11.
     pub fn decode(fid: u8, cdw11: u32) -> Result<Feature, DecodeError> {
         Ok(match fid {
-            fid::VOLATILE_WRITE_CACHE => Feature::VolatileWriteCache {
-                enabled: cdw11 & 1 != 0,
-            },
+            fid::VOLATILE_WRITE_CACHE => Feature::VolatileWriteCache { enabled: cdw11 & 1 != 0 },
             fid::NUMBER_OF_QUEUES => Feature::NumberOfQueues(NumberOfQueues::from_cdw11(cdw11)?),
             fid::ASYNC_EVENT_CONFIG => Feature::AsyncEventConfig(cdw11),
             fid::KEEP_ALIVE_TIMER => Feature::KeepAliveTimer { kato_ms: cdw11 },
-            fid::HOST_IDENTIFIER => Feature::HostIdentifier {
-                extended: cdw11 & 1 != 0,
-            },
+            fid::HOST_IDENTIFIER => Feature::HostIdentifier { extended: cdw11 & 1 != 0 },
             _ => Feature::Other { fid, cdw11 },
         })
     }
@@ -150,11 +139,7 @@ impl FeatureSelect {
             2 => FeatureSelect::Saved,
             3 => FeatureSelect::SupportedCapabilities,
             _ => {
-                return Err(DecodeError::value(
-                    "Get Features SEL",
-                    offset::CDW10 + 1,
-                    sel as u64,
-                ));
+                return Err(DecodeError::value("Get Features SEL", offset::CDW10 + 1, sel as u64));
             }
         })
     }

@@ -26,50 +26,17 @@ pub struct Target {
 }
 
 pub const TARGETS: &[Target] = &[
-    Target {
-        name: "capsule",
-        run: capsule,
-    },
-    Target {
-        name: "cqe",
-        run: cqe,
-    },
-    Target {
-        name: "sgl",
-        run: sgl,
-    },
-    Target {
-        name: "connect_data",
-        run: connect_data,
-    },
-    Target {
-        name: "rdma_cm",
-        run: rdma_cm,
-    },
-    Target {
-        name: "identify",
-        run: identify,
-    },
-    Target {
-        name: "log_page",
-        run: log_page,
-    },
-    Target {
-        name: "discovery_log",
-        run: discovery_log,
-    },
-    Target {
-        name: "dsm_ranges",
-        run: dsm_ranges,
-    },
-    Target {
-        name: "names",
-        run: names,
-    },
-    Target {
-        name: "property",
-        run: property,
-    },
+    Target { name: "capsule", run: capsule },
+    Target { name: "cqe", run: cqe },
+    Target { name: "sgl", run: sgl },
+    Target { name: "connect_data", run: connect_data },
+    Target { name: "rdma_cm", run: rdma_cm },
+    Target { name: "identify", run: identify },
+    Target { name: "log_page", run: log_page },
+    Target { name: "discovery_log", run: discovery_log },
+    Target { name: "dsm_ranges", run: dsm_ranges },
+    Target { name: "names", run: names },
+    Target { name: "property", run: property },
 ];
 
 /// First byte selects the queue kind (even: admin, odd: I/O); the rest is the SQE.
@@ -77,35 +44,20 @@ pub fn capsule(data: &[u8]) {
     let Some((&selector, sqe)) = data.split_first() else {
         return;
     };
-    let queue = if selector & 1 == 0 {
-        QueueKind::Admin
-    } else {
-        QueueKind::Io
-    };
+    let queue = if selector & 1 == 0 { QueueKind::Admin } else { QueueKind::Io };
     if let Ok(capsule) = Capsule::parse_bytes(sqe, queue) {
         let again = Capsule::parse(&capsule.to_sqe(), queue).expect("re-encoded capsule decodes");
         assert_eq!(again, capsule);
     }
     if let Ok(raw) = Sqe::parse(sqe) {
         assert_eq!(raw.as_bytes(), sqe);
-        let _ = (
-            raw.fctype(),
-            raw.psdt(),
-            raw.fuse(),
-            (0..=16).fold(0u32, |a, n| a ^ raw.cdw(n).unwrap_or(0)),
-        );
+        let _ = (raw.fctype(), raw.psdt(), raw.fuse(), (0..=16).fold(0u32, |a, n| a ^ raw.cdw(n).unwrap_or(0)));
     }
 }
 
 pub fn cqe(data: &[u8]) {
     if let Ok(c) = Cqe::parse(data) {
-        let rebuilt = Cqe::new(
-            c.command_id(),
-            c.sq_id.get(),
-            c.sq_head.get(),
-            c.status(),
-            c.result(),
-        );
+        let rebuilt = Cqe::new(c.command_id(), c.sq_id.get(), c.sq_head.get(), c.status(), c.result());
         let mut expected = *c;
         expected.status_phase = (c.status_phase.get() & !1).into();
         assert_eq!(rebuilt, expected);
@@ -158,28 +110,15 @@ pub fn identify(data: &[u8]) {
     match selector % 4 {
         0 => {
             if let Ok(ns) = IdentifyNamespace::parse(rest) {
-                let _ = (
-                    ns.format_index(),
-                    ns.lba_format(),
-                    ns.block_size(),
-                    format!("{ns:?}"),
-                );
+                let _ = (ns.format_index(), ns.lba_format(), ns.block_size(), format!("{ns:?}"));
             }
         }
         1 => {
             if let Ok(c) = IdentifyController::parse(rest) {
-                let _ = (
-                    c.serial(),
-                    c.model(),
-                    c.firmware(),
-                    c.subnqn(),
-                    format!("{c:?}"),
-                );
+                let _ = (c.serial(), c.model(), c.firmware(), c.subnqn(), format!("{c:?}"));
                 let _ = (c.max_transfer_bytes(4096), c.in_capsule_data_size());
                 let mut copy = *c;
-                if let (Ok(sn), Ok(mn)) =
-                    (c.serial().map(str::to_owned), c.model().map(str::to_owned))
-                {
+                if let (Ok(sn), Ok(mn)) = (c.serial().map(str::to_owned), c.model().map(str::to_owned)) {
                     copy.set_serial(&sn).expect("decoded serial re-encodes");
                     copy.set_model(&mn).expect("decoded model re-encodes");
                     assert_eq!(copy.serial(), Ok(sn.as_str()));
@@ -188,10 +127,7 @@ pub fn identify(data: &[u8]) {
         }
         2 => {
             if let Ok(list) = NamespaceList::parse(rest) {
-                assert_eq!(
-                    list.to_bytes().expect("decoded list re-encodes").as_slice(),
-                    rest
-                );
+                assert_eq!(list.to_bytes().expect("decoded list re-encodes").as_slice(), rest);
             }
         }
         _ => {
@@ -261,10 +197,7 @@ pub fn dsm_ranges(data: &[u8]) {
     };
     if let Ok(ranges) = DsmRange::parse_list(rest, nr as usize + 1) {
         assert_eq!(ranges.len(), nr as usize + 1);
-        assert_eq!(
-            DsmRange::list_to_bytes(&ranges).as_slice(),
-            &rest[..ranges.len() * 16]
-        );
+        assert_eq!(DsmRange::list_to_bytes(&ranges).as_slice(), &rest[..ranges.len() * 16]);
     }
 }
 
@@ -308,22 +241,10 @@ pub fn property(data: &[u8]) {
         .and_then(|c| c.set_to(cap.to()))
         .and_then(|c| c.set_css(cap.css()))
         .expect("decoded fields fit");
-    assert_eq!(
-        (rebuilt.mqes(), rebuilt.to(), rebuilt.css()),
-        (cap.mqes(), cap.to(), cap.css())
-    );
+    assert_eq!((rebuilt.mqes(), rebuilt.to(), rebuilt.css()), (cap.mqes(), cap.to(), cap.css()));
     let (cc, csts, vs) = (Cc(value as u32), Csts(value as u32), Vs(value as u32));
-    let _ = (
-        cc.shutdown(),
-        cc.enabled(),
-        csts.shutdown(),
-        csts.ready(),
-        vs.major(),
-    );
-    assert_eq!(
-        Cc(0).set_iosqes(cc.iosqes()).map(|c| c.iosqes()),
-        Some(cc.iosqes())
-    );
+    let _ = (cc.shutdown(), cc.enabled(), csts.shutdown(), csts.ready(), vs.major());
+    assert_eq!(Cc(0).set_iosqes(cc.iosqes()).map(|c| c.iosqes()), Some(cc.iosqes()));
 }
 
 #[cfg(test)]
@@ -337,19 +258,13 @@ mod tests {
         let mut total = 0;
         for target in TARGETS {
             let dir = root.join(target.name);
-            let entries =
-                std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()));
+            let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()));
             let mut count = 0;
             for entry in entries {
                 let path = entry.expect("corpus entry").path();
                 let data = std::fs::read(&path).expect("corpus file");
                 let outcome = std::panic::catch_unwind(|| (target.run)(&data));
-                assert!(
-                    outcome.is_ok(),
-                    "{} panicked on {}",
-                    target.name,
-                    path.display()
-                );
+                assert!(outcome.is_ok(), "{} panicked on {}", target.name, path.display());
                 count += 1;
             }
             assert!(count > 0, "corpus for {} is empty", target.name);
@@ -361,14 +276,7 @@ mod tests {
     /// Bytes no parser should like still must not panic anything.
     #[test]
     fn harnesses_survive_edge_inputs() {
-        let inputs: [&[u8]; 6] = [
-            &[],
-            &[0],
-            &[0xff; 65],
-            &[0; 4097],
-            &[0xff; 4097],
-            &[0x41; 300],
-        ];
+        let inputs: [&[u8]; 6] = [&[], &[0], &[0xff; 65], &[0; 4097], &[0xff; 4097], &[0x41; 300]];
         for target in TARGETS {
             for input in inputs {
                 (target.run)(input);

@@ -5,7 +5,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::{DecodeError, Reason, exact};
+use crate::error::{DecodeError, Reason, exact, view};
 use crate::nqn;
 use crate::status::Status;
 use crate::text;
@@ -145,9 +145,7 @@ pub struct IdentifyController {
 const _: () = assert!(size_of::<IdentifyController>() == IDENTIFY_DATA_LEN);
 
 /// A power state descriptor (32 bytes); NVMe-oF controllers report one all-zero state.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct PowerStateDescriptor {
     pub max_power: U16,
@@ -230,8 +228,7 @@ pub mod cmic {
 
 impl IdentifyController {
     pub fn parse(bytes: &[u8]) -> Result<&IdentifyController, DecodeError> {
-        let bytes: &[u8; IDENTIFY_DATA_LEN] = exact("Identify Controller", bytes)?;
-        Ok(IdentifyController::ref_from_bytes(bytes).expect("4096 bytes, alignment 1"))
+        view("Identify Controller", bytes)
     }
     pub fn zeroed() -> Self {
         IdentifyController::new_zeroed()
@@ -300,19 +297,7 @@ impl core::fmt::Debug for IdentifyController {
 }
 
 /// An LBA format (4 bytes).
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Debug,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct LbaFormat {
     /// Metadata bytes per block.
@@ -325,11 +310,7 @@ pub struct LbaFormat {
 
 impl LbaFormat {
     pub fn new(block_size_log2: u8) -> Self {
-        LbaFormat {
-            ms: 0.into(),
-            ds: block_size_log2,
-            rp: 0,
-        }
+        LbaFormat { ms: 0.into(), ds: block_size_log2, rp: 0 }
     }
     /// Block size in bytes, or `None` when DS is outside what the spec allows (9..=63 would overflow; we cap
     /// at 2^31).
@@ -391,8 +372,7 @@ const _: () = assert!(size_of::<IdentifyNamespace>() == IDENTIFY_DATA_LEN);
 
 impl IdentifyNamespace {
     pub fn parse(bytes: &[u8]) -> Result<&IdentifyNamespace, DecodeError> {
-        let bytes: &[u8; IDENTIFY_DATA_LEN] = exact("Identify Namespace", bytes)?;
-        Ok(IdentifyNamespace::ref_from_bytes(bytes).expect("4096 bytes, alignment 1"))
+        view("Identify Namespace", bytes)
     }
     pub fn zeroed() -> Self {
         IdentifyNamespace::new_zeroed()
@@ -405,21 +385,14 @@ impl IdentifyNamespace {
     pub fn lba_format(&self) -> Result<LbaFormat, DecodeError> {
         let index = self.format_index();
         if index > self.nlbaf as usize {
-            return Err(DecodeError::value(
-                "Identify Namespace FLBAS",
-                26,
-                self.flbas as u64,
-            ));
+            return Err(DecodeError::value("Identify Namespace FLBAS", 26, self.flbas as u64));
         }
         let format = self.lbaf[index];
-        format
-            .block_size()
-            .map(|_| format)
-            .ok_or(DecodeError::value(
-                "Identify Namespace LBAF.DS",
-                128 + index * 4 + 2,
-                format.ds as u64,
-            ))
+        format.block_size().map(|_| format).ok_or(DecodeError::value(
+            "Identify Namespace LBAF.DS",
+            128 + index * 4 + 2,
+            format.ds as u64,
+        ))
     }
     /// Logical block size in bytes of the format in use.
     pub fn block_size(&self) -> Result<u32, DecodeError> {
@@ -454,24 +427,13 @@ pub const NAMESPACE_LIST_MAX: usize = 1024;
 impl NamespaceList {
     /// Decodes 4096 bytes. Ids stop at the first 0; after it, every entry must be 0 too.
     pub fn parse(bytes: &[u8]) -> Result<NamespaceList, DecodeError> {
-        let bytes: &[u8; IDENTIFY_DATA_LEN] = exact("namespace list", bytes)?;
-        let ids =
-            <[U32; NAMESPACE_LIST_MAX]>::ref_from_bytes(bytes).expect("4096 bytes, alignment 1");
-        let count = ids
-            .iter()
-            .position(|id| id.get() == 0)
-            .unwrap_or(NAMESPACE_LIST_MAX);
+        let ids: &[U32; NAMESPACE_LIST_MAX] = view("namespace list", bytes)?;
+        let count = ids.iter().position(|id| id.get() == 0).unwrap_or(NAMESPACE_LIST_MAX);
         if let Some(stray) = ids[count..].iter().position(|id| id.get() != 0) {
             let at = (count + stray) * 4;
-            return Err(DecodeError::value(
-                "namespace list entry after the end",
-                at,
-                ids[count + stray].get() as u64,
-            ));
+            return Err(DecodeError::value("namespace list entry after the end", at, ids[count + stray].get() as u64));
         }
-        Ok(NamespaceList(
-            ids[..count].iter().map(|id| id.get()).collect(),
-        ))
+        Ok(NamespaceList(ids[..count].iter().map(|id| id.get()).collect()))
     }
 
     /// Encodes up to 1024 ids; refuses more (a target reports overflow as a list holding only 0xFFFFFFFF).
@@ -480,10 +442,7 @@ impl NamespaceList {
             return Err(DecodeError::new(
                 "namespace list",
                 0,
-                Reason::TooLong {
-                    max: NAMESPACE_LIST_MAX,
-                    actual: self.0.len(),
-                },
+                Reason::TooLong { max: NAMESPACE_LIST_MAX, actual: self.0.len() },
                 Status::INTERNAL,
             ));
         }
@@ -547,8 +506,7 @@ pub struct NamespaceIdList(pub Vec<NamespaceId>);
 
 impl NamespaceIdList {
     pub fn parse(bytes: &[u8]) -> Result<NamespaceIdList, DecodeError> {
-        let bytes: &[u8; IDENTIFY_DATA_LEN] =
-            exact("namespace identification descriptor list", bytes)?;
+        let bytes: &[u8; IDENTIFY_DATA_LEN] = exact("namespace identification descriptor list", bytes)?;
         let mut ids = Vec::new();
         let mut at = 0;
         while at + 4 <= bytes.len() {
@@ -568,10 +526,7 @@ impl NamespaceIdList {
             let value = bytes.get(at + 4..at + 4 + len).ok_or(DecodeError::new(
                 "descriptor value",
                 at + 4,
-                Reason::Length {
-                    expected: len,
-                    actual: bytes.len() - (at + 4),
-                },
+                Reason::Length { expected: len, actual: bytes.len() - (at + 4) },
                 Status::INVALID_FIELD.with_dnr(),
             ))?;
             ids.push(match kind {
@@ -595,10 +550,7 @@ impl NamespaceIdList {
                 return Err(DecodeError::new(
                     "namespace identification descriptor list",
                     at,
-                    Reason::TooLong {
-                        max: IDENTIFY_DATA_LEN,
-                        actual: at + 4 + value.len(),
-                    },
+                    Reason::TooLong { max: IDENTIFY_DATA_LEN, actual: at + 4 + value.len() },
                     Status::INTERNAL,
                 ));
             }

@@ -48,12 +48,7 @@ impl ReadWrite {
     /// The command covering `blocks` blocks from `slba`; `None` when `blocks` is 0 or over 65536.
     pub fn new(nsid: u32, slba: u64, blocks: u32) -> Option<Self> {
         let nlb = u16::try_from(blocks.checked_sub(1)?).ok()?;
-        Some(ReadWrite {
-            nsid,
-            slba,
-            nlb,
-            ..Default::default()
-        })
+        Some(ReadWrite { nsid, slba, nlb, ..Default::default() })
     }
 
     pub(crate) fn decode(sqe: &Sqe) -> Self {
@@ -113,20 +108,7 @@ pub const DSM_RANGE_LEN: usize = 16;
 pub const DSM_MAX_RANGES: usize = 256;
 
 /// One Dataset Management range.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct DsmRange {
     /// Context attributes.
@@ -139,11 +121,7 @@ const _: () = assert!(size_of::<DsmRange>() == DSM_RANGE_LEN);
 
 impl DsmRange {
     pub fn new(slba: u64, nlb: u32) -> Self {
-        DsmRange {
-            cattr: 0.into(),
-            nlb: nlb.into(),
-            slba: slba.into(),
-        }
+        DsmRange { cattr: 0.into(), nlb: nlb.into(), slba: slba.into() }
     }
 
     /// Decodes `count` ranges from the command's data. Fewer bytes than `count` ranges is a data SGL length
@@ -154,10 +132,7 @@ impl DsmRange {
             return Err(DecodeError::new(
                 "Dataset Management ranges",
                 0,
-                Reason::Length {
-                    expected: needed,
-                    actual: data.len(),
-                },
+                Reason::Length { expected: needed, actual: data.len() },
                 Status::SGL_INVALID_DATA_LENGTH.with_dnr(),
             ));
         }

@@ -6,7 +6,7 @@
 use zerocopy::little_endian::{U16, U32, U64, U128};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::{DecodeError, Reason, exact};
+use crate::error::{DecodeError, Reason, view};
 use crate::status::Status;
 
 /// Log page identifiers.
@@ -23,19 +23,7 @@ pub mod lid {
 }
 
 /// One Error Information log entry (64 bytes).
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Debug,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct ErrorLogEntry {
     /// Unique, incrementing error count; 0 marks an empty entry.
@@ -79,9 +67,7 @@ impl ErrorLogEntry {
 }
 
 /// SMART / Health Information (512 bytes).
-#[derive(
-    Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct SmartLog {
     pub critical_warning: u8,
@@ -118,8 +104,7 @@ const _: () = assert!(size_of::<SmartLog>() == SMART_LOG_LEN);
 
 impl SmartLog {
     pub fn parse(bytes: &[u8]) -> Result<&SmartLog, DecodeError> {
-        let bytes: &[u8; SMART_LOG_LEN] = exact("SMART log", bytes)?;
-        Ok(SmartLog::ref_from_bytes(bytes).expect("512 bytes, alignment 1"))
+        view("SMART log", bytes)
     }
     pub fn zeroed() -> Self {
         SmartLog::new_zeroed()
@@ -131,9 +116,7 @@ impl SmartLog {
 }
 
 /// Firmware Slot Information (512 bytes).
-#[derive(
-    Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct FirmwareSlotLog {
     /// Active firmware info: active slot in bits 2:0, next-reset slot in 6:4.
@@ -148,8 +131,7 @@ const _: () = assert!(size_of::<FirmwareSlotLog>() == FIRMWARE_SLOT_LOG_LEN);
 
 impl FirmwareSlotLog {
     pub fn parse(bytes: &[u8]) -> Result<&FirmwareSlotLog, DecodeError> {
-        let bytes: &[u8; FIRMWARE_SLOT_LOG_LEN] = exact("firmware slot log", bytes)?;
-        Ok(FirmwareSlotLog::ref_from_bytes(bytes).expect("512 bytes, alignment 1"))
+        view("firmware slot log", bytes)
     }
     pub fn zeroed() -> Self {
         FirmwareSlotLog::new_zeroed()
@@ -160,25 +142,25 @@ impl FirmwareSlotLog {
     }
     /// Revision in slot `slot` (1..=7).
     pub fn revision(&self, slot: usize) -> Result<&str, DecodeError> {
-        let field = slot
-            .checked_sub(1)
-            .and_then(|i| self.frs.get(i))
-            .ok_or(DecodeError::value("firmware slot", 0, slot as u64))?;
+        let field = slot.checked_sub(1).and_then(|i| self.frs.get(i)).ok_or(DecodeError::value(
+            "firmware slot",
+            0,
+            slot as u64,
+        ))?;
         crate::text::read_padded("firmware slot revision", field).map_err(|e| e.at(8 * slot))
     }
     pub fn set_revision(&mut self, slot: usize, revision: &str) -> Result<(), DecodeError> {
-        let field = slot
-            .checked_sub(1)
-            .and_then(|i| self.frs.get_mut(i))
-            .ok_or(DecodeError::value("firmware slot", 0, slot as u64))?;
+        let field = slot.checked_sub(1).and_then(|i| self.frs.get_mut(i)).ok_or(DecodeError::value(
+            "firmware slot",
+            0,
+            slot as u64,
+        ))?;
         crate::text::write_padded("firmware slot revision", field, revision, b' ')
     }
 }
 
 /// Commands Supported and Effects (4096 bytes): one dword per admin opcode, then per I/O opcode.
-#[derive(
-    Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct CommandEffectsLog {
     pub admin: [U32; 256],
@@ -204,9 +186,7 @@ pub mod effects {
 
 impl CommandEffectsLog {
     pub fn parse(bytes: &[u8]) -> Result<&CommandEffectsLog, DecodeError> {
-        let bytes: &[u8; COMMAND_EFFECTS_LOG_LEN] =
-            exact("commands supported and effects log", bytes)?;
-        Ok(CommandEffectsLog::ref_from_bytes(bytes).expect("4096 bytes, alignment 1"))
+        view("commands supported and effects log", bytes)
     }
     pub fn zeroed() -> Self {
         CommandEffectsLog::new_zeroed()
@@ -255,9 +235,7 @@ struct AnaGroupRaw {
 }
 const ANA_HEADER_LEN: usize = 16;
 const ANA_GROUP_LEN: usize = 32;
-const _: () = assert!(
-    size_of::<AnaHeaderRaw>() == ANA_HEADER_LEN && size_of::<AnaGroupRaw>() == ANA_GROUP_LEN
-);
+const _: () = assert!(size_of::<AnaHeaderRaw>() == ANA_HEADER_LEN && size_of::<AnaGroupRaw>() == ANA_GROUP_LEN);
 
 /// One ANA group descriptor with its namespaces.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -289,19 +267,10 @@ impl AnaLog {
             let (group, after) = AnaGroupRaw::ref_from_prefix(rest)
                 .map_err(|_| truncated("ANA group descriptor", at, ANA_GROUP_LEN, rest.len()))?;
             let count = group.nnsids.get() as usize;
-            let (ids, after) = <[U32]>::ref_from_prefix_with_elems(after, count).map_err(|_| {
-                truncated(
-                    "ANA group NSIDs",
-                    at + ANA_GROUP_LEN,
-                    count.saturating_mul(4),
-                    after.len(),
-                )
-            })?;
-            let state = AnaState::from_bits(group.state).ok_or(DecodeError::value(
-                "ANA state",
-                at + 16,
-                group.state as u64,
-            ))?;
+            let (ids, after) = <[U32]>::ref_from_prefix_with_elems(after, count)
+                .map_err(|_| truncated("ANA group NSIDs", at + ANA_GROUP_LEN, count.saturating_mul(4), after.len()))?;
+            let state =
+                AnaState::from_bits(group.state).ok_or(DecodeError::value("ANA state", at + 16, group.state as u64))?;
             groups.push(AnaGroup {
                 grpid: group.grpid.get(),
                 chgcnt: group.chgcnt.get(),
@@ -310,10 +279,7 @@ impl AnaLog {
             });
             rest = after;
         }
-        Ok(AnaLog {
-            chgcnt: header.chgcnt.get(),
-            groups,
-        })
+        Ok(AnaLog { chgcnt: header.chgcnt.get(), groups })
     }
 
     /// Encodes the log. More than 65535 groups cannot be expressed and is refused.
@@ -322,21 +288,13 @@ impl AnaLog {
             DecodeError::new(
                 "ANA groups",
                 8,
-                Reason::TooLong {
-                    max: 0xffff,
-                    actual: self.groups.len(),
-                },
+                Reason::TooLong { max: 0xffff, actual: self.groups.len() },
                 Status::INTERNAL,
             )
         })?;
         let mut out = Vec::with_capacity(self.encoded_len());
         out.extend_from_slice(
-            AnaHeaderRaw {
-                chgcnt: self.chgcnt.into(),
-                ngrps: ngrps.into(),
-                reserved10: [0; 6],
-            }
-            .as_bytes(),
+            AnaHeaderRaw { chgcnt: self.chgcnt.into(), ngrps: ngrps.into(), reserved10: [0; 6] }.as_bytes(),
         );
         for g in &self.groups {
             let nnsids = u32::try_from(g.nsids.len()).map_err(|_| {
@@ -364,20 +322,10 @@ impl AnaLog {
 
     /// Encoded size in bytes.
     pub fn encoded_len(&self) -> usize {
-        ANA_HEADER_LEN
-            + self
-                .groups
-                .iter()
-                .map(|g| ANA_GROUP_LEN + 4 * g.nsids.len())
-                .sum::<usize>()
+        ANA_HEADER_LEN + self.groups.iter().map(|g| ANA_GROUP_LEN + 4 * g.nsids.len()).sum::<usize>()
     }
 }
 
 fn truncated(what: &'static str, at: usize, expected: usize, actual: usize) -> DecodeError {
-    DecodeError::new(
-        what,
-        at,
-        Reason::Length { expected, actual },
-        Status::INVALID_FIELD.with_dnr(),
-    )
+    DecodeError::new(what, at, Reason::Length { expected, actual }, Status::INVALID_FIELD.with_dnr())
 }

@@ -47,9 +47,7 @@ impl Nqn {
 
     /// The UUID, for a name in the UUID form.
     pub fn uuid(&self) -> Option<Uuid> {
-        self.0
-            .strip_prefix(UUID_PREFIX)
-            .and_then(|u| Uuid::parse(u).ok())
+        self.0.strip_prefix(UUID_PREFIX).and_then(|u| Uuid::parse(u).ok())
     }
 
     pub fn is_discovery(&self) -> bool {
@@ -95,22 +93,12 @@ pub fn write_wire(what: &'static str, field: &mut [u8], name: &str) -> Result<()
 }
 
 fn validate(name: &str) -> Result<(), DecodeError> {
-    let bad = |offset, why| {
-        DecodeError::new(
-            "NQN",
-            offset,
-            Reason::Format(why),
-            Status::INVALID_FIELD.with_dnr(),
-        )
-    };
+    let bad = |offset, why| DecodeError::new("NQN", offset, Reason::Format(why), Status::INVALID_FIELD.with_dnr());
     if name.len() > NQN_MAX_LEN {
         return Err(DecodeError::new(
             "NQN",
             0,
-            Reason::TooLong {
-                max: NQN_MAX_LEN,
-                actual: name.len(),
-            },
+            Reason::TooLong { max: NQN_MAX_LEN, actual: name.len() },
             Status::INVALID_FIELD.with_dnr(),
         ));
     }
@@ -118,19 +106,12 @@ fn validate(name: &str) -> Result<(), DecodeError> {
         return Err(bad(0, "contains NUL"));
     }
     if let Some(uuid) = name.strip_prefix(UUID_PREFIX) {
-        return Uuid::parse(uuid)
-            .map(|_| ())
-            .map_err(|e| e.at(UUID_PREFIX.len()));
+        return Uuid::parse(uuid).map(|_| ()).map_err(|e| e.at(UUID_PREFIX.len()));
     }
     let b = name.as_bytes();
-    let rest = name
-        .strip_prefix("nqn.")
-        .ok_or_else(|| bad(0, "must start with \"nqn.\""))?;
+    let rest = name.strip_prefix("nqn.").ok_or_else(|| bad(0, "must start with \"nqn.\""))?;
     let date = rest.as_bytes();
-    let digits = |r: core::ops::Range<usize>| {
-        date.get(r)
-            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
-    };
+    let digits = |r: core::ops::Range<usize>| date.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
     if !(digits(0..4) && date.get(4) == Some(&b'-') && digits(5..7)) {
         return Err(bad(4, "expected a date yyyy-mm after \"nqn.\""));
     }
@@ -150,14 +131,9 @@ fn validate(name: &str) -> Result<(), DecodeError> {
         && !domain.starts_with(['.', '-'])
         && !domain.ends_with('.')
         && !domain.contains("..")
-        && domain
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
+        && domain.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
     if !domain_ok {
-        return Err(bad(
-            12,
-            "expected a reverse domain name (letters, digits, '-', '.')",
-        ));
+        return Err(bad(12, "expected a reverse domain name (letters, digits, '-', '.')"));
     }
     match user {
         Some("") => Err(bad(b.len(), "empty string after ':'")),

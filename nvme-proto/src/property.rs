@@ -28,11 +28,7 @@ pub enum PropertySize {
 
 impl PropertySize {
     pub const fn from_attrib(attrib: u8) -> Self {
-        if attrib & 1 != 0 {
-            PropertySize::Eight
-        } else {
-            PropertySize::Four
-        }
+        if attrib & 1 != 0 { PropertySize::Eight } else { PropertySize::Four }
     }
     pub const fn attrib(self) -> u8 {
         match self {
@@ -49,13 +45,7 @@ impl PropertySize {
 }
 
 impl Property {
-    pub const ALL: [Property; 5] = [
-        Property::Cap,
-        Property::Vs,
-        Property::Cc,
-        Property::Csts,
-        Property::Nssr,
-    ];
+    pub const ALL: [Property; 5] = [Property::Cap, Property::Vs, Property::Cc, Property::Csts, Property::Nssr];
 
     pub const fn offset(self) -> u32 {
         match self {
@@ -85,14 +75,11 @@ impl Property {
     /// The property at `offset` accessed with `size`. An unknown offset or a width that does not match the
     /// register is an Invalid Field, located at the Property Get/Set command's OFSET or ATTRIB byte.
     pub fn from_wire(offset: u32, size: PropertySize) -> Result<Property, DecodeError> {
-        let property = Property::ALL
-            .into_iter()
-            .find(|p| p.offset() == offset)
-            .ok_or(DecodeError::value(
-                "property offset",
-                crate::fabrics::offset::PROPERTY_OFFSET,
-                offset as u64,
-            ))?;
+        let property = Property::ALL.into_iter().find(|p| p.offset() == offset).ok_or(DecodeError::value(
+            "property offset",
+            crate::fabrics::offset::PROPERTY_OFFSET,
+            offset as u64,
+        ))?;
         if property.size() != size {
             return Err(DecodeError::value(
                 "property size",

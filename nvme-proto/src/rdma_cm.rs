@@ -117,10 +117,7 @@ impl CmRequest {
     pub fn parse(bytes: &[u8]) -> Result<CmRequest, CmError> {
         let (raw, _) = RequestRaw::ref_from_prefix(bytes).map_err(|_| CmError {
             what: "request",
-            reason: Reason::Length {
-                expected: CM_REQUEST_LEN,
-                actual: bytes.len(),
-            },
+            reason: Reason::Length { expected: CM_REQUEST_LEN, actual: bytes.len() },
             status: CmRejectStatus::InvalidLength,
         })?;
         if raw.recfmt.get() != RECORD_FORMAT_1_0 {
@@ -166,10 +163,7 @@ impl CmAccept {
     pub fn parse(bytes: &[u8]) -> Result<CmAccept, CmError> {
         let (raw, _) = AcceptRaw::ref_from_prefix(bytes).map_err(|_| CmError {
             what: "accept",
-            reason: Reason::Length {
-                expected: CM_ACCEPT_LEN,
-                actual: bytes.len(),
-            },
+            reason: Reason::Length { expected: CM_ACCEPT_LEN, actual: bytes.len() },
             status: CmRejectStatus::InvalidLength,
         })?;
         if raw.recfmt.get() != RECORD_FORMAT_1_0 {
@@ -179,18 +173,11 @@ impl CmAccept {
                 status: CmRejectStatus::InvalidRecordFormat,
             });
         }
-        Ok(CmAccept {
-            recfmt: raw.recfmt.get(),
-            crqsize: raw.crqsize.get(),
-        })
+        Ok(CmAccept { recfmt: raw.recfmt.get(), crqsize: raw.crqsize.get() })
     }
 
     pub fn to_bytes(&self) -> [u8; CM_ACCEPT_LEN] {
-        let raw = AcceptRaw {
-            recfmt: self.recfmt.into(),
-            crqsize: self.crqsize.into(),
-            reserved4: [0; 28],
-        };
+        let raw = AcceptRaw { recfmt: self.recfmt.into(), crqsize: self.crqsize.into(), reserved4: [0; 28] };
         let mut out = [0u8; CM_ACCEPT_LEN];
         out.copy_from_slice(raw.as_bytes());
         out
@@ -206,10 +193,7 @@ pub struct CmReject {
 
 impl CmReject {
     pub fn new(status: CmRejectStatus) -> Self {
-        CmReject {
-            recfmt: RECORD_FORMAT_1_0,
-            status,
-        }
+        CmReject { recfmt: RECORD_FORMAT_1_0, status }
     }
 
     /// Decodes a reject; an unknown status code is an error (the host reports it raw).
@@ -221,17 +205,11 @@ impl CmReject {
             2,
             raw.sts.get() as u64,
         ))?;
-        Ok(CmReject {
-            recfmt: raw.recfmt.get(),
-            status,
-        })
+        Ok(CmReject { recfmt: raw.recfmt.get(), status })
     }
 
     pub fn to_bytes(&self) -> [u8; CM_REJECT_LEN] {
-        let raw = RejectRaw {
-            recfmt: self.recfmt.into(),
-            sts: (self.status as u16).into(),
-        };
+        let raw = RejectRaw { recfmt: self.recfmt.into(), sts: (self.status as u16).into() };
         let mut out = [0u8; CM_REJECT_LEN];
         out.copy_from_slice(raw.as_bytes());
         out

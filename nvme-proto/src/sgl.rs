@@ -35,31 +35,17 @@ pub mod subtype {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SglDescriptor {
     /// Remote memory the target reaches with RDMA READ / WRITE.
-    Keyed {
-        address: u64,
-        length: U24,
-        key: u32,
-        invalidate: bool,
-    },
+    Keyed { address: u64, length: U24, key: u32, invalidate: bool },
     /// Data carried in the capsule after the SQE, at `offset` from its start.
     InCapsule { offset: u64, length: u32 },
     /// A pointer to further descriptors; NVMe/RDMA targets need not support these.
-    Segment {
-        address: u64,
-        length: u32,
-        last: bool,
-    },
+    Segment { address: u64, length: u32, last: bool },
 }
 
 impl Default for SglDescriptor {
     /// The "no data" descriptor the Linux host sends: keyed, address 0, length 0, key 0.
     fn default() -> Self {
-        SglDescriptor::Keyed {
-            address: 0,
-            length: U24::ZERO,
-            key: 0,
-            invalidate: false,
-        }
+        SglDescriptor::Keyed { address: 0, length: U24::ZERO, key: 0, invalidate: false }
     }
 }
 
@@ -71,11 +57,7 @@ impl U24 {
     pub const ZERO: U24 = U24(0);
     pub const MAX: U24 = U24(KEYED_MAX_LEN);
     pub const fn new(value: u32) -> Option<U24> {
-        if value <= KEYED_MAX_LEN {
-            Some(U24(value))
-        } else {
-            None
-        }
+        if value <= KEYED_MAX_LEN { Some(U24(value)) } else { None }
     }
     pub const fn get(self) -> u32 {
         self.0
@@ -87,24 +69,14 @@ impl SglDescriptor {
     pub const IDENTIFIER: usize = 15;
 
     /// A keyed descriptor; refuses lengths that do not fit in 24 bits instead of truncating them.
-    pub fn keyed(
-        address: u64,
-        length: u32,
-        key: u32,
-        invalidate: bool,
-    ) -> Result<Self, DecodeError> {
+    pub fn keyed(address: u64, length: u32, key: u32, invalidate: bool) -> Result<Self, DecodeError> {
         let length = U24::new(length).ok_or(DecodeError::new(
             "keyed SGL length",
             8,
             Reason::Value(length as u64),
             Status::SGL_INVALID_DATA_LENGTH.with_dnr(),
         ))?;
-        Ok(SglDescriptor::Keyed {
-            address,
-            length,
-            key,
-            invalidate,
-        })
+        Ok(SglDescriptor::Keyed { address, length, key, invalidate })
     }
 
     pub fn in_capsule(offset: u64, length: u32) -> Self {
@@ -133,30 +105,18 @@ impl SglDescriptor {
                 };
                 let length = U24(u32::from_le_bytes([b[8], b[9], b[10], 0]));
                 let key = u32::from_le_bytes(b[11..15].try_into().expect("4 bytes"));
-                Ok(SglDescriptor::Keyed {
-                    address,
-                    length,
-                    key,
-                    invalidate,
-                })
+                Ok(SglDescriptor::Keyed { address, length, key, invalidate })
             }
-            descriptor_type::DATA_BLOCK
-            | descriptor_type::SEGMENT
-            | descriptor_type::LAST_SEGMENT => {
+            descriptor_type::DATA_BLOCK | descriptor_type::SEGMENT | descriptor_type::LAST_SEGMENT => {
                 let length = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
                 match (kind, sub) {
                     (descriptor_type::DATA_BLOCK, subtype::OFFSET) => {
-                        Ok(SglDescriptor::InCapsule {
-                            offset: address,
-                            length,
-                        })
+                        Ok(SglDescriptor::InCapsule { offset: address, length })
                     }
                     (descriptor_type::DATA_BLOCK, _) => Err(invalid_subtype()),
-                    (_, subtype::ADDRESS) => Ok(SglDescriptor::Segment {
-                        address,
-                        length,
-                        last: kind == descriptor_type::LAST_SEGMENT,
-                    }),
+                    (_, subtype::ADDRESS) => {
+                        Ok(SglDescriptor::Segment { address, length, last: kind == descriptor_type::LAST_SEGMENT })
+                    }
                     _ => Err(invalid_subtype()),
                 }
             }
@@ -172,39 +132,22 @@ impl SglDescriptor {
     pub fn to_bytes(&self) -> [u8; SGL_DESCRIPTOR_LEN] {
         let mut b = [0u8; SGL_DESCRIPTOR_LEN];
         match *self {
-            SglDescriptor::Keyed {
-                address,
-                length,
-                key,
-                invalidate,
-            } => {
+            SglDescriptor::Keyed { address, length, key, invalidate } => {
                 b[0..8].copy_from_slice(&address.to_le_bytes());
                 b[8..11].copy_from_slice(&length.get().to_le_bytes()[..3]);
                 b[11..15].copy_from_slice(&key.to_le_bytes());
                 b[15] = descriptor_type::KEYED_DATA_BLOCK << 4
-                    | if invalidate {
-                        subtype::INVALIDATE_KEY
-                    } else {
-                        subtype::ADDRESS
-                    };
+                    | if invalidate { subtype::INVALIDATE_KEY } else { subtype::ADDRESS };
             }
             SglDescriptor::InCapsule { offset, length } => {
                 b[0..8].copy_from_slice(&offset.to_le_bytes());
                 b[8..12].copy_from_slice(&length.to_le_bytes());
                 b[15] = descriptor_type::DATA_BLOCK << 4 | subtype::OFFSET;
             }
-            SglDescriptor::Segment {
-                address,
-                length,
-                last,
-            } => {
+            SglDescriptor::Segment { address, length, last } => {
                 b[0..8].copy_from_slice(&address.to_le_bytes());
                 b[8..12].copy_from_slice(&length.to_le_bytes());
-                let kind = if last {
-                    descriptor_type::LAST_SEGMENT
-                } else {
-                    descriptor_type::SEGMENT
-                };
+                let kind = if last { descriptor_type::LAST_SEGMENT } else { descriptor_type::SEGMENT };
                 b[15] = kind << 4 | subtype::ADDRESS;
             }
         }
@@ -230,9 +173,7 @@ impl SglDescriptor {
     pub fn length(&self) -> u32 {
         match *self {
             SglDescriptor::Keyed { length, .. } => length.get(),
-            SglDescriptor::InCapsule { length, .. } | SglDescriptor::Segment { length, .. } => {
-                length
-            }
+            SglDescriptor::InCapsule { length, .. } | SglDescriptor::Segment { length, .. } => length,
         }
     }
 }

@@ -7,7 +7,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::{DecodeError, exact};
+use crate::error::{DecodeError, view};
 
 pub const SQE_LEN: usize = 64;
 
@@ -38,9 +38,7 @@ pub mod psdt {
     pub const SGL_METADATA_SGL: u8 = 2;
 }
 
-#[derive(
-    Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct Sqe {
     pub opcode: u8,
@@ -69,18 +67,12 @@ impl Default for Sqe {
 impl Sqe {
     /// Views exactly 64 bytes as an SQE.
     pub fn parse(bytes: &[u8]) -> Result<&Sqe, DecodeError> {
-        let bytes: &[u8; SQE_LEN] = exact("SQE", bytes)?;
-        Ok(Sqe::ref_from_bytes(bytes).expect("64 bytes, alignment 1"))
+        view("SQE", bytes)
     }
 
     /// A zeroed SQE with the opcode, PSDT = SGL (as NVMe-oF requires) and the command id.
     pub fn with_opcode(opcode: u8, command_id: u16) -> Sqe {
-        Sqe {
-            opcode,
-            flags: psdt::SGL_METADATA_BUFFER << 6,
-            command_id: command_id.into(),
-            ..Sqe::default()
-        }
+        Sqe { opcode, flags: psdt::SGL_METADATA_BUFFER << 6, command_id: command_id.into(), ..Sqe::default() }
     }
 
     pub fn to_array(&self) -> [u8; SQE_LEN] {

@@ -232,77 +232,35 @@ const NAMES: &[(Status, &str)] = &[
     (Status::INVALID_FIELD, "Invalid Field in Command"),
     (Status::COMMAND_ID_CONFLICT, "Command ID Conflict"),
     (Status::DATA_TRANSFER_ERROR, "Data Transfer Error"),
-    (
-        Status::POWER_LOSS,
-        "Commands Aborted due to Power Loss Notification",
-    ),
+    (Status::POWER_LOSS, "Commands Aborted due to Power Loss Notification"),
     (Status::INTERNAL, "Internal Error"),
     (Status::ABORT_REQUESTED, "Command Abort Requested"),
     (Status::SQ_DELETED, "Command Aborted due to SQ Deletion"),
-    (
-        Status::FUSED_FAILED,
-        "Command Aborted due to Failed Fused Command",
-    ),
-    (
-        Status::FUSED_MISSING,
-        "Command Aborted due to Missing Fused Command",
-    ),
+    (Status::FUSED_FAILED, "Command Aborted due to Failed Fused Command"),
+    (Status::FUSED_MISSING, "Command Aborted due to Missing Fused Command"),
     (Status::INVALID_NAMESPACE, "Invalid Namespace or Format"),
     (Status::COMMAND_SEQUENCE_ERROR, "Command Sequence Error"),
-    (
-        Status::SGL_INVALID_LAST_SEGMENT,
-        "Invalid SGL Segment Descriptor",
-    ),
-    (
-        Status::SGL_INVALID_COUNT,
-        "Invalid Number of SGL Descriptors",
-    ),
+    (Status::SGL_INVALID_LAST_SEGMENT, "Invalid SGL Segment Descriptor"),
+    (Status::SGL_INVALID_COUNT, "Invalid Number of SGL Descriptors"),
     (Status::SGL_INVALID_DATA_LENGTH, "Data SGL Length Invalid"),
-    (
-        Status::SGL_INVALID_METADATA_LENGTH,
-        "Metadata SGL Length Invalid",
-    ),
+    (Status::SGL_INVALID_METADATA_LENGTH, "Metadata SGL Length Invalid"),
     (Status::SGL_INVALID_TYPE, "SGL Descriptor Type Invalid"),
-    (
-        Status::CMB_INVALID_USE,
-        "Invalid Use of Controller Memory Buffer",
-    ),
+    (Status::CMB_INVALID_USE, "Invalid Use of Controller Memory Buffer"),
     (Status::PRP_INVALID_OFFSET, "PRP Offset Invalid"),
-    (
-        Status::ATOMIC_WRITE_UNIT_EXCEEDED,
-        "Atomic Write Unit Exceeded",
-    ),
+    (Status::ATOMIC_WRITE_UNIT_EXCEEDED, "Atomic Write Unit Exceeded"),
     (Status::OPERATION_DENIED, "Operation Denied"),
     (Status::SGL_INVALID_OFFSET, "SGL Offset Invalid"),
-    (
-        Status::HOST_ID_INCONSISTENT_FORMAT,
-        "Host Identifier Inconsistent Format",
-    ),
+    (Status::HOST_ID_INCONSISTENT_FORMAT, "Host Identifier Inconsistent Format"),
     (Status::KEEP_ALIVE_EXPIRED, "Keep Alive Timer Expired"),
     (Status::KEEP_ALIVE_INVALID, "Keep Alive Timeout Invalid"),
-    (
-        Status::PREEMPT_ABORT,
-        "Command Aborted due to Preempt and Abort",
-    ),
+    (Status::PREEMPT_ABORT, "Command Aborted due to Preempt and Abort"),
     (Status::SANITIZE_FAILED, "Sanitize Failed"),
     (Status::SANITIZE_IN_PROGRESS, "Sanitize In Progress"),
-    (
-        Status::SGL_INVALID_GRANULARITY,
-        "SGL Data Block Granularity Invalid",
-    ),
-    (
-        Status::COMMAND_NOT_SUPPORTED_IN_CMB,
-        "Command Not Supported for Queue in CMB",
-    ),
-    (
-        Status::NAMESPACE_WRITE_PROTECTED,
-        "Namespace is Write Protected",
-    ),
+    (Status::SGL_INVALID_GRANULARITY, "SGL Data Block Granularity Invalid"),
+    (Status::COMMAND_NOT_SUPPORTED_IN_CMB, "Command Not Supported for Queue in CMB"),
+    (Status::NAMESPACE_WRITE_PROTECTED, "Namespace is Write Protected"),
     (Status::COMMAND_INTERRUPTED, "Command Interrupted"),
-    (
-        Status::TRANSIENT_TRANSPORT_ERROR,
-        "Transient Transport Error",
-    ),
+    (Status::TRANSIENT_TRANSPORT_ERROR, "Transient Transport Error"),
     (Status::LBA_OUT_OF_RANGE, "LBA Out of Range"),
     (Status::CAPACITY_EXCEEDED, "Capacity Exceeded"),
     (Status::NAMESPACE_NOT_READY, "Namespace Not Ready"),
@@ -312,66 +270,36 @@ const NAMES: &[(Status, &str)] = &[
     (Status::INVALID_QUEUE_ID, "Invalid Queue Identifier"),
     (Status::INVALID_QUEUE_SIZE, "Invalid Queue Size"),
     (Status::ABORT_LIMIT, "Abort Command Limit Exceeded"),
-    (
-        Status::AER_LIMIT_EXCEEDED,
-        "Asynchronous Event Request Limit Exceeded",
-    ),
+    (Status::AER_LIMIT_EXCEEDED, "Asynchronous Event Request Limit Exceeded"),
     (Status::INVALID_FIRMWARE_SLOT, "Invalid Firmware Slot"),
     (Status::INVALID_FIRMWARE_IMAGE, "Invalid Firmware Image"),
     (Status::INVALID_INTERRUPT_VECTOR, "Invalid Interrupt Vector"),
     (Status::INVALID_LOG_PAGE, "Invalid Log Page"),
     (Status::INVALID_FORMAT, "Invalid Format"),
-    (
-        Status::FIRMWARE_NEEDS_CONVENTIONAL_RESET,
-        "Firmware Activation Requires Conventional Reset",
-    ),
+    (Status::FIRMWARE_NEEDS_CONVENTIONAL_RESET, "Firmware Activation Requires Conventional Reset"),
     (Status::INVALID_QUEUE_DELETION, "Invalid Queue Deletion"),
-    (
-        Status::FEATURE_NOT_SAVEABLE,
-        "Feature Identifier Not Saveable",
-    ),
+    (Status::FEATURE_NOT_SAVEABLE, "Feature Identifier Not Saveable"),
     (Status::FEATURE_NOT_CHANGEABLE, "Feature Not Changeable"),
-    (
-        Status::FEATURE_NOT_PER_NAMESPACE,
-        "Feature Not Namespace Specific",
-    ),
-    (
-        Status::NS_INSUFFICIENT_CAPACITY,
-        "Namespace Insufficient Capacity",
-    ),
-    (
-        Status::NS_ID_UNAVAILABLE,
-        "Namespace Identifier Unavailable",
-    ),
+    (Status::FEATURE_NOT_PER_NAMESPACE, "Feature Not Namespace Specific"),
+    (Status::NS_INSUFFICIENT_CAPACITY, "Namespace Insufficient Capacity"),
+    (Status::NS_ID_UNAVAILABLE, "Namespace Identifier Unavailable"),
     (Status::NS_ALREADY_ATTACHED, "Namespace Already Attached"),
     (Status::NS_IS_PRIVATE, "Namespace Is Private"),
     (Status::NS_NOT_ATTACHED, "Namespace Not Attached"),
-    (
-        Status::THIN_PROVISIONING_NOT_SUPPORTED,
-        "Thin Provisioning Not Supported",
-    ),
+    (Status::THIN_PROVISIONING_NOT_SUPPORTED, "Thin Provisioning Not Supported"),
     (Status::CONTROLLER_LIST_INVALID, "Controller List Invalid"),
     (Status::ANA_GROUP_ID_INVALID, "ANA Group Identifier Invalid"),
     (Status::ANA_ATTACH_FAILED, "ANA Attach Failed"),
     (Status::WRITE_FAULT, "Write Fault"),
     (Status::UNRECOVERED_READ_ERROR, "Unrecovered Read Error"),
     (Status::GUARD_CHECK, "End-to-end Guard Check Error"),
-    (
-        Status::APPTAG_CHECK,
-        "End-to-end Application Tag Check Error",
-    ),
+    (Status::APPTAG_CHECK, "End-to-end Application Tag Check Error"),
     (Status::REFTAG_CHECK, "End-to-end Reference Tag Check Error"),
     (Status::COMPARE_FAILED, "Compare Failure"),
     (Status::ACCESS_DENIED, "Access Denied"),
-    (
-        Status::UNWRITTEN_BLOCK,
-        "Deallocated or Unwritten Logical Block",
-    ),
+    (Status::UNWRITTEN_BLOCK, "Deallocated or Unwritten Logical Block"),
     (Status::INTERNAL_PATH_ERROR, "Internal Path Error"),
-    (
-        Status::ANA_PERSISTENT_LOSS,
-        "Asymmetric Access Persistent Loss",
-    ),
+    (Status::ANA_PERSISTENT_LOSS, "Asymmetric Access Persistent Loss"),
     (Status::ANA_INACCESSIBLE, "Asymmetric Access Inaccessible"),
     (Status::ANA_TRANSITION, "Asymmetric Access Transition"),
     (Status::CONTROLLER_PATH_ERROR, "Controller Pathing Error"),
@@ -380,19 +308,10 @@ const NAMES: &[(Status, &str)] = &[
 ];
 
 const FABRICS_NAMES: &[(Status, &str)] = &[
-    (
-        Status::CONNECT_INCOMPATIBLE_FORMAT,
-        "Connect Incompatible Format",
-    ),
+    (Status::CONNECT_INCOMPATIBLE_FORMAT, "Connect Incompatible Format"),
     (Status::CONNECT_CONTROLLER_BUSY, "Connect Controller Busy"),
-    (
-        Status::CONNECT_INVALID_PARAMETERS,
-        "Connect Invalid Parameters",
-    ),
-    (
-        Status::CONNECT_RESTART_DISCOVERY,
-        "Connect Restart Discovery",
-    ),
+    (Status::CONNECT_INVALID_PARAMETERS, "Connect Invalid Parameters"),
+    (Status::CONNECT_RESTART_DISCOVERY, "Connect Restart Discovery"),
     (Status::CONNECT_INVALID_HOST, "Connect Invalid Host"),
     (Status::INVALID_QUEUE_TYPE, "Invalid Queue Type"),
     (Status::DISCOVERY_RESTART, "Discover Restart"),
@@ -401,25 +320,13 @@ const FABRICS_NAMES: &[(Status, &str)] = &[
 
 const IO_NAMES: &[(Status, &str)] = &[
     (Status::CONFLICTING_ATTRIBUTES, "Conflicting Attributes"),
-    (
-        Status::INVALID_PROTECTION_INFO,
-        "Invalid Protection Information",
-    ),
-    (
-        Status::WRITE_TO_READ_ONLY_RANGE,
-        "Attempted Write to Read Only Range",
-    ),
+    (Status::INVALID_PROTECTION_INFO, "Invalid Protection Information"),
+    (Status::WRITE_TO_READ_ONLY_RANGE, "Attempted Write to Read Only Range"),
 ];
 
 impl core::fmt::Debug for Status {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "Status({:#06x}: sct {} sc {:#04x}",
-            self.0,
-            self.sct() as u8,
-            self.sc()
-        )?;
+        write!(f, "Status({:#06x}: sct {} sc {:#04x}", self.0, self.sct() as u8, self.sc())?;
         if self.dnr() {
             f.write_str(" dnr")?;
         }

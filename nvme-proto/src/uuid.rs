@@ -21,23 +21,13 @@ impl Uuid {
 
     /// Parses the 36-character `8-4-4-4-12` hexadecimal form (either case).
     pub fn parse(text: &str) -> Result<Self, DecodeError> {
-        let bad = |offset, why| {
-            DecodeError::new(
-                "UUID",
-                offset,
-                Reason::Format(why),
-                Status::INVALID_FIELD.with_dnr(),
-            )
-        };
+        let bad = |offset, why| DecodeError::new("UUID", offset, Reason::Format(why), Status::INVALID_FIELD.with_dnr());
         let b = text.as_bytes();
         if b.len() != 36 {
             return Err(DecodeError::new(
                 "UUID",
                 0,
-                Reason::Length {
-                    expected: 36,
-                    actual: b.len(),
-                },
+                Reason::Length { expected: 36, actual: b.len() },
                 Status::INVALID_FIELD.with_dnr(),
             ));
         }
@@ -50,9 +40,7 @@ impl Uuid {
                 }
                 continue;
             }
-            let v = (c as char)
-                .to_digit(16)
-                .ok_or_else(|| bad(i, "expected a hexadecimal digit"))? as u8;
+            let v = (c as char).to_digit(16).ok_or_else(|| bad(i, "expected a hexadecimal digit"))? as u8;
             out[nibble / 2] |= if nibble % 2 == 0 { v << 4 } else { v };
             nibble += 1;
         }

@@ -12,9 +12,7 @@ use nvme_proto::cqe::Cqe;
 use nvme_proto::discovery::{DiscoveryLogEntryRaw, DiscoveryLogHeader, RdmaTsas};
 use nvme_proto::fabrics::{Connect, ConnectDataRaw};
 use nvme_proto::features::{Feature, NumberOfQueues};
-use nvme_proto::identify::{
-    IdentifyController, IdentifyNamespace, LbaFormat, PowerStateDescriptor,
-};
+use nvme_proto::identify::{IdentifyController, IdentifyNamespace, LbaFormat, PowerStateDescriptor};
 use nvme_proto::io::{DsmRange, ReadWrite};
 use nvme_proto::log_page::{CommandEffectsLog, ErrorLogEntry, FirmwareSlotLog, SmartLog};
 use nvme_proto::property::{Cap, Cc, Csts, Property, Vs};
@@ -108,26 +106,14 @@ fn discovery_layouts() {
 /// `struct nvme_rdma_cm_req` / `_rep` / `_rej` byte for byte.
 #[test]
 fn rdma_cm_private_data_bytes() {
-    let req = CmRequest {
-        recfmt: 0,
-        qid: 0x0102,
-        hrqsize: 0x0304,
-        hsqsize: 0x0506,
-        cntlid: 0x0708,
-    };
+    let req = CmRequest { recfmt: 0, qid: 0x0102, hrqsize: 0x0304, hsqsize: 0x0506, cntlid: 0x0708 };
     let mut expected = [0u8; 32];
     expected[..10].copy_from_slice(&[0, 0, 0x02, 0x01, 0x04, 0x03, 0x06, 0x05, 0x08, 0x07]);
     assert_eq!(req.to_bytes(), expected);
-    let rep = CmAccept {
-        recfmt: 0,
-        crqsize: 0x0120,
-    };
+    let rep = CmAccept { recfmt: 0, crqsize: 0x0120 };
     assert_eq!(&rep.to_bytes()[..4], &[0, 0, 0x20, 0x01]);
     assert_eq!(rep.to_bytes()[4..], [0; 28]);
-    assert_eq!(
-        CmReject::new(CmRejectStatus::InvalidHostRqSize).to_bytes(),
-        [0, 0, 5, 0]
-    );
+    assert_eq!(CmReject::new(CmRejectStatus::InvalidHostRqSize).to_bytes(), [0, 0, 5, 0]);
 }
 
 #[rstest]
@@ -151,36 +137,19 @@ fn sqe_bytes(capsule: Capsule) -> [u8; 64] {
 
 #[test]
 fn connect_sqe_bytes() {
-    let connect = Connect {
-        recfmt: 0,
-        qid: 1,
-        sqsize: 127,
-        cattr: 0x04,
-        kato: 0x0000_1388,
-    };
+    let connect = Connect { recfmt: 0, qid: 1, sqsize: 127, cattr: 0x04, kato: 0x0000_1388 };
     let capsule = Capsule {
         command_id: 0x1234,
         data: SglDescriptor::keyed(0x1122_3344_5566_7788, 1024, 0xaabb_ccdd, true).unwrap(),
         command: Command::Fabrics(FabricsCommand::Connect(connect)),
     };
     let b = sqe_bytes(capsule);
-    assert_eq!(
-        &b[..5],
-        &[0x7f, 0x40, 0x34, 0x12, 0x01],
-        "opcode, PSDT=SGL, cid, fctype"
-    );
+    assert_eq!(&b[..5], &[0x7f, 0x40, 0x34, 0x12, 0x01], "opcode, PSDT=SGL, cid, fctype");
     assert_eq!(
         &b[24..40],
-        &[
-            0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0x00, 0x04, 0x00, 0xdd, 0xcc, 0xbb,
-            0xaa, 0x4f
-        ]
+        &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0x00, 0x04, 0x00, 0xdd, 0xcc, 0xbb, 0xaa, 0x4f]
     );
-    assert_eq!(
-        &b[40..52],
-        &[0, 0, 1, 0, 127, 0, 0x04, 0, 0x88, 0x13, 0, 0],
-        "recfmt, qid, sqsize, cattr, kato"
-    );
+    assert_eq!(&b[40..52], &[0, 0, 1, 0, 127, 0, 0x04, 0, 0x88, 0x13, 0, 0], "recfmt, qid, sqsize, cattr, kato");
 }
 
 #[test]
@@ -188,37 +157,20 @@ fn property_sqe_bytes() {
     let get = Capsule {
         command_id: 1,
         data: SglDescriptor::default(),
-        command: Command::Fabrics(FabricsCommand::PropertyGet {
-            property: Property::Cap,
-        }),
+        command: Command::Fabrics(FabricsCommand::PropertyGet { property: Property::Cap }),
     };
     let b = sqe_bytes(get);
-    assert_eq!(
-        (b[4], b[40], &b[44..48]),
-        (0x04, 1, &[0u8, 0, 0, 0][..]),
-        "fctype get, 8 bytes, offset CAP"
-    );
-    assert_eq!(
-        b[39], 0x40,
-        "keyed, address subtype, zero length: what the Linux host sends"
-    );
+    assert_eq!((b[4], b[40], &b[44..48]), (0x04, 1, &[0u8, 0, 0, 0][..]), "fctype get, 8 bytes, offset CAP");
+    assert_eq!(b[39], 0x40, "keyed, address subtype, zero length: what the Linux host sends");
     let set = Capsule {
         command_id: 2,
         data: SglDescriptor::default(),
-        command: Command::Fabrics(FabricsCommand::PropertySet {
-            property: Property::Cc,
-            value: 0x0046_0061,
-        }),
+        command: Command::Fabrics(FabricsCommand::PropertySet { property: Property::Cc, value: 0x0046_0061 }),
     };
     let b = sqe_bytes(set);
     assert_eq!(
         (b[4], b[40], &b[44..48], &b[48..56]),
-        (
-            0x00,
-            0,
-            &[0x14u8, 0, 0, 0][..],
-            &[0x61u8, 0, 0x46, 0, 0, 0, 0, 0][..]
-        )
+        (0x00, 0, &[0x14u8, 0, 0, 0][..], &[0x61u8, 0, 0x46, 0, 0, 0, 0, 0][..])
     );
 }
 
@@ -242,21 +194,10 @@ fn admin_sqe_bytes() {
     });
     assert_eq!(b[0], 0x02);
     assert_eq!(&b[4..8], &[0xff; 4]);
-    assert_eq!(
-        &b[40..60],
-        &[
-            0x0c, 0x81, 0x03, 0x08, 0x01, 0x00, 0x03, 0x02, 0x10, 0, 0, 0, 1, 0, 0, 0, 5, 0, 0, 2
-        ]
-    );
+    assert_eq!(&b[40..60], &[0x0c, 0x81, 0x03, 0x08, 0x01, 0x00, 0x03, 0x02, 0x10, 0, 0, 0, 1, 0, 0, 0, 5, 0, 0, 2]);
     assert_eq!(glp.data_len(), (0x0001_0803 + 1) * 4);
 
-    let id = Identify {
-        nsid: 1,
-        cns: 0x03,
-        cntid: 0x0102,
-        cnssid: 0,
-        csi: 0,
-    };
+    let id = Identify { nsid: 1, cns: 0x03, cntid: 0x0102, cnssid: 0, csi: 0 };
     let b = sqe_bytes(Capsule {
         command_id: 0,
         data: SglDescriptor::default(),
@@ -264,31 +205,17 @@ fn admin_sqe_bytes() {
     });
     assert_eq!((b[0], &b[40..44]), (0x06, &[0x03u8, 0, 0x02, 0x01][..]));
 
-    let sf = SetFeatures {
-        nsid: 0,
-        save: true,
-        feature: Feature::NumberOfQueues(NumberOfQueues { nsqr: 3, ncqr: 7 }),
-    };
+    let sf = SetFeatures { nsid: 0, save: true, feature: Feature::NumberOfQueues(NumberOfQueues { nsqr: 3, ncqr: 7 }) };
     let b = sqe_bytes(Capsule {
         command_id: 0,
         data: SglDescriptor::default(),
         command: Command::Admin(AdminCommand::SetFeatures(sf)),
     });
-    assert_eq!(
-        (b[0], &b[40..48]),
-        (0x09, &[0x07u8, 0, 0, 0x80, 3, 0, 7, 0][..])
-    );
+    assert_eq!((b[0], &b[40..48]), (0x09, &[0x07u8, 0, 0, 0x80, 3, 0, 7, 0][..]));
 
-    for (cmd, opcode) in [
-        (AdminCommand::KeepAlive, 0x18),
-        (AdminCommand::AsyncEventRequest, 0x0c),
-    ] {
+    for (cmd, opcode) in [(AdminCommand::KeepAlive, 0x18), (AdminCommand::AsyncEventRequest, 0x0c)] {
         assert_eq!(
-            sqe_bytes(Capsule {
-                command_id: 0,
-                data: SglDescriptor::default(),
-                command: Command::Admin(cmd)
-            })[0],
+            sqe_bytes(Capsule { command_id: 0, data: SglDescriptor::default(), command: Command::Admin(cmd) })[0],
             opcode
         );
     }
@@ -296,40 +223,19 @@ fn admin_sqe_bytes() {
 
 #[test]
 fn io_sqe_bytes() {
-    let rw = ReadWrite {
-        nsid: 1,
-        slba: 0x0102_0304_0506_0708,
-        nlb: 255,
-        control: 0x4000,
-        dsmgmt: 0x11,
-    };
+    let rw = ReadWrite { nsid: 1, slba: 0x0102_0304_0506_0708, nlb: 255, control: 0x4000, dsmgmt: 0x11 };
     let b = sqe_bytes(Capsule {
         command_id: 7,
         data: SglDescriptor::in_capsule(0, 4096),
         command: Command::Io(IoCommand::Write(rw)),
     });
     assert_eq!(b[0], 0x01);
-    assert_eq!(
-        &b[24..40],
-        &[0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x10, 0, 0, 0, 0, 0, 0x01],
-        "in-capsule SGL"
-    );
-    assert_eq!(
-        &b[40..56],
-        &[8, 7, 6, 5, 4, 3, 2, 1, 255, 0, 0x00, 0x40, 0x11, 0, 0, 0],
-        "slba, nlb, FUA, dsm"
-    );
-    let read = sqe_bytes(Capsule {
-        command_id: 7,
-        data: SglDescriptor::default(),
-        command: Command::Io(IoCommand::Read(rw)),
-    });
+    assert_eq!(&b[24..40], &[0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x10, 0, 0, 0, 0, 0, 0x01], "in-capsule SGL");
+    assert_eq!(&b[40..56], &[8, 7, 6, 5, 4, 3, 2, 1, 255, 0, 0x00, 0x40, 0x11, 0, 0, 0], "slba, nlb, FUA, dsm");
+    let read =
+        sqe_bytes(Capsule { command_id: 7, data: SglDescriptor::default(), command: Command::Io(IoCommand::Read(rw)) });
     assert_eq!(read[0], 0x02);
-    let dsm = nvme_proto::io::DatasetManagement {
-        nsid: 1,
-        nr: 1,
-        attributes: nvme_proto::io::dsm_attribute::AD,
-    };
+    let dsm = nvme_proto::io::DatasetManagement { nsid: 1, nr: 1, attributes: nvme_proto::io::dsm_attribute::AD };
     let b = sqe_bytes(Capsule {
         command_id: 0,
         data: SglDescriptor::in_capsule(0, 32),
@@ -339,16 +245,9 @@ fn io_sqe_bytes() {
     let b = sqe_bytes(Capsule {
         command_id: 0,
         data: SglDescriptor::default(),
-        command: Command::Io(IoCommand::WriteZeroes(ReadWrite {
-            control: 1 << 9,
-            ..rw
-        })),
+        command: Command::Io(IoCommand::WriteZeroes(ReadWrite { control: 1 << 9, ..rw })),
     });
-    assert_eq!(
-        (b[0], b[51]),
-        (0x08, 0x02),
-        "write zeroes, DEAC = CDW12 bit 25"
-    );
+    assert_eq!((b[0], b[51]), (0x08, 0x02), "write zeroes, DEAC = CDW12 bit 25");
     assert_eq!(
         sqe_bytes(Capsule {
             command_id: 0,
@@ -361,26 +260,10 @@ fn io_sqe_bytes() {
 
 #[test]
 fn cqe_status_bits() {
-    let cqe = Cqe::new(
-        0x1000,
-        0,
-        5,
-        Status::CONNECT_INVALID_PARAMETERS.with_dnr(),
-        0x0001_0100,
-    );
+    let cqe = Cqe::new(0x1000, 0, 5, Status::CONNECT_INVALID_PARAMETERS.with_dnr(), 0x0001_0100);
     let b = cqe.to_array();
-    assert_eq!(
-        &b,
-        &[
-            0x00, 0x01, 0x01, 0x00, 0, 0, 0, 0, 5, 0, 0, 0, 0x00, 0x10, 0x04, 0x83
-        ]
-    );
-    assert_eq!(
-        Cqe::new(1, 1, 1, Status::LBA_OUT_OF_RANGE, 0)
-            .status_phase
-            .get(),
-        0x80 << 1
-    );
+    assert_eq!(&b, &[0x00, 0x01, 0x01, 0x00, 0, 0, 0, 0, 5, 0, 0, 0, 0x00, 0x10, 0x04, 0x83]);
+    assert_eq!(Cqe::new(1, 1, 1, Status::LBA_OUT_OF_RANGE, 0).status_phase.get(), 0x80 << 1);
     assert_eq!(Status::SGL_INVALID_TYPE.with_dnr().raw(), 0x4011);
     assert_eq!(Status::ANA_INACCESSIBLE.raw(), 0x302);
 }
@@ -388,40 +271,18 @@ fn cqe_status_bits() {
 #[test]
 fn register_bits() {
     // Values from nvmet (CAP 0x000008200f00007f: MQES 127, TO 15, CSS NVM + I/O command sets).
-    let cap = Cap(0)
-        .set_mqes(127)
-        .and_then(|c| c.set_to(15))
-        .and_then(|c| c.set_css(0x41))
-        .unwrap();
+    let cap = Cap(0).set_mqes(127).and_then(|c| c.set_to(15)).and_then(|c| c.set_css(0x41)).unwrap();
     assert_eq!(cap.0, 0x0000_0820_0f00_007f);
-    let cc = Cc(0)
-        .set_en(1)
-        .and_then(|c| c.set_css(6))
-        .and_then(|c| c.set_iosqes(6))
-        .and_then(|c| c.set_iocqes(4))
-        .unwrap();
+    let cc =
+        Cc(0).set_en(1).and_then(|c| c.set_css(6)).and_then(|c| c.set_iosqes(6)).and_then(|c| c.set_iocqes(4)).unwrap();
     assert_eq!(cc.0, 0x0046_0061);
     assert_eq!(cc.set_shn(1).unwrap().0, 0x0046_4061);
     assert_eq!(Csts(0).set_shst(2).unwrap().0, 0x8);
-    assert_eq!(
-        Csts(0).set_rdy(1).and_then(|c| c.set_cfs(1)).unwrap().0,
-        0x3
-    );
+    assert_eq!(Csts(0).set_rdy(1).and_then(|c| c.set_cfs(1)).unwrap().0, 0x3);
     assert_eq!(Vs::new(1, 3, 0).0, 0x0001_0300);
+    assert_eq!(Cc(0).set_iosqes(16), None, "too wide for 4 bits: refused, not truncated");
     assert_eq!(
-        Cc(0).set_iosqes(16),
-        None,
-        "too wide for 4 bits: refused, not truncated"
-    );
-    assert_eq!(
-        [
-            Property::Cap,
-            Property::Vs,
-            Property::Cc,
-            Property::Csts,
-            Property::Nssr
-        ]
-        .map(|p| p.offset()),
+        [Property::Cap, Property::Vs, Property::Cc, Property::Csts, Property::Nssr].map(|p| p.offset()),
         [0, 8, 0x14, 0x1c, 0x20]
     );
     assert_eq!(nvme_proto::property::NSSR_RESET.to_be_bytes(), *b"NVMe");
@@ -433,45 +294,19 @@ fn aer_completion_dword() {
     assert_eq!(AsyncEvent::ANA_CHANGED.to_dword(), 0x000c_0302);
     assert_eq!(AsyncEvent::DISCOVERY_CHANGED.to_dword(), 0x0070_f002);
     let e = AsyncEvent::from_dword(0x0002_0101);
-    assert_eq!(
-        (e.kind, e.info, e.log_page),
-        (AsyncEventType::SmartHealth, 1, 2)
-    );
+    assert_eq!((e.kind, e.info, e.log_page), (AsyncEventType::SmartHealth, 1, 2));
 }
 
 #[test]
 fn sgl_descriptor_bytes() {
-    let keyed =
-        SglDescriptor::keyed(0xffff_8880_0681_f400, 0x0010_0000, 0x0000_0395, false).unwrap();
+    let keyed = SglDescriptor::keyed(0xffff_8880_0681_f400, 0x0010_0000, 0x0000_0395, false).unwrap();
     assert_eq!(
         keyed.to_bytes(),
-        [
-            0x00, 0xf4, 0x81, 0x06, 0x80, 0x88, 0xff, 0xff, 0x00, 0x00, 0x10, 0x95, 0x03, 0, 0,
-            0x40
-        ]
+        [0x00, 0xf4, 0x81, 0x06, 0x80, 0x88, 0xff, 0xff, 0x00, 0x00, 0x10, 0x95, 0x03, 0, 0, 0x40]
     );
-    assert_eq!(
-        SglDescriptor::Segment {
-            address: 1,
-            length: 16,
-            last: true
-        }
-        .to_bytes()[15],
-        0x30
-    );
-    assert_eq!(
-        SglDescriptor::Segment {
-            address: 1,
-            length: 16,
-            last: false
-        }
-        .to_bytes()[15],
-        0x20
-    );
-    assert!(
-        SglDescriptor::keyed(0, 0x0100_0000, 0, false).is_err(),
-        "25-bit length refused"
-    );
+    assert_eq!(SglDescriptor::Segment { address: 1, length: 16, last: true }.to_bytes()[15], 0x30);
+    assert_eq!(SglDescriptor::Segment { address: 1, length: 16, last: false }.to_bytes()[15], 0x20);
+    assert!(SglDescriptor::keyed(0, 0x0100_0000, 0, false).is_err(), "25-bit length refused");
 }
 
 /// Set / Get Features CDW10 / CDW11 as Linux nvme_set_features / nvme_get_features send them.
@@ -482,11 +317,7 @@ fn sgl_descriptor_bytes() {
 #[case(Feature::KeepAliveTimer { kato_ms: 5000 }, 0x0f, 5000)]
 #[case(Feature::HostIdentifier { extended: true }, 0x81, 0x0000_0001)]
 fn feature_dwords(#[case] feature: Feature, #[case] fid: u8, #[case] cdw11: u32) {
-    let set = SetFeatures {
-        nsid: 0,
-        save: false,
-        feature,
-    };
+    let set = SetFeatures { nsid: 0, save: false, feature };
     let b = sqe_bytes(Capsule {
         command_id: 0,
         data: SglDescriptor::default(),
@@ -494,20 +325,12 @@ fn feature_dwords(#[case] feature: Feature, #[case] fid: u8, #[case] cdw11: u32)
     });
     assert_eq!((b[0], b[40], &b[41..44]), (0x09, fid, &[0u8, 0, 0][..]));
     assert_eq!(&b[44..48], &cdw11.to_le_bytes());
-    let get = nvme_proto::command::GetFeatures {
-        nsid: 0,
-        fid,
-        select: nvme_proto::features::FeatureSelect::Saved,
-        cdw11: 1,
-    };
+    let get =
+        nvme_proto::command::GetFeatures { nsid: 0, fid, select: nvme_proto::features::FeatureSelect::Saved, cdw11: 1 };
     let b = sqe_bytes(Capsule {
         command_id: 0,
         data: SglDescriptor::default(),
         command: Command::Admin(AdminCommand::GetFeatures(get)),
     });
-    assert_eq!(
-        (b[0], b[40], b[41], b[44]),
-        (0x0a, fid, 0x02, 1),
-        "SEL in CDW10 bits 10:8"
-    );
+    assert_eq!((b[0], b[40], b[41], b[44]), (0x0a, fid, 0x02, 1), "SEL in CDW10 bits 10:8");
 }

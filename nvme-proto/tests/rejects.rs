@@ -19,9 +19,7 @@ use zerocopy::{FromZeros, IntoBytes};
 /// A valid Identify on the admin queue, to be broken one field at a time.
 fn base_sqe() -> [u8; 64] {
     let mut sqe = Sqe::with_opcode(0x06, 9);
-    sqe.dptr = SglDescriptor::keyed(0x1000, 4096, 0x77, true)
-        .unwrap()
-        .to_bytes();
+    sqe.dptr = SglDescriptor::keyed(0x1000, 4096, 0x77, true).unwrap().to_bytes();
     sqe.cdw10 = 1.into();
     sqe.to_array()
 }
@@ -59,18 +57,10 @@ fn valid_base_capsule_is_accepted() {
 #[case::log_offset_unaligned(|b: &mut [u8; 64]| { b[0] = 0x02; b[48] = 2; }, Status::INVALID_FIELD, 48)]
 #[case::get_features_bad_select(|b: &mut [u8; 64]| { b[0] = 0x0a; b[41] = 5; }, Status::INVALID_FIELD, 41)]
 #[case::set_queues_ffff(|b: &mut [u8; 64]| { b[0] = 0x09; b[40] = 7; b[44] = 0xff; b[45] = 0xff; }, Status::INVALID_FIELD, 44)]
-fn broken_admin_capsules(
-    #[case] breaks: fn(&mut [u8; 64]),
-    #[case] status: Status,
-    #[case] offset: usize,
-) {
+fn broken_admin_capsules(#[case] breaks: fn(&mut [u8; 64]), #[case] status: Status, #[case] offset: usize) {
     let mut b = base_sqe();
     breaks(&mut b);
-    expect(
-        Capsule::parse_bytes(&b, QueueKind::Admin),
-        status.with_dnr(),
-        offset,
-    );
+    expect(Capsule::parse_bytes(&b, QueueKind::Admin), status.with_dnr(), offset);
 }
 
 #[rstest]
@@ -85,11 +75,7 @@ fn misplaced_fabrics_commands(
     #[case] status: Status,
     #[case] offset: usize,
 ) {
-    expect(
-        Capsule::parse_bytes(&fabrics_sqe(fctype), queue),
-        status.with_dnr(),
-        offset,
-    );
+    expect(Capsule::parse_bytes(&fabrics_sqe(fctype), queue), status.with_dnr(), offset);
 }
 
 #[test]
@@ -103,26 +89,14 @@ fn bad_fabrics_fields() {
     );
     let mut b = fabrics_sqe(0x04);
     b[44] = 0x10; // INTMC is not a Fabrics property
-    expect(
-        Capsule::parse_bytes(&b, QueueKind::Admin),
-        Status::INVALID_FIELD.with_dnr(),
-        fo::PROPERTY_OFFSET,
-    );
+    expect(Capsule::parse_bytes(&b, QueueKind::Admin), Status::INVALID_FIELD.with_dnr(), fo::PROPERTY_OFFSET);
     let mut b = fabrics_sqe(0x04);
     b[40] = 0; // CAP read as 4 bytes
-    expect(
-        Capsule::parse_bytes(&b, QueueKind::Admin),
-        Status::INVALID_FIELD.with_dnr(),
-        fo::PROPERTY_ATTRIB,
-    );
+    expect(Capsule::parse_bytes(&b, QueueKind::Admin), Status::INVALID_FIELD.with_dnr(), fo::PROPERTY_ATTRIB);
     let mut b = fabrics_sqe(0x00);
     b[40] = 1;
     b[44] = 0x14; // CC written as 8 bytes
-    expect(
-        Capsule::parse_bytes(&b, QueueKind::Admin),
-        Status::INVALID_FIELD.with_dnr(),
-        fo::PROPERTY_ATTRIB,
-    );
+    expect(Capsule::parse_bytes(&b, QueueKind::Admin), Status::INVALID_FIELD.with_dnr(), fo::PROPERTY_ATTRIB);
     let mut b = fabrics_sqe(0x08);
     b[40] = 2;
     expect(
@@ -136,17 +110,9 @@ fn bad_fabrics_fields() {
 fn io_queue_rejects_admin_opcodes() {
     let mut b = base_sqe();
     b[0] = 0x05; // Compare: not offered
-    expect(
-        Capsule::parse_bytes(&b, QueueKind::Io),
-        Status::INVALID_OPCODE.with_dnr(),
-        0,
-    );
+    expect(Capsule::parse_bytes(&b, QueueKind::Io), Status::INVALID_OPCODE.with_dnr(), 0);
     b[0] = 0x18; // Keep Alive is an admin command
-    expect(
-        Capsule::parse_bytes(&b, QueueKind::Io),
-        Status::INVALID_OPCODE.with_dnr(),
-        0,
-    );
+    expect(Capsule::parse_bytes(&b, QueueKind::Io), Status::INVALID_OPCODE.with_dnr(), 0);
 }
 
 #[rstest]
@@ -157,13 +123,7 @@ fn io_queue_rejects_admin_opcodes() {
 fn wrong_lengths(#[case] len: usize) {
     let bytes = vec![0u8; len];
     let e = Capsule::parse_bytes(&bytes, QueueKind::Admin).unwrap_err();
-    assert_eq!(
-        e.reason,
-        Reason::Length {
-            expected: 64,
-            actual: len
-        }
-    );
+    assert_eq!(e.reason, Reason::Length { expected: 64, actual: len });
     assert!(Cqe::parse(&bytes).is_err());
     assert!(SglDescriptor::parse(&bytes).is_err());
     assert!(ConnectData::parse(&bytes).is_err() || len == 1024);
@@ -180,10 +140,7 @@ fn segments_decode_but_an_rdma_target_refuses_them() {
         b[39] = id;
         let capsule = Capsule::parse_bytes(&b, QueueKind::Admin).unwrap();
         let e = capsule.data.for_rdma().unwrap_err();
-        assert_eq!(
-            (e.status, e.offset),
-            (Status::SGL_INVALID_TYPE.with_dnr(), 15)
-        );
+        assert_eq!((e.status, e.offset), (Status::SGL_INVALID_TYPE.with_dnr(), 15));
     }
     assert!(SglDescriptor::in_capsule(0, 4096).for_rdma().is_ok());
 }
@@ -208,65 +165,33 @@ fn broken_connect_data(#[case] breaks: fn(&mut [u8; 1024]), #[case] offset: usiz
     let mut d = connect_data();
     breaks(&mut d);
     let e = ConnectData::parse(&d).unwrap_err();
-    assert_eq!(
-        (e.status, e.offset),
-        (Status::CONNECT_INVALID_PARAMETERS.with_dnr(), offset),
-        "{e}"
-    );
+    assert_eq!((e.status, e.offset), (Status::CONNECT_INVALID_PARAMETERS.with_dnr(), offset), "{e}");
 }
 
 #[test]
 fn connect_data_refuses_to_truncate_names() {
     let mut d = ConnectData::parse(&connect_data()).unwrap();
     d.subnqn = "n".repeat(224);
-    assert!(matches!(
-        d.to_bytes().unwrap_err().reason,
-        Reason::TooLong {
-            max: 223,
-            actual: 224
-        }
-    ));
+    assert!(matches!(d.to_bytes().unwrap_err().reason, Reason::TooLong { max: 223, actual: 224 }));
     d.subnqn = "nqn.with\0nul".into();
     assert!(d.to_bytes().is_err());
 }
 
 #[test]
 fn cm_private_data_rejections() {
-    let good = CmRequest {
-        recfmt: 0,
-        qid: 1,
-        hrqsize: 32,
-        hsqsize: 31,
-        cntlid: 1,
-    }
-    .to_bytes();
-    assert_eq!(
-        CmRequest::parse(&good[..31]).unwrap_err().status,
-        CmRejectStatus::InvalidLength
-    );
-    assert_eq!(
-        CmRequest::parse(&[]).unwrap_err().status,
-        CmRejectStatus::InvalidLength
-    );
+    let good = CmRequest { recfmt: 0, qid: 1, hrqsize: 32, hsqsize: 31, cntlid: 1 }.to_bytes();
+    assert_eq!(CmRequest::parse(&good[..31]).unwrap_err().status, CmRejectStatus::InvalidLength);
+    assert_eq!(CmRequest::parse(&[]).unwrap_err().status, CmRejectStatus::InvalidLength);
     let mut bad = good;
     bad[0] = 1;
-    assert_eq!(
-        CmRequest::parse(&bad).unwrap_err().status,
-        CmRejectStatus::InvalidRecordFormat
-    );
+    assert_eq!(CmRequest::parse(&bad).unwrap_err().status, CmRejectStatus::InvalidRecordFormat);
     // Longer private data (CM pads to 92 bytes) is fine.
     let mut padded = good.to_vec();
     padded.resize(56, 0);
     assert_eq!(CmRequest::parse(&padded).unwrap().qid, 1);
-    assert_eq!(
-        CmAccept::parse(&[0; 3]).unwrap_err().status,
-        CmRejectStatus::InvalidLength
-    );
+    assert_eq!(CmAccept::parse(&[0; 3]).unwrap_err().status, CmRejectStatus::InvalidLength);
     assert!(CmReject::parse(&[0, 0, 9, 0]).is_err(), "unknown status");
-    assert!(
-        CmReject::parse(&[0, 0, 0, 0]).is_err(),
-        "zero private data, as ib_cm's own REJ carries"
-    );
+    assert!(CmReject::parse(&[0, 0, 0, 0]).is_err(), "zero private data, as ib_cm's own REJ carries");
     assert!(CmReject::parse(&[0, 0]).is_err());
 }
 
@@ -277,14 +202,8 @@ fn namespace_lists() {
     b[8] = 3; // a gap: entry 1 is 0, entry 2 is not
     let e = NamespaceList::parse(&b).unwrap_err();
     assert_eq!(e.offset, 8);
-    assert!(
-        NamespaceList(vec![0]).to_bytes().is_err(),
-        "0 is the terminator, not an id"
-    );
-    assert!(
-        NamespaceList(vec![1; 1025]).to_bytes().is_err(),
-        "over 1024 refused, not truncated"
-    );
+    assert!(NamespaceList(vec![0]).to_bytes().is_err(), "0 is the terminator, not an id");
+    assert!(NamespaceList(vec![1; 1025]).to_bytes().is_err(), "over 1024 refused, not truncated");
 
     let mut d = [0u8; 4096];
     d[0] = 3; // UUID
@@ -322,10 +241,7 @@ fn log_page_rejections() {
     assert!(fw.revision(0).is_err() && fw.revision(8).is_err());
     assert_eq!(fw.revision(7).unwrap(), "");
     let mut fw2 = fw;
-    assert!(
-        fw2.set_revision(1, "123456789").is_err(),
-        "9 bytes do not fit in 8"
-    );
+    assert!(fw2.set_revision(1, "123456789").is_err(), "9 bytes do not fit in 8");
 
     // ANA: header says 1 group but it is missing; a group claims 2^32-1 namespaces.
     let mut ana = vec![0u8; 16];
@@ -357,43 +273,25 @@ fn discovery_log_rejections() {
     let mut log = vec![0u8; 1024];
     log[8] = 200;
     let parsed = DiscoveryLog::parse(&log).unwrap();
-    assert_eq!(
-        (parsed.numrec, parsed.entries.len(), parsed.is_complete()),
-        (200, 0, false)
-    );
+    assert_eq!((parsed.numrec, parsed.entries.len(), parsed.is_complete()), (200, 0, false));
 }
 
 #[test]
 fn dsm_ranges_short_data() {
     let e = DsmRange::parse_list(&[0; 31], 2).unwrap_err();
     assert_eq!(e.status, Status::SGL_INVALID_DATA_LENGTH.with_dnr());
-    assert!(
-        DsmRange::parse_list(&[0; 16 * 257], 257).is_err(),
-        "at most 256 ranges"
-    );
+    assert!(DsmRange::parse_list(&[0; 16 * 257], 257).is_err(), "at most 256 ranges");
     assert_eq!(DsmRange::parse_list(&[0; 4096], 3).unwrap().len(), 3);
 }
 
 #[rstest]
 #[case("nqn.2014-08.org.nvmexpress.discovery", true)]
-#[case(
-    "nqn.2014-08.org.nvmexpress:uuid:0b6f3c2e-5a41-4d8e-9c7b-1f2a3b4c5d01",
-    true
-)]
+#[case("nqn.2014-08.org.nvmexpress:uuid:0b6f3c2e-5a41-4d8e-9c7b-1f2a3b4c5d01", true)]
 #[case("nqn.2024-01.io.vectors:nvme-rdma-mtu1024", true)]
-#[case(
-    "nqn.2014-08.org.nvmexpress:NVMf:uuid:0b6f3c2e-5a41-4d8e-9c7b-1f2a3b4c5d01",
-    true
-)]
+#[case("nqn.2014-08.org.nvmexpress:NVMf:uuid:0b6f3c2e-5a41-4d8e-9c7b-1f2a3b4c5d01", true)]
 #[case("nqn.2016-06.io.spdk:cnode1", true)]
-#[case(
-    "nqn.2014-08.org.nvmexpress:uuid:0b6f3c2e-5a41-4d8e-9c7b-1f2a3b4c5d0",
-    false
-)]
-#[case(
-    "nqn.2014-08.org.nvmexpress:uuid:0b6f3c2e+5a41-4d8e-9c7b-1f2a3b4c5d01",
-    false
-)]
+#[case("nqn.2014-08.org.nvmexpress:uuid:0b6f3c2e-5a41-4d8e-9c7b-1f2a3b4c5d0", false)]
+#[case("nqn.2014-08.org.nvmexpress:uuid:0b6f3c2e+5a41-4d8e-9c7b-1f2a3b4c5d01", false)]
 #[case("testnqn", false)]
 #[case("nqn.14-08.org.example:x", false)]
 #[case("nqn.2014-13.org.example:x", false)]
@@ -415,13 +313,7 @@ fn nqn_length_limit() {
     let ok = format!("{base}{}", "a".repeat(223 - base.len()));
     assert!(Nqn::new(&ok).is_ok());
     let long = format!("{ok}a");
-    assert!(matches!(
-        Nqn::new(&long).unwrap_err().reason,
-        Reason::TooLong {
-            max: 223,
-            actual: 224
-        }
-    ));
+    assert!(matches!(Nqn::new(&long).unwrap_err().reason, Reason::TooLong { max: 223, actual: 224 }));
     let mut field = [0u8; 256];
     assert!(nqn::write_wire("NQN", &mut field, &long).is_err());
     // A name of exactly 223 bytes is terminated at byte 223 on the wire.
@@ -434,14 +326,8 @@ fn nqn_length_limit() {
 fn padded_text() {
     let mut sn = [0u8; 20];
     assert!(text::write_padded("SN", &mut sn, "x".repeat(21).as_str(), b' ').is_err());
-    assert!(
-        text::write_padded("SN", &mut sn, "caf\u{e9}", b' ').is_err(),
-        "not ASCII"
-    );
-    assert!(
-        text::write_padded("SN", &mut sn, "tab\there", b' ').is_err(),
-        "control character"
-    );
+    assert!(text::write_padded("SN", &mut sn, "caf\u{e9}", b' ').is_err(), "not ASCII");
+    assert!(text::write_padded("SN", &mut sn, "tab\there", b' ').is_err(), "control character");
     text::write_padded("SN", &mut sn, "ABC123", b' ').unwrap();
     assert_eq!(&sn, b"ABC123              ");
     assert_eq!(text::read_padded("SN", &sn).unwrap(), "ABC123");

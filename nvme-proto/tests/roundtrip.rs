@@ -3,8 +3,7 @@
 
 use nvme_proto::aer::{AsyncEvent, AsyncEventType};
 use nvme_proto::command::{
-    AdminCommand, Capsule, Command, FabricsCommand, GetFeatures, GetLogPage, Identify, IoCommand,
-    SetFeatures,
+    AdminCommand, Capsule, Command, FabricsCommand, GetFeatures, GetLogPage, Identify, IoCommand, SetFeatures,
 };
 use nvme_proto::cqe::Cqe;
 use nvme_proto::discovery::{DiscoveryLog, DiscoveryLogEntry, RdmaParams};
@@ -14,9 +13,7 @@ use nvme_proto::identify::{
     IdentifyController, IdentifyNamespace, LbaFormat, NamespaceId, NamespaceIdList, NamespaceList,
 };
 use nvme_proto::io::{DatasetManagement, DsmRange, ReadWrite};
-use nvme_proto::log_page::{
-    AnaGroup, AnaLog, AnaState, CommandEffectsLog, ErrorLogEntry, FirmwareSlotLog, SmartLog,
-};
+use nvme_proto::log_page::{AnaGroup, AnaLog, AnaState, CommandEffectsLog, ErrorLogEntry, FirmwareSlotLog, SmartLog};
 use nvme_proto::property::{Cap, Cc, Csts, Property, Vs};
 use nvme_proto::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest};
 use nvme_proto::sgl::SglDescriptor;
@@ -34,11 +31,7 @@ fn roundtrip_capsule(capsule: Capsule) {
 }
 
 fn capsule(command: Command) -> Capsule {
-    Capsule {
-        command_id: 0x1001,
-        data: SglDescriptor::keyed(0xdead_0000, 4096, 0x1234, true).unwrap(),
-        command,
-    }
+    Capsule { command_id: 0x1001, data: SglDescriptor::keyed(0xdead_0000, 4096, 0x1234, true).unwrap(), command }
 }
 
 #[rstest]
@@ -93,76 +86,32 @@ fn sgl_table(#[case] d: SglDescriptor) {
 #[test]
 fn read_write_block_counts() {
     assert_eq!(ReadWrite::new(1, 0, 0), None);
-    assert_eq!(
-        ReadWrite::new(1, 0, 65537),
-        None,
-        "not representable: refused, not truncated"
-    );
+    assert_eq!(ReadWrite::new(1, 0, 65537), None, "not representable: refused, not truncated");
     assert_eq!(ReadWrite::new(1, 0, 65536).unwrap().nlb, 0xffff);
 }
 
 #[test]
 fn status_names() {
-    assert_eq!(
-        Status::SUCCESS.name(CommandSet::Admin),
-        "Successful Completion"
-    );
-    assert_eq!(
-        Status::INVALID_FIELD.with_dnr().name(CommandSet::Io),
-        "Invalid Field in Command"
-    );
-    assert_eq!(
-        Status::from_raw(0x182).name(CommandSet::Fabrics),
-        "Connect Invalid Parameters"
-    );
-    assert_eq!(
-        Status::from_raw(0x182).name(CommandSet::Io),
-        "Attempted Write to Read Only Range"
-    );
-    assert_eq!(
-        Status::CONNECT_INVALID_HOST.name(CommandSet::Fabrics),
-        "Connect Invalid Host"
-    );
-    assert_eq!(
-        Status::ANA_TRANSITION.name(CommandSet::Io),
-        "Asymmetric Access Transition"
-    );
-    assert_eq!(
-        Status::UNRECOVERED_READ_ERROR.name(CommandSet::Io),
-        "Unrecovered Read Error"
-    );
-    assert_eq!(
-        Status::from_raw(0x07f).name(CommandSet::Io),
-        "Unknown generic status"
-    );
-    assert_eq!(
-        Status::from_raw(0x700).name(CommandSet::Io),
-        "Vendor specific status"
-    );
-    let s = Status::KEEP_ALIVE_EXPIRED
-        .with_dnr()
-        .with_more()
-        .with_crd(2);
+    assert_eq!(Status::SUCCESS.name(CommandSet::Admin), "Successful Completion");
+    assert_eq!(Status::INVALID_FIELD.with_dnr().name(CommandSet::Io), "Invalid Field in Command");
+    assert_eq!(Status::from_raw(0x182).name(CommandSet::Fabrics), "Connect Invalid Parameters");
+    assert_eq!(Status::from_raw(0x182).name(CommandSet::Io), "Attempted Write to Read Only Range");
+    assert_eq!(Status::CONNECT_INVALID_HOST.name(CommandSet::Fabrics), "Connect Invalid Host");
+    assert_eq!(Status::ANA_TRANSITION.name(CommandSet::Io), "Asymmetric Access Transition");
+    assert_eq!(Status::UNRECOVERED_READ_ERROR.name(CommandSet::Io), "Unrecovered Read Error");
+    assert_eq!(Status::from_raw(0x07f).name(CommandSet::Io), "Unknown generic status");
+    assert_eq!(Status::from_raw(0x700).name(CommandSet::Io), "Vendor specific status");
+    let s = Status::KEEP_ALIVE_EXPIRED.with_dnr().with_more().with_crd(2);
     assert!(s.dnr() && s.more() && s.crd() == 2 && s.code() == Status::KEEP_ALIVE_EXPIRED);
     assert_eq!(s.sct(), StatusCodeType::Generic);
 }
 
 #[test]
 fn connect_response_results() {
-    for p in [
-        ConnectParameter::Command(42),
-        ConnectParameter::Data(256),
-        ConnectParameter::Data(512),
-    ] {
-        assert_eq!(
-            fabrics::parse_invalid_parameter_result(fabrics::invalid_parameter_result(p)),
-            p
-        );
+    for p in [ConnectParameter::Command(42), ConnectParameter::Data(256), ConnectParameter::Data(512)] {
+        assert_eq!(fabrics::parse_invalid_parameter_result(fabrics::invalid_parameter_result(p)), p);
     }
-    assert_eq!(
-        fabrics::connect_result_cntlid(fabrics::connect_success_result(0xabcd)),
-        0xabcd
-    );
+    assert_eq!(fabrics::connect_result_cntlid(fabrics::connect_success_result(0xabcd)), 0xabcd);
 }
 
 #[test]
@@ -175,10 +124,7 @@ fn raw_structures_roundtrip_through_their_views() {
     id.kas = 10.into();
     id.sgls = 0x0010_0005.into();
     let back = IdentifyController::parse(id.as_bytes()).unwrap();
-    assert_eq!(
-        (back.serial(), back.model(), back.firmware()),
-        (Ok("SN-0001"), Ok("nvmf-target"), Ok("0.1.0"))
-    );
+    assert_eq!((back.serial(), back.model(), back.firmware()), (Ok("SN-0001"), Ok("nvmf-target"), Ok("0.1.0")));
     assert_eq!(back.subnqn(), Ok("nqn.2024-01.io.example:sub"));
     assert_eq!(back, &id);
 
@@ -193,27 +139,15 @@ fn raw_structures_roundtrip_through_their_views() {
 
     let mut smart = SmartLog::zeroed();
     smart.data_units_read = SmartLog::data_units(1_000_000_000).into();
-    assert_eq!(
-        SmartLog::parse(smart.as_bytes())
-            .unwrap()
-            .data_units_read
-            .get(),
-        1954
-    );
+    assert_eq!(SmartLog::parse(smart.as_bytes()).unwrap().data_units_read.get(), 1954);
     let mut fw = FirmwareSlotLog::zeroed();
     fw.afi = 1;
     fw.set_revision(1, "0.1.0").unwrap();
     let fw_back = FirmwareSlotLog::parse(fw.as_bytes()).unwrap();
-    assert_eq!(
-        (fw_back.active_slot(), fw_back.revision(1)),
-        (1, Ok("0.1.0"))
-    );
+    assert_eq!((fw_back.active_slot(), fw_back.revision(1)), (1, Ok("0.1.0")));
     let mut effects = CommandEffectsLog::zeroed();
     effects.admin[6] = 1.into();
-    assert_eq!(
-        CommandEffectsLog::parse(effects.as_bytes()).unwrap(),
-        &effects
-    );
+    assert_eq!(CommandEffectsLog::parse(effects.as_bytes()).unwrap(), &effects);
 }
 
 // ---- property tests ----
@@ -236,13 +170,8 @@ fn sgl_strategy() -> impl Strategy<Value = SglDescriptor> {
         (any::<u64>(), 0u32..=0xff_ffff, any::<u32>(), any::<bool>())
             .prop_map(|(a, l, k, i)| SglDescriptor::keyed(a, l, k, i).unwrap()),
         (any::<u64>(), any::<u32>()).prop_map(|(o, l)| SglDescriptor::in_capsule(o, l)),
-        (any::<u64>(), any::<u32>(), any::<bool>()).prop_map(|(address, length, last)| {
-            SglDescriptor::Segment {
-                address,
-                length,
-                last,
-            }
-        }),
+        (any::<u64>(), any::<u32>(), any::<bool>())
+            .prop_map(|(address, length, last)| { SglDescriptor::Segment { address, length, last } }),
     ]
 }
 
@@ -256,8 +185,7 @@ fn feature_strategy() -> impl Strategy<Value = Feature> {
     ];
     prop_oneof![
         any::<bool>().prop_map(|enabled| Feature::VolatileWriteCache { enabled }),
-        (0u16..0xffff, 0u16..0xffff)
-            .prop_map(|(nsqr, ncqr)| Feature::NumberOfQueues(NumberOfQueues { nsqr, ncqr })),
+        (0u16..0xffff, 0u16..0xffff).prop_map(|(nsqr, ncqr)| Feature::NumberOfQueues(NumberOfQueues { nsqr, ncqr })),
         any::<u32>().prop_map(Feature::AsyncEventConfig),
         any::<u32>().prop_map(|kato_ms| Feature::KeepAliveTimer { kato_ms }),
         any::<bool>().prop_map(|extended| Feature::HostIdentifier { extended }),
@@ -268,20 +196,8 @@ fn feature_strategy() -> impl Strategy<Value = Feature> {
 }
 
 fn rw_strategy() -> impl Strategy<Value = ReadWrite> {
-    (
-        any::<u32>(),
-        any::<u64>(),
-        any::<u16>(),
-        any::<u16>(),
-        any::<u32>(),
-    )
-        .prop_map(|(nsid, slba, nlb, control, dsmgmt)| ReadWrite {
-            nsid,
-            slba,
-            nlb,
-            control,
-            dsmgmt,
-        })
+    (any::<u32>(), any::<u64>(), any::<u16>(), any::<u16>(), any::<u32>())
+        .prop_map(|(nsid, slba, nlb, control, dsmgmt)| ReadWrite { nsid, slba, nlb, control, dsmgmt })
 }
 
 fn command_strategy() -> impl Strategy<Value = Command> {
@@ -308,34 +224,21 @@ fn command_strategy() -> impl Strategy<Value = Command> {
                 kato
             }))
         ),
-        property
-            .clone()
-            .prop_map(|property| Command::Fabrics(FabricsCommand::PropertyGet { property })),
+        property.clone().prop_map(|property| Command::Fabrics(FabricsCommand::PropertyGet { property })),
         (property, any::<u64>()).prop_map(|(property, v)| {
-            let value = if property == Property::Cap {
-                v
-            } else {
-                v & 0xffff_ffff
-            };
+            let value = if property == Property::Cap { v } else { v & 0xffff_ffff };
             Command::Fabrics(FabricsCommand::PropertySet { property, value })
         }),
         Just(Command::Fabrics(FabricsCommand::Disconnect)),
-        (
-            any::<u32>(),
-            any::<u8>(),
-            any::<u16>(),
-            any::<u16>(),
-            any::<u8>()
-        )
-            .prop_map(|(nsid, cns, cntid, cnssid, csi)| Command::Admin(
-                AdminCommand::Identify(Identify {
-                    nsid,
-                    cns,
-                    cntid,
-                    cnssid,
-                    csi
-                })
-            )),
+        (any::<u32>(), any::<u8>(), any::<u16>(), any::<u16>(), any::<u8>()).prop_map(
+            |(nsid, cns, cntid, cnssid, csi)| Command::Admin(AdminCommand::Identify(Identify {
+                nsid,
+                cns,
+                cntid,
+                cnssid,
+                csi
+            }))
+        ),
         (
             any::<u32>(),
             any::<u8>(),
@@ -347,38 +250,26 @@ fn command_strategy() -> impl Strategy<Value = Command> {
             0u8..0x80,
             any::<u8>()
         )
-            .prop_map(
-                |(nsid, lid, lsp, rae, numd, lsi, offset, uuid_index, csi)| {
-                    Command::Admin(AdminCommand::GetLogPage(GetLogPage {
-                        nsid,
-                        lid,
-                        lsp,
-                        rae,
-                        numd,
-                        lsi,
-                        offset: offset & !3,
-                        uuid_index,
-                        csi,
-                    }))
-                }
-            ),
+            .prop_map(|(nsid, lid, lsp, rae, numd, lsi, offset, uuid_index, csi)| {
+                Command::Admin(AdminCommand::GetLogPage(GetLogPage {
+                    nsid,
+                    lid,
+                    lsp,
+                    rae,
+                    numd,
+                    lsi,
+                    offset: offset & !3,
+                    uuid_index,
+                    csi,
+                }))
+            }),
         (any::<u32>(), any::<bool>(), feature_strategy()).prop_map(|(nsid, save, feature)| {
-            Command::Admin(AdminCommand::SetFeatures(SetFeatures {
-                nsid,
-                save,
-                feature,
-            }))
+            Command::Admin(AdminCommand::SetFeatures(SetFeatures { nsid, save, feature }))
         }),
         (any::<u32>(), any::<u8>(), select, any::<u32>()).prop_map(|(nsid, fid, select, cdw11)| {
-            Command::Admin(AdminCommand::GetFeatures(GetFeatures {
-                nsid,
-                fid,
-                select,
-                cdw11,
-            }))
+            Command::Admin(AdminCommand::GetFeatures(GetFeatures { nsid, fid, select, cdw11 }))
         }),
-        (any::<u16>(), any::<u16>())
-            .prop_map(|(sqid, cid)| Command::Admin(AdminCommand::Abort { sqid, cid })),
+        (any::<u16>(), any::<u16>()).prop_map(|(sqid, cid)| Command::Admin(AdminCommand::Abort { sqid, cid })),
         Just(Command::Admin(AdminCommand::KeepAlive)),
         Just(Command::Admin(AdminCommand::AsyncEventRequest)),
         rw_strategy().prop_map(|rw| Command::Io(IoCommand::Read(rw))),
@@ -386,27 +277,14 @@ fn command_strategy() -> impl Strategy<Value = Command> {
         rw_strategy().prop_map(|rw| Command::Io(IoCommand::WriteZeroes(rw))),
         any::<u32>().prop_map(|nsid| Command::Io(IoCommand::Flush { nsid })),
         (any::<u32>(), any::<u8>(), any::<u32>()).prop_map(|(nsid, nr, attributes)| Command::Io(
-            IoCommand::DatasetManagement(DatasetManagement {
-                nsid,
-                nr,
-                attributes
-            })
+            IoCommand::DatasetManagement(DatasetManagement { nsid, nr, attributes })
         )),
     ]
 }
 
 fn discovery_entry() -> impl Strategy<Value = DiscoveryLogEntry> {
     (
-        (
-            any::<u8>(),
-            any::<u8>(),
-            any::<u8>(),
-            any::<u8>(),
-            any::<u16>(),
-            any::<u16>(),
-            any::<u16>(),
-            any::<u16>(),
-        ),
+        (any::<u8>(), any::<u8>(), any::<u8>(), any::<u8>(), any::<u16>(), any::<u16>(), any::<u16>(), any::<u16>()),
         "[ -~]{0,31}",
         wire_name(),
         "[ -~]{0,100}",
@@ -433,12 +311,7 @@ fn discovery_entry() -> impl Strategy<Value = DiscoveryLogEntry> {
                     trsvcid: trsvcid.trim_end().to_owned(),
                     subnqn,
                     traddr: traddr.trim_end().to_owned(),
-                    rdma: (trtype == 1).then_some(RdmaParams {
-                        qptype,
-                        prtype,
-                        cms,
-                        pkey,
-                    }),
+                    rdma: (trtype == 1).then_some(RdmaParams { qptype, prtype, cms, pkey }),
                 }
             },
         )
@@ -619,14 +492,6 @@ fn async_event_kinds() {
         (7, AsyncEventType::VendorSpecific),
     ] {
         assert_eq!(AsyncEventType::from_bits(bits), kind);
-        assert_eq!(
-            AsyncEvent {
-                kind,
-                info: 0,
-                log_page: 0
-            }
-            .to_dword(),
-            bits as u32
-        );
+        assert_eq!(AsyncEvent { kind, info: 0, log_page: 0 }.to_dword(), bits as u32);
     }
 }

@@ -41,11 +41,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
 
 /// The UDP payloads (RoCEv2 packets) of a classic little-endian pcap, with their IPv4 addresses.
 pub fn roce_packets(pcap: &[u8]) -> Vec<(Ipv4Addr, Ipv4Addr, Vec<u8>)> {
-    assert_eq!(
-        &pcap[0..4],
-        &[0xd4, 0xc3, 0xb2, 0xa1],
-        "little-endian microsecond pcap"
-    );
+    assert_eq!(&pcap[0..4], &[0xd4, 0xc3, 0xb2, 0xa1], "little-endian microsecond pcap");
     let mut out = Vec::new();
     let mut at = 24;
     while at + 16 <= pcap.len() {
@@ -86,68 +82,35 @@ pub fn messages(pcap: &[u8]) -> Vec<Message> {
         let end = pkt.len() - 4 - pad; // ICRC and pad
         let ext = &pkt[12..];
         let key = (src, dest_qpn);
-        let msg = |kind, data: Vec<u8>| Message {
-            src,
-            dst,
-            dest_qpn,
-            kind,
-            data,
-        };
+        let msg = |kind, data: Vec<u8>| Message { src, dst, dest_qpn, kind, data };
         match opcode {
             0x00 => {
                 sends.insert(key, pkt[12..end].to_vec());
             }
-            0x01 => sends
-                .get_mut(&key)
-                .expect("SEND_MIDDLE after FIRST")
-                .extend_from_slice(&pkt[12..end]),
+            0x01 => sends.get_mut(&key).expect("SEND_MIDDLE after FIRST").extend_from_slice(&pkt[12..end]),
             0x02 => {
                 let mut data = sends.remove(&key).expect("SEND_LAST after FIRST");
                 data.extend_from_slice(&pkt[12..end]);
                 out.push(msg(Kind::Send { invalidate: None }, data));
             }
             0x04 => out.push(msg(Kind::Send { invalidate: None }, pkt[12..end].to_vec())),
-            0x17 => out.push(msg(
-                Kind::Send {
-                    invalidate: Some(be32(ext, 0)),
-                },
-                pkt[16..end].to_vec(),
-            )),
+            0x17 => out.push(msg(Kind::Send { invalidate: Some(be32(ext, 0)) }, pkt[16..end].to_vec())),
             0x06 => {
                 writes.insert(key, (be64(ext, 0), be32(ext, 8), pkt[28..end].to_vec()));
             }
-            0x07 => writes
-                .get_mut(&key)
-                .expect("WRITE_MIDDLE after FIRST")
-                .2
-                .extend_from_slice(&pkt[12..end]),
+            0x07 => writes.get_mut(&key).expect("WRITE_MIDDLE after FIRST").2.extend_from_slice(&pkt[12..end]),
             0x08 => {
                 let (va, rkey, mut data) = writes.remove(&key).expect("WRITE_LAST after FIRST");
                 data.extend_from_slice(&pkt[12..end]);
                 out.push(msg(Kind::Write { va, rkey }, data));
             }
-            0x0a => out.push(msg(
-                Kind::Write {
-                    va: be64(ext, 0),
-                    rkey: be32(ext, 8),
-                },
-                pkt[28..end].to_vec(),
-            )),
-            0x0c => out.push(msg(
-                Kind::ReadRequest {
-                    va: be64(ext, 0),
-                    rkey: be32(ext, 8),
-                    len: be32(ext, 12),
-                },
-                Vec::new(),
-            )),
+            0x0a => out.push(msg(Kind::Write { va: be64(ext, 0), rkey: be32(ext, 8) }, pkt[28..end].to_vec())),
+            0x0c => out
+                .push(msg(Kind::ReadRequest { va: be64(ext, 0), rkey: be32(ext, 8), len: be32(ext, 12) }, Vec::new())),
             0x0d => {
                 reads.insert(key, pkt[16..end].to_vec());
             }
-            0x0e => reads
-                .get_mut(&key)
-                .expect("READ_RESPONSE_MIDDLE after FIRST")
-                .extend_from_slice(&pkt[12..end]),
+            0x0e => reads.get_mut(&key).expect("READ_RESPONSE_MIDDLE after FIRST").extend_from_slice(&pkt[12..end]),
             0x0f => {
                 let mut data = reads.remove(&key).expect("READ_RESPONSE_LAST after FIRST");
                 data.extend_from_slice(&pkt[16..end]);

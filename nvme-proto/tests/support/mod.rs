@@ -13,14 +13,8 @@ pub fn vectors_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "CI=true but the captured vectors are missing at {}",
-            dir.display()
-        );
+        panic!("CI=true but the captured vectors are missing at {}", dir.display());
     }
-    eprintln!(
-        "SKIP: captured vectors not found at {} (they live in shared/vectors beside the repo)",
-        dir.display()
-    );
+    eprintln!("SKIP: captured vectors not found at {} (they live in shared/vectors beside the repo)", dir.display());
     None
 }
