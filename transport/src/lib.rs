@@ -7,5 +7,9 @@
 //! wire-compatible with Linux rxe and needs no hardware, root or kernel module; and `verbs`, libibverbs and
 //! librdmacm through `sideway`, for real RNICs and kernel rxe.
 //!
-//! Nothing is implemented yet: this crate is a placeholder in the workspace until the transport issue lands.
+//! Built so far: the `soft` provider's wire formats ([`soft::wire`]) — RoCEv2 packets with the ICRC exactly as
+//! rxe computes it, and the IB CM MADs with rdma_cm's header — checked against kernel captures. The verbs surface,
+//! the RC engine, the CM state machine and the socket driver are still to come.
 #![forbid(unsafe_code)]
+
+pub mod soft;

@@ -1,0 +1,7 @@
+//! `soft`: a userspace RoCEv2 provider, wire-compatible with Linux rxe.
+//!
+//! Protocol logic is sans-IO: [`wire`] holds the packet formats (bytes in, typed values out and back); the RC
+//! engine and the CM will be state machines fed packets and time; sockets and threads live in a thin driver.
+
+pub mod pcap;
+pub mod wire;
