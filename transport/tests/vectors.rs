@@ -167,3 +167,89 @@ fn pcap_writer_round_trips() {
         assert_eq!((&a.ip, a.udp_src, &a.payload, a.timestamp_us), (&b.ip, b.udp_src, &b.payload, b.timestamp_us));
     }
 }
+
+mod cm {
+    use super::*;
+    use nvme_proto::rdma_cm::{CmAccept, CmRequest};
+    use nvmf_transport::soft::wire::cma::{self, CmaHeader};
+    use nvmf_transport::soft::wire::mad::{self, CmMessage, MadHeader};
+
+    fn mads(name: &str) -> Option<Vec<(MadHeader, CmMessage, Vec<u8>)>> {
+        let datagrams = load(name)?;
+        Some(
+            datagrams
+                .iter()
+                .filter_map(|d| {
+                    let (p, _) = PacketRepr::parse(&d.payload).unwrap();
+                    (p.bth.opcode == Opcode::UdSendOnly).then(|| {
+                        let (h, m) = CmMessage::parse(p.payload).unwrap_or_else(|e| panic!("#{}: {e}", d.record));
+                        (h, m, p.payload.to_vec())
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn every_kernel_mad_parses_and_reemits_byte_for_byte() {
+        for name in CAPTURES {
+            let Some(all) = mads(name) else { return };
+            for (header, message, bytes) in &all {
+                assert_eq!((header.base_version, header.mgmt_class, header.class_version, header.method), (1, 7, 2, 3));
+                assert_eq!(message.emit(header).unwrap().as_slice(), bytes.as_slice(), "{name}: {message:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn connect_and_disconnect_of_the_discovery_queue() {
+        let Some(all) = mads("connect-io-mtu1024.pcap") else { return };
+        let kinds: Vec<u16> = all.iter().map(|(h, _, _)| h.attr_id).collect();
+        assert_eq!(kinds.iter().filter(|&&k| k == mad::attr::REQ).count(), 3);
+        let CmMessage::Req(req) = &all[0].1 else { panic!("first MAD is a REQ") };
+        assert_eq!((req.local_comm_id, req.service_id, req.local_qpn), (0xe432_786a, 0x0000_0000_0106_1144, 0x11));
+        assert_eq!((req.starting_psn, req.path_mtu, req.transport_service_type), (2_726_883, 3, 0));
+        assert_eq!(cma::port_of(req.service_id), Some(4420));
+        assert_eq!(all[0].0.transaction_id, 0x0000_0002_6a78_32e4);
+        // The rdma_cm header, then the host's NVMe/RDMA request.
+        let (cma, nvme) = CmaHeader::parse(&req.private_data).unwrap();
+        assert_eq!(cma.src_port, 36644);
+        assert_eq!(
+            (cma.src, cma.dst),
+            (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)))
+        );
+        assert_eq!(&cma.emit().unwrap()[..], &req.private_data[..36]);
+        let nvme = CmRequest::parse(nvme).unwrap();
+        assert_eq!((nvme.qid, nvme.hrqsize, nvme.hsqsize), (0, 32, 31));
+        // The flow label in the primary path gives the connection's UDP source port.
+        assert_eq!(req.primary_path.flow_label, udp_port::cm_flow_label(36644, 4420));
+        let CmMessage::Rep(rep) = &all[1].1 else { panic!("then a REP") };
+        assert_eq!(
+            (rep.local_comm_id, rep.remote_comm_id, rep.local_qpn, rep.starting_psn),
+            (0xbf32_9cd8, 0xe432_786a, 0x11, 8_866_897)
+        );
+        let accept = CmAccept::parse(&rep.private_data).unwrap();
+        assert_eq!((accept.recfmt, accept.crqsize), (0, 32));
+        assert!(matches!(all[2].1, CmMessage::Rtu { local_comm_id: 0xe432_786a, remote_comm_id: 0xbf32_9cd8, .. }));
+        assert!(matches!(
+            all[3].1,
+            CmMessage::Dreq { local_comm_id: 0xe432_786a, remote_comm_id: 0xbf32_9cd8, remote_qpn: 0x11, .. }
+        ));
+        assert!(matches!(all[4].1, CmMessage::Drep { local_comm_id: 0xbf32_9cd8, remote_comm_id: 0xe432_786a, .. }));
+        // What the kernel host asks for: nvme-rdma's RDMA READ depths (rxe's max_qp_rd_atom 128 as responder
+        // resources), retry counts 7 / RNR 7 (infinite), CM retries 15, CM response timeouts 20 (4.096 us * 2^20).
+        assert_eq!((req.responder_resources, req.initiator_depth), (128, 0));
+        assert_eq!((req.retry_count, req.rnr_retry_count, req.max_cm_retries), (7, 7, 15));
+        assert_eq!((req.local_cm_response_timeout, req.remote_cm_response_timeout), (20, 20));
+    }
+
+    #[test]
+    fn reject_for_a_port_without_listener() {
+        let Some(all) = mads("cm-reject.pcap") else { return };
+        let rej =
+            all.iter().find_map(|(_, m, _)| if let CmMessage::Rej(r) = m { Some(r.clone()) } else { None }).unwrap();
+        assert_eq!((rej.local_comm_id, rej.remote_comm_id, rej.message_rejected), (0, 0x9b52_0ed3, mad::message::REQ));
+        assert_eq!((rej.reason, rej.ari_len), (mad::reject_reason::INVALID_SERVICE_ID, 0));
+        assert!(rej.private_data.iter().all(|&b| b == 0));
+    }
+}

@@ -179,3 +179,176 @@ proptest! {
 fn packet_pad(len: usize) -> usize {
     (4 - len % 4) % 4
 }
+
+mod cm {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use nvmf_transport::soft::wire::cma::{self, CmaError, CmaHeader};
+    use nvmf_transport::soft::wire::mad::{self, CmMessage, CmPath, MadError, MadHeader, Rej, Rep, Req};
+    use proptest::prelude::*;
+
+    fn req(private_data: Vec<u8>) -> Req {
+        Req {
+            local_comm_id: 0x1234_5678,
+            service_id: cma::service_id(4420),
+            local_ca_guid: 0x5054_00ff_feaa_0000,
+            local_qkey: 0,
+            local_qpn: 0x11,
+            responder_resources: 16,
+            local_eecn: 0,
+            initiator_depth: 16,
+            remote_eecn: 0,
+            remote_cm_response_timeout: 20,
+            transport_service_type: 0,
+            end_to_end_flow_control: true,
+            starting_psn: 0xab_cdef,
+            local_cm_response_timeout: 20,
+            retry_count: 7,
+            pkey: 0xffff,
+            path_mtu: 3,
+            rdc_exists: false,
+            rnr_retry_count: 7,
+            max_cm_retries: 15,
+            srq: false,
+            extended_transport_type: 0,
+            primary_path: CmPath {
+                flow_label: 0xf_ffff,
+                packet_rate: 0x3f,
+                hop_limit: 64,
+                sl: 15,
+                local_ack_timeout: 31,
+                ..Default::default()
+            },
+            alternate_path: CmPath::default(),
+            private_data,
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let header = MadHeader::cm(0, 0x42);
+        let messages = vec![
+            CmMessage::Req(req(vec![7; mad::private_data_len::REQ])),
+            CmMessage::Mra {
+                local_comm_id: 1,
+                remote_comm_id: 2,
+                message_mraed: 1,
+                service_timeout: 31,
+                private_data: vec![1; 222],
+            },
+            CmMessage::Rej(Rej {
+                local_comm_id: 1,
+                remote_comm_id: 2,
+                message_rejected: 0,
+                ari_len: 72,
+                reason: mad::reject_reason::CONSUMER_DEFINED,
+                ari: [9; 72],
+                private_data: vec![3; 148],
+            }),
+            CmMessage::Rep(Rep {
+                local_comm_id: 1,
+                remote_comm_id: 2,
+                local_qkey: 3,
+                local_qpn: 0xff_ffff,
+                local_eecn: 0,
+                starting_psn: 5,
+                responder_resources: 16,
+                initiator_depth: 16,
+                target_ack_delay: 31,
+                failover_accepted: 3,
+                end_to_end_flow_control: true,
+                rnr_retry_count: 7,
+                srq: true,
+                local_ca_guid: 9,
+                private_data: vec![4; 196],
+            }),
+            CmMessage::Rtu { local_comm_id: 1, remote_comm_id: 2, private_data: vec![5; 224] },
+            CmMessage::Dreq { local_comm_id: 1, remote_comm_id: 2, remote_qpn: 0x13, private_data: vec![6; 220] },
+            CmMessage::Drep { local_comm_id: 1, remote_comm_id: 2, private_data: vec![8; 224] },
+        ];
+        for m in messages {
+            let bytes = m.emit(&header).unwrap();
+            let (h, back) = CmMessage::parse(&bytes).unwrap();
+            assert_eq!((h.attr_id, h.transaction_id), (m.attr_id(), 0x42));
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn short_private_data_is_zero_padded_and_long_refused() {
+        let (_, back) =
+            CmMessage::parse(&CmMessage::Req(req(vec![1, 2, 3])).emit(&MadHeader::cm(0, 1)).unwrap()).unwrap();
+        let CmMessage::Req(r) = back else { unreachable!() };
+        assert_eq!(&r.private_data[..4], &[1, 2, 3, 0]);
+        assert_eq!(r.private_data.len(), 92);
+        let long = CmMessage::Req(req(vec![0; 93]));
+        assert!(matches!(long.emit(&MadHeader::cm(0, 1)), Err(MadError::PrivateDataTooLong { max: 92, .. })));
+        let mut wide = req(vec![]);
+        wide.primary_path.flow_label = 1 << 20;
+        assert!(CmMessage::Req(wide).emit(&MadHeader::cm(0, 1)).is_err(), "21-bit flow label refused");
+    }
+
+    #[test]
+    fn hostile_mads() {
+        assert!(CmMessage::parse(&[0; 255]).is_err());
+        let mut m = CmMessage::Rtu { local_comm_id: 1, remote_comm_id: 2, private_data: vec![] }
+            .emit(&MadHeader::cm(0, 1))
+            .unwrap();
+        m[1] = 0x04; // a SA MAD
+        assert!(matches!(CmMessage::parse(&m), Err(MadError::NotCm { class: 4, .. })));
+        m[1] = 0x07;
+        m[17] = 0x19; // LAP: not handled
+        assert!(matches!(CmMessage::parse(&m), Err(MadError::UnknownAttribute(0x19))));
+    }
+
+    #[test]
+    fn cma_headers() {
+        for (src, dst) in [
+            (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
+            (IpAddr::V6(Ipv6Addr::LOCALHOST), IpAddr::V6("fd00::2".parse().unwrap())),
+        ] {
+            let h = CmaHeader { version: 0, src_port: 40000, src, dst };
+            let mut bytes = h.emit().unwrap().to_vec();
+            bytes.extend_from_slice(b"nvme");
+            assert_eq!(CmaHeader::parse(&bytes).unwrap(), (h, &b"nvme"[..]));
+        }
+        let mixed = CmaHeader {
+            version: 0,
+            src_port: 1,
+            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dst: IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        assert_eq!(mixed.emit(), Err(CmaError::MixedFamilies));
+        let mut bad = CmaHeader {
+            version: 0,
+            src_port: 1,
+            src: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            dst: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+        .emit()
+        .unwrap();
+        bad[1] = 0x50;
+        assert_eq!(CmaHeader::parse(&bad), Err(CmaError::IpVersion(5)));
+        bad[0] = 1;
+        assert_eq!(CmaHeader::parse(&bad), Err(CmaError::Version(1)));
+        assert!(CmaHeader::parse(&[0; 35]).is_err());
+        assert_eq!(cma::port_of(cma::service_id(4420)), Some(4420));
+        assert_eq!(cma::port_of(0x0000_0000_0102_1144), None, "another port space");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any 256 bytes: no panic; a parsed CM message re-emits to the same bytes except reserved bits.
+        #[test]
+        fn arbitrary_mads(mut bytes in proptest::collection::vec(any::<u8>(), 256), attr in 0x10u16..=0x16) {
+            bytes[1] = 0x07;
+            bytes[2] = 2;
+            bytes[16..18].copy_from_slice(&attr.to_be_bytes());
+            if let Ok((h, m)) = CmMessage::parse(&bytes) {
+                let again = m.emit(&h).unwrap();
+                prop_assert_eq!(CmMessage::parse(&again).unwrap(), (h, m));
+            }
+        }
+    }
+}

@@ -7,8 +7,10 @@
 //! (`rxe_hdr.h`, `rxe_opcode.c`, `rxe_icrc.c`).
 
 pub mod bth;
+pub mod cma;
 pub mod ext;
 pub mod icrc;
+pub mod mad;
 pub mod opcode;
 pub mod packet;
 pub mod udp_port;
