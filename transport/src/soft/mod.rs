@@ -4,4 +4,5 @@
 //! engine and the CM will be state machines fed packets and time; sockets and threads live in a thin driver.
 
 pub mod pcap;
+pub mod rc;
 pub mod wire;

@@ -1,0 +1,101 @@
+//! Work requests and work completions as the RC engine sees them. Buffers are leased by ownership: posting a
+//! request moves its buffer into the engine, and the completion hands the same buffer back (filled, for RECV
+//! and RDMA READ), whatever the outcome.
+
+/// What a send-queue work request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOp {
+    Send,
+    SendWithImm(u32),
+    /// SEND that asks the responder to invalidate this rkey.
+    SendWithInv(u32),
+    RdmaWrite {
+        remote_addr: u64,
+        rkey: u32,
+    },
+    RdmaWriteWithImm {
+        remote_addr: u64,
+        rkey: u32,
+        imm: u32,
+    },
+    /// Reads `buf.len()` bytes from the remote address into `buf`.
+    RdmaRead {
+        remote_addr: u64,
+        rkey: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendWr {
+    pub wr_id: u64,
+    pub op: SendOp,
+    /// Data to send or write; for RDMA READ, the buffer the data lands in (its length is the read length).
+    /// Every request completes — there are no unsignaled requests — because the completion is what hands the
+    /// buffer back.
+    pub buf: Vec<u8>,
+    pub solicited: bool,
+}
+
+impl SendWr {
+    pub fn new(wr_id: u64, op: SendOp, buf: Vec<u8>) -> SendWr {
+        SendWr { wr_id, op, buf, solicited: false }
+    }
+
+    pub fn opcode(&self) -> WcOpcode {
+        match self.op {
+            SendOp::Send | SendOp::SendWithImm(_) | SendOp::SendWithInv(_) => WcOpcode::Send,
+            SendOp::RdmaWrite { .. } | SendOp::RdmaWriteWithImm { .. } => WcOpcode::RdmaWrite,
+            SendOp::RdmaRead { .. } => WcOpcode::RdmaRead,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecvWr {
+    pub wr_id: u64,
+    /// Receive buffer; its length is the largest message it accepts.
+    pub buf: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WcOpcode {
+    Send,
+    RdmaWrite,
+    RdmaRead,
+    Recv,
+    RecvRdmaWithImm,
+}
+
+/// Work completion status (the `ibv_wc_status` values that RC can produce).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WcStatus {
+    Success,
+    /// The message is larger than the receive buffer.
+    LocalLength,
+    LocalQpOperation,
+    LocalProtection,
+    /// The QP went to the error state before this request finished.
+    WrFlush,
+    RemoteInvalidRequest,
+    RemoteAccess,
+    RemoteOperation,
+    /// Transport retries (timeouts / sequence errors) exhausted.
+    RetryExceeded,
+    RnrRetryExceeded,
+    /// The responder saw a bad request and answered with a NAK.
+    BadResponse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkCompletion {
+    pub wr_id: u64,
+    pub status: WcStatus,
+    pub opcode: WcOpcode,
+    /// Bytes received (RECV) or transferred.
+    pub byte_len: u32,
+    pub imm: Option<u32>,
+    /// The rkey a SEND_WITH_INV invalidated (RECV completions).
+    pub invalidated_rkey: Option<u32>,
+    /// The buffer the request was posted with, handed back.
+    pub buf: Vec<u8>,
+}
