@@ -207,6 +207,7 @@ mod cm {
         let kinds: Vec<u16> = all.iter().map(|(h, _, _)| h.attr_id).collect();
         assert_eq!(kinds.iter().filter(|&&k| k == mad::attr::REQ).count(), 3);
         let CmMessage::Req(req) = &all[0].1 else { panic!("first MAD is a REQ") };
+
         assert_eq!((req.local_comm_id, req.service_id, req.local_qpn), (0xe432_786a, 0x0000_0000_0106_1144, 0x11));
         assert_eq!((req.starting_psn, req.path_mtu, req.transport_service_type), (2_726_883, 3, 0));
         assert_eq!(cma::port_of(req.service_id), Some(4420));

@@ -3,6 +3,7 @@
 //! Protocol logic is sans-IO: [`wire`] holds the packet formats (bytes in, typed values out and back); the RC
 //! engine and the CM will be state machines fed packets and time; sockets and threads live in a thin driver.
 
+pub mod cm;
 pub mod pcap;
 pub mod rc;
 pub mod wire;
