@@ -4,6 +4,8 @@
 //! engine and the CM will be state machines fed packets and time; sockets and threads live in a thin driver.
 
 pub mod cm;
+pub mod device;
+pub mod memory_table;
 pub mod pcap;
 pub mod rc;
 pub mod wire;

@@ -1,0 +1,917 @@
+//! A soft RoCE device: one UDP socket and one worker thread that alone owns every RC engine, registered region
+//! and connection of the device. Nothing else touches them: the application talks to the worker by messages
+//! (posting moves a work request and its buffer in), completions come back through completion queues, and
+//! connection events through the device's event stream. Teardown is a message too, so a queue pair can never
+//! be freed by one thread while another still holds it — the failure that crashed SPDK's target.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::cm::{AcceptParams, Cm, CmConfig, CmEvent, ConnId, ConnectParams, PeerParams};
+use super::memory_table::{MemoryTable, RegionKeys};
+use super::rc::{Access, EngineState, RcConfig, RcQp, RecvWr, SendWr, WcOpcode, WcStatus, WorkCompletion};
+use super::wire::ext::{Deth, GSI_QKEY};
+use super::wire::icrc::{self, IpHeader};
+use super::wire::{Bth, MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
+
+/// How a soft device is set up.
+#[derive(Debug, Clone)]
+pub struct SoftConfig {
+    /// The address the device serves (and its GID is derived from).
+    pub addr: IpAddr,
+    /// UDP port to bind; 4791 talks to any RoCEv2 peer, another port lets two devices share an address.
+    pub port: u16,
+    /// Path MTU in bytes (256..=4096).
+    pub mtu: usize,
+    pub ack_timeout: Duration,
+    pub retry_cnt: u8,
+    pub rnr_retry: u8,
+    /// Packets in flight per queue pair.
+    pub window: u32,
+    pub cm: CmConfig,
+}
+
+impl SoftConfig {
+    pub fn new(addr: IpAddr) -> SoftConfig {
+        SoftConfig {
+            addr,
+            port: ROCEV2_UDP_PORT,
+            mtu: 4096,
+            ack_timeout: Duration::from_millis(100),
+            retry_cnt: 7,
+            rnr_retry: 7,
+            window: 128,
+            cm: CmConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start the device worker: {0}")]
+    Worker(std::io::Error),
+    #[error("the device is closed")]
+    Closed,
+    #[error("{0}")]
+    Cm(#[from] super::cm::CmError),
+    #[error("no queue pair {0:#x}")]
+    UnknownQp(u32),
+    #[error("memory region of {0} bytes exceeds 4 GiB")]
+    RegionTooLarge(usize),
+    #[error("no memory region with key {0:#x}")]
+    UnknownRegion(u32),
+}
+
+/// A work completion and the queue pair it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub qpn: u32,
+    pub wc: WorkCompletion,
+}
+
+#[derive(Debug, Default)]
+struct CqShared {
+    queue: Mutex<VecDeque<Completion>>,
+    notify: Notify,
+}
+
+/// A completion queue. Clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct CompletionQueue {
+    shared: Arc<CqShared>,
+}
+
+impl CompletionQueue {
+    pub fn new() -> CompletionQueue {
+        CompletionQueue::default()
+    }
+
+    /// Up to `max` completions, oldest first, without waiting.
+    pub fn poll(&self, max: usize) -> Vec<Completion> {
+        let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let n = max.min(q.len());
+        q.drain(..n).collect()
+    }
+
+    /// The next completion, waiting for one.
+    pub async fn next(&self) -> Completion {
+        loop {
+            let notified = self.shared.notify.notified();
+            if let Some(c) = self.poll(1).pop() {
+                return c;
+            }
+            notified.await;
+        }
+    }
+
+    fn push(&self, c: Completion) {
+        self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(c);
+        self.shared.notify.notify_waiters();
+    }
+}
+
+/// Connection and device events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEvent {
+    ConnectRequest {
+        conn: ConnId,
+        local_port: u16,
+        peer: PeerParams,
+    },
+    Established {
+        conn: ConnId,
+        qpn: u32,
+        peer: PeerParams,
+    },
+    Rejected {
+        conn: ConnId,
+        reason: u16,
+        private_data: Vec<u8>,
+    },
+    Unreachable {
+        conn: ConnId,
+    },
+    Disconnected {
+        conn: ConnId,
+    },
+    TimewaitExit {
+        conn: ConnId,
+    },
+    /// The queue pair entered the error state on its own (retries exhausted, a fatal NAK).
+    QpFatal {
+        qpn: u32,
+        cause: WcStatus,
+    },
+}
+
+/// A registered memory region. Its memory belongs to the device until [`Device::deregister`] returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MemoryRegion {
+    pub keys: RegionKeys,
+}
+
+/// A handle to an RC queue pair of a device.
+#[derive(Debug, Clone)]
+pub struct QueuePair {
+    pub qpn: u32,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl QueuePair {
+    /// Posts a send-queue request; its buffer comes back in the completion (an error completion if the queue
+    /// pair cannot take it).
+    pub fn post_send(&self, wr: SendWr) -> Result<(), DeviceError> {
+        self.commands.send(Command::PostSend(self.qpn, wr)).map_err(|_| DeviceError::Closed)
+    }
+
+    pub fn post_recv(&self, wr: RecvWr) -> Result<(), DeviceError> {
+        self.commands.send(Command::PostRecv(self.qpn, wr)).map_err(|_| DeviceError::Closed)
+    }
+}
+
+/// Parameters of one end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    pub responder_resources: u8,
+    pub initiator_depth: u8,
+    pub retry_count: u8,
+    pub rnr_retry_count: u8,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions { responder_resources: 16, initiator_depth: 16, retry_count: 7, rnr_retry_count: 7 }
+    }
+}
+
+/// Counts of what a device holds, for leak checks and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceStats {
+    pub queue_pairs: usize,
+    pub regions: usize,
+    pub region_bytes: usize,
+    pub connections: usize,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub packets_dropped: u64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;
+
+enum Command {
+    Register(Vec<u8>, Access, Reply<MemoryRegion>),
+    Deregister(u32, Reply<Vec<u8>>),
+    CreateQp(CompletionQueue, CompletionQueue, Reply<u32>),
+    DestroyQp(u32, Reply<()>),
+    PostSend(u32, SendWr),
+    PostRecv(u32, RecvWr),
+    Listen(u16, usize, Reply<()>),
+    Connect {
+        qpn: u32,
+        dst: SocketAddr,
+        port: u16,
+        options: ConnectionOptions,
+        private_data: Vec<u8>,
+        reply: Reply<ConnId>,
+    },
+    Accept {
+        conn: ConnId,
+        qpn: u32,
+        options: ConnectionOptions,
+        private_data: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Reject(ConnId, Vec<u8>, Reply<()>),
+    Disconnect(ConnId, Reply<()>),
+    Stats(oneshot::Sender<DeviceStats>),
+    Shutdown,
+}
+
+/// A soft RoCE device.
+pub struct Device {
+    local: SocketAddr,
+    commands: mpsc::UnboundedSender<Command>,
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<DeviceEvent>>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("local", &self.local).finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Binds the UDP socket and starts the worker thread.
+    pub fn open(config: SoftConfig) -> Result<Device, DeviceError> {
+        let local = SocketAddr::new(config.addr, config.port);
+        let socket = bind(local).map_err(|source| DeviceError::Bind { addr: local, source })?;
+        let local = socket.local_addr().map_err(|source| DeviceError::Bind { addr: local, source })?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let worker = std::thread::Builder::new()
+            .name(format!("soft-roce {local}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                match runtime {
+                    Ok(rt) => rt.block_on(async move {
+                        match tokio::net::UdpSocket::from_std(socket) {
+                            Ok(socket) => Worker::new(config, local, socket, event_tx).run(command_rx).await,
+                            Err(e) => tracing::error!(%local, "soft device socket: {e}"),
+                        }
+                    }),
+                    Err(e) => tracing::error!(%local, "soft device runtime: {e}"),
+                }
+            })
+            .map_err(DeviceError::Worker)?;
+        Ok(Device { local, commands, events: tokio::sync::Mutex::new(events), worker: Mutex::new(Some(worker)) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The RoCE v2 GID of the device's address (IPv4-mapped for IPv4, as rxe's GID index 1).
+    pub fn gid(&self) -> [u8; 16] {
+        super::cm::gid_of(self.local.ip())
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, DeviceError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).map_err(|_| DeviceError::Closed)?;
+        rx.await.map_err(|_| DeviceError::Closed)?
+    }
+
+    /// Hands `buf` to the device for remote access; [`Device::deregister`] gives it back.
+    pub async fn register(&self, buf: Vec<u8>, access: Access) -> Result<MemoryRegion, DeviceError> {
+        self.call(|r| Command::Register(buf, access, r)).await
+    }
+
+    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
+        self.call(|r| Command::Deregister(mr.keys.rkey, r)).await
+    }
+
+    pub async fn create_qp(
+        &self,
+        send_cq: &CompletionQueue,
+        recv_cq: &CompletionQueue,
+    ) -> Result<QueuePair, DeviceError> {
+        let qpn = self.call(|r| Command::CreateQp(send_cq.clone(), recv_cq.clone(), r)).await?;
+        Ok(QueuePair { qpn, commands: self.commands.clone() })
+    }
+
+    /// Destroys a queue pair: outstanding requests complete with a flush error first. Idempotent.
+    pub async fn destroy_qp(&self, qp: &QueuePair) -> Result<(), DeviceError> {
+        self.call(|r| Command::DestroyQp(qp.qpn, r)).await
+    }
+
+    pub async fn listen(&self, port: u16, backlog: usize) -> Result<(), DeviceError> {
+        self.call(|r| Command::Listen(port, backlog, r)).await
+    }
+
+    /// Connects `qp` to the listener at `dst` (the peer device's UDP address) and rdma_cm `port`.
+    pub async fn connect(
+        &self,
+        qp: &QueuePair,
+        dst: SocketAddr,
+        port: u16,
+        options: ConnectionOptions,
+        private_data: &[u8],
+    ) -> Result<ConnId, DeviceError> {
+        let private_data = private_data.to_vec();
+        self.call(|reply| Command::Connect { qpn: qp.qpn, dst, port, options, private_data, reply }).await
+    }
+
+    pub async fn accept(
+        &self,
+        conn: ConnId,
+        qp: &QueuePair,
+        options: ConnectionOptions,
+        private_data: &[u8],
+    ) -> Result<(), DeviceError> {
+        let private_data = private_data.to_vec();
+        self.call(|reply| Command::Accept { conn, qpn: qp.qpn, options, private_data, reply }).await
+    }
+
+    pub async fn reject(&self, conn: ConnId, private_data: &[u8]) -> Result<(), DeviceError> {
+        let pd = private_data.to_vec();
+        self.call(|r| Command::Reject(conn, pd, r)).await
+    }
+
+    pub async fn disconnect(&self, conn: ConnId) -> Result<(), DeviceError> {
+        self.call(|r| Command::Disconnect(conn, r)).await
+    }
+
+    /// The next connection or device event; `None` once the device is closed.
+    pub async fn next_event(&self) -> Option<DeviceEvent> {
+        self.events.lock().await.recv().await
+    }
+
+    pub async fn stats(&self) -> Result<DeviceStats, DeviceError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Stats(tx)).map_err(|_| DeviceError::Closed)?;
+        rx.await.map_err(|_| DeviceError::Closed)
+    }
+
+    /// Stops the worker: every queue pair is flushed, the socket closed, the thread joined.
+    pub fn close(&self) {
+        let handle = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            // Queue pair handles hold senders too, so the channel alone would not end the worker: ask it.
+            let _ = self.commands.send(Command::Shutdown);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Bursts of a window of MTU-sized packets must not overflow the default socket buffers.
+    let _ = socket.set_recv_buffer_size(8 << 20);
+    let _ = socket.set_send_buffer_size(8 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A queue pair as the worker holds it.
+struct QpSlot {
+    send_cq: CompletionQueue,
+    recv_cq: CompletionQueue,
+    /// The engine, once the connection gave the queue pair its peer.
+    engine: Option<RcQp>,
+    /// Receives posted before the connection came up.
+    early_recvs: Vec<RecvWr>,
+    /// Sends posted before the connection came up (they go out once it is established).
+    early_sends: Vec<SendWr>,
+    peer: Option<SocketAddr>,
+    conn: Option<ConnId>,
+    start_psn: u32,
+    fatal_reported: bool,
+}
+
+/// What the worker remembers of a connection it carries.
+struct ConnBinding {
+    qpn: Option<u32>,
+    peer: SocketAddr,
+    options: ConnectionOptions,
+}
+
+struct Worker {
+    config: SoftConfig,
+    local: SocketAddr,
+    socket: tokio::net::UdpSocket,
+    events: mpsc::UnboundedSender<DeviceEvent>,
+    qps: HashMap<u32, QpSlot>,
+    memory: MemoryTable,
+    cm: Cm,
+    conns: HashMap<ConnId, ConnBinding>,
+    /// UDP port of each peer address we have heard from (4791 unless a test device says otherwise).
+    peer_ports: HashMap<IpAddr, u16>,
+    next_qpn: u32,
+    next_cm_port: u16,
+    mad_psn: u32,
+    psn_seed: u64,
+    stats: DeviceStats,
+}
+
+impl Worker {
+    fn new(
+        config: SoftConfig,
+        local: SocketAddr,
+        socket: tokio::net::UdpSocket,
+        events: mpsc::UnboundedSender<DeviceEvent>,
+    ) -> Worker {
+        let seed = (local.port() as u64) << 32
+            ^ u64::from(match local.ip() {
+                IpAddr::V4(v4) => u32::from(v4),
+                IpAddr::V6(v6) => v6.octets().iter().fold(0u32, |a, b| a.rotate_left(5) ^ *b as u32),
+            });
+        let mut cm_config = config.cm;
+        cm_config.first_comm_id = (seed as u32).wrapping_mul(2_654_435_761) | 1;
+        Worker {
+            cm: Cm::new(cm_config),
+            config,
+            local,
+            socket,
+            events,
+            qps: HashMap::new(),
+            memory: MemoryTable::default(),
+            conns: HashMap::new(),
+            peer_ports: HashMap::new(),
+            next_qpn: 0x11,
+            next_cm_port: 40000,
+            mad_psn: 0,
+            psn_seed: seed | 1,
+            stats: DeviceStats::default(),
+        }
+    }
+
+    fn random_psn(&mut self) -> u32 {
+        // xorshift: start PSNs only need to differ between connections.
+        self.psn_seed ^= self.psn_seed << 13;
+        self.psn_seed ^= self.psn_seed >> 7;
+        self.psn_seed ^= self.psn_seed << 17;
+        self.psn_seed as u32 & MASK_24
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let deadline = self.next_deadline();
+            let sleep = tokio::time::sleep_until(
+                deadline
+                    .map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
+            );
+            tokio::select! {
+                received = self.socket.recv_from(&mut buf) => match received {
+                    Ok((n, from)) => self.on_datagram(&buf[..n], from),
+                    Err(e) => tracing::debug!(local = %self.local, "recv: {e}"),
+                },
+                command = commands.recv() => match command {
+                    None | Some(Command::Shutdown) => break,
+                    Some(c) => self.on_command(c),
+                },
+                () = sleep => self.on_timeout(Instant::now()),
+            }
+            self.flush_outputs().await;
+        }
+        // Teardown: every queue pair flushes its outstanding requests, so every buffer goes back.
+        let qpns: Vec<u32> = self.qps.keys().copied().collect();
+        for qpn in qpns {
+            self.destroy_qp(qpn);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let engines = self.qps.values().filter_map(|q| q.engine.as_ref().and_then(|e| e.poll_timeout()));
+        engines.chain(self.cm.poll_timeout()).min()
+    }
+
+    fn on_timeout(&mut self, now: Instant) {
+        self.cm.handle_timeout(now);
+        for slot in self.qps.values_mut() {
+            if let Some(engine) = slot.engine.as_mut() {
+                if engine.poll_timeout().is_some_and(|t| t <= now) {
+                    engine.handle_timeout(now);
+                }
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
+        self.stats.packets_received += 1;
+        let ip = ip_header(from.ip(), self.local.ip(), bytes.len().saturating_sub(icrc::ICRC_LEN));
+        if icrc::verify(&ip, from.port(), bytes).is_err() {
+            self.stats.packets_dropped += 1;
+            return;
+        }
+        let Ok((packet, _)) = PacketRepr::parse(bytes) else {
+            self.stats.packets_dropped += 1;
+            return;
+        };
+        self.peer_ports.insert(from.ip(), from.port());
+        let now = Instant::now();
+        if packet.bth.opcode == Opcode::UdSendOnly && packet.bth.dest_qp == 1 {
+            if packet.deth.is_some_and(|d| d.qkey == GSI_QKEY) {
+                self.cm.handle_mad(now, from.ip(), self.local.ip(), packet.payload);
+            }
+            return;
+        }
+        let Some(slot) = self.qps.get_mut(&packet.bth.dest_qp) else {
+            self.stats.packets_dropped += 1;
+            return;
+        };
+        // Only the connected peer may talk to an RC queue pair.
+        if slot.peer != Some(from) {
+            self.stats.packets_dropped += 1;
+            return;
+        }
+        if let Some(engine) = slot.engine.as_mut() {
+            engine.handle_packet(now, &packet, &mut self.memory);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Register(buf, access, reply) => {
+                let len = buf.len();
+                let _ = reply.send(
+                    self.memory
+                        .register(buf, access)
+                        .map(|keys| MemoryRegion { keys })
+                        .map_err(|_| DeviceError::RegionTooLarge(len)),
+                );
+            }
+            Command::Deregister(key, reply) => {
+                let _ = reply.send(self.memory.deregister(key).ok_or(DeviceError::UnknownRegion(key)));
+            }
+            Command::CreateQp(send_cq, recv_cq, reply) => {
+                let qpn = self.allocate_qpn();
+                let start_psn = self.random_psn();
+                self.qps.insert(
+                    qpn,
+                    QpSlot {
+                        send_cq,
+                        recv_cq,
+                        engine: None,
+                        early_recvs: Vec::new(),
+                        early_sends: Vec::new(),
+                        peer: None,
+                        conn: None,
+                        start_psn,
+                        fatal_reported: false,
+                    },
+                );
+                let _ = reply.send(Ok(qpn));
+            }
+            Command::DestroyQp(qpn, reply) => {
+                self.destroy_qp(qpn);
+                let _ = reply.send(Ok(()));
+            }
+            Command::PostSend(qpn, wr) => self.post_send(qpn, wr),
+            Command::PostRecv(qpn, wr) => self.post_recv(qpn, wr),
+            Command::Listen(port, backlog, reply) => {
+                let _ = reply.send(self.cm.listen(port, backlog).map_err(DeviceError::from));
+            }
+            Command::Connect { qpn, dst, port, options, private_data, reply } => {
+                let _ = reply.send(self.connect(qpn, dst, port, options, private_data));
+            }
+            Command::Accept { conn, qpn, options, private_data, reply } => {
+                let _ = reply.send(self.accept(conn, qpn, options, private_data));
+            }
+            Command::Reject(conn, private_data, reply) => {
+                let result = self.cm.reject(conn, &private_data).map_err(DeviceError::from);
+                self.conns.remove(&conn);
+                let _ = reply.send(result);
+            }
+            Command::Disconnect(conn, reply) => {
+                let _ = reply.send(self.cm.disconnect(Instant::now(), conn).map_err(DeviceError::from));
+            }
+            Command::Stats(reply) => {
+                let _ = reply.send(DeviceStats {
+                    queue_pairs: self.qps.len(),
+                    regions: self.memory.len(),
+                    region_bytes: self.memory.bytes(),
+                    connections: self.cm.connections(),
+                    ..self.stats
+                });
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn allocate_qpn(&mut self) -> u32 {
+        loop {
+            let qpn = self.next_qpn;
+            self.next_qpn = if self.next_qpn >= MASK_24 { 0x11 } else { self.next_qpn + 1 };
+            if !self.qps.contains_key(&qpn) {
+                return qpn;
+            }
+        }
+    }
+
+    fn post_send(&mut self, qpn: u32, wr: SendWr) {
+        let Some(slot) = self.qps.get_mut(&qpn) else { return };
+        match slot.engine.as_mut() {
+            Some(engine) => {
+                if let Err((_, wr)) = engine.post_send(wr) {
+                    slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
+                }
+            }
+            None if slot.conn.is_some() => slot.early_sends.push(wr),
+            None => slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) }),
+        }
+    }
+
+    fn post_recv(&mut self, qpn: u32, wr: RecvWr) {
+        let Some(slot) = self.qps.get_mut(&qpn) else { return };
+        match slot.engine.as_mut() {
+            Some(engine) => {
+                if let Err((_, wr)) = engine.post_recv(wr) {
+                    slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
+                }
+            }
+            None => slot.early_recvs.push(wr),
+        }
+    }
+
+    fn connect(
+        &mut self,
+        qpn: u32,
+        dst: SocketAddr,
+        port: u16,
+        options: ConnectionOptions,
+        private_data: Vec<u8>,
+    ) -> Result<ConnId, DeviceError> {
+        let start_psn = self.qps.get(&qpn).ok_or(DeviceError::UnknownQp(qpn))?.start_psn;
+        let src_port = self.next_cm_port;
+        self.next_cm_port = if self.next_cm_port == u16::MAX { 40000 } else { self.next_cm_port + 1 };
+        let conn = self.cm.connect(
+            Instant::now(),
+            ConnectParams {
+                src: self.local.ip(),
+                dst: dst.ip(),
+                src_port,
+                dst_port: port,
+                local_qpn: qpn,
+                start_psn,
+                path_mtu: mtu_code(self.config.mtu),
+                responder_resources: options.responder_resources,
+                initiator_depth: options.initiator_depth,
+                retry_count: options.retry_count,
+                rnr_retry_count: options.rnr_retry_count,
+                private_data,
+            },
+        )?;
+        self.peer_ports.insert(dst.ip(), dst.port());
+        self.conns.insert(conn, ConnBinding { qpn: Some(qpn), peer: dst, options });
+        if let Some(slot) = self.qps.get_mut(&qpn) {
+            slot.conn = Some(conn);
+            slot.peer = Some(dst);
+        }
+        Ok(conn)
+    }
+
+    fn accept(
+        &mut self,
+        conn: ConnId,
+        qpn: u32,
+        options: ConnectionOptions,
+        private_data: Vec<u8>,
+    ) -> Result<(), DeviceError> {
+        let binding = self.conns.get_mut(&conn).ok_or(DeviceError::Cm(super::cm::CmError::UnknownConnection(conn)))?;
+        let slot = self.qps.get_mut(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
+        binding.qpn = Some(qpn);
+        binding.options = options;
+        let peer_addr = binding.peer;
+        let start_psn = slot.start_psn;
+        self.cm.accept(
+            Instant::now(),
+            conn,
+            AcceptParams {
+                local_qpn: qpn,
+                start_psn,
+                responder_resources: options.responder_resources,
+                initiator_depth: options.initiator_depth,
+                rnr_retry_count: options.rnr_retry_count,
+                private_data,
+            },
+        )?;
+        slot.conn = Some(conn);
+        slot.peer = Some(peer_addr);
+        Ok(())
+    }
+
+    /// Gives a queue pair its engine once both ends' parameters are known (RTR and RTS in one step, as
+    /// rdma_cm does).
+    fn start_engine(&mut self, qpn: u32, peer: &PeerParams, options: ConnectionOptions) {
+        let Some(slot) = self.qps.get_mut(&qpn) else { return };
+        let mtu = (256usize << peer.path_mtu.clamp(1, 5).saturating_sub(1)).min(self.config.mtu);
+        let config = RcConfig {
+            mtu,
+            retry_cnt: options.retry_count.min(self.config.retry_cnt),
+            rnr_retry: options.rnr_retry_count.min(self.config.rnr_retry),
+            ack_timeout: self.config.ack_timeout,
+            window: self.config.window,
+            max_rd_atomic: options.initiator_depth.max(1),
+            ..RcConfig::new(qpn, peer.qpn, slot.start_psn, peer.start_psn)
+        };
+        let Ok(mut engine) = RcQp::new(config) else {
+            tracing::warn!(qpn, ?peer, "unusable connection parameters");
+            return;
+        };
+        for wr in slot.early_recvs.drain(..) {
+            let _ = engine.post_recv(wr);
+        }
+        for wr in slot.early_sends.drain(..) {
+            let _ = engine.post_send(wr);
+        }
+        slot.engine = Some(engine);
+    }
+
+    fn destroy_qp(&mut self, qpn: u32) {
+        let Some(mut slot) = self.qps.remove(&qpn) else { return };
+        if let Some(mut engine) = slot.engine.take() {
+            engine.set_state(EngineState::Error);
+            while let Some(wc) = engine.poll_completion() {
+                let cq = if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) {
+                    &slot.recv_cq
+                } else {
+                    &slot.send_cq
+                };
+                cq.push(Completion { qpn, wc });
+            }
+        }
+        for wr in slot.early_recvs.drain(..) {
+            slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
+        }
+        for wr in slot.early_sends.drain(..) {
+            slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
+        }
+        if let Some(conn) = slot.conn {
+            let _ = self.cm.disconnect(Instant::now(), conn);
+            if let Some(b) = self.conns.get_mut(&conn) {
+                b.qpn = None;
+            }
+        }
+    }
+
+    fn on_cm_event(&mut self, event: CmEvent) {
+        let out = match event {
+            CmEvent::ConnectRequest { conn, local_port, peer, .. } => {
+                let port = self.peer_ports.get(&peer.addr).copied().unwrap_or(ROCEV2_UDP_PORT);
+                self.conns.insert(
+                    conn,
+                    ConnBinding {
+                        qpn: None,
+                        peer: SocketAddr::new(peer.addr, port),
+                        options: ConnectionOptions::default(),
+                    },
+                );
+                DeviceEvent::ConnectRequest { conn, local_port, peer }
+            }
+            CmEvent::Established { conn, peer } => {
+                let Some(binding) = self.conns.get(&conn) else { return };
+                let Some(qpn) = binding.qpn else { return };
+                let options = binding.options;
+                self.start_engine(qpn, &peer, options);
+                DeviceEvent::Established { conn, qpn, peer }
+            }
+            CmEvent::Rejected { conn, reason, private_data } => {
+                self.fail_connection(conn);
+                DeviceEvent::Rejected { conn, reason, private_data }
+            }
+            CmEvent::Unreachable { conn } => {
+                self.fail_connection(conn);
+                DeviceEvent::Unreachable { conn }
+            }
+            CmEvent::Disconnected { conn } => {
+                // rdma_cm moves the queue pair to the error state: outstanding work is flushed.
+                if let Some(qpn) = self.conns.get(&conn).and_then(|b| b.qpn) {
+                    if let Some(engine) = self.qps.get_mut(&qpn).and_then(|s| s.engine.as_mut()) {
+                        engine.set_state(EngineState::Error);
+                    }
+                }
+                DeviceEvent::Disconnected { conn }
+            }
+            CmEvent::TimewaitExit { conn } => {
+                self.conns.remove(&conn);
+                DeviceEvent::TimewaitExit { conn }
+            }
+        };
+        let _ = self.events.send(out);
+    }
+
+    fn fail_connection(&mut self, conn: ConnId) {
+        if let Some(binding) = self.conns.remove(&conn) {
+            if let Some(slot) = binding.qpn.and_then(|q| self.qps.get_mut(&q)) {
+                slot.conn = None;
+                let qpn = binding.qpn.unwrap_or_default();
+                for wr in slot.early_sends.drain(..) {
+                    slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
+                }
+            }
+        }
+    }
+
+    async fn flush_outputs(&mut self) {
+        while let Some(event) = self.cm.poll_event() {
+            self.on_cm_event(event);
+        }
+        let mut out: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        while let Some((dst, mad)) = self.cm.poll_transmit() {
+            let port = self.peer_ports.get(&dst).copied().unwrap_or(ROCEV2_UDP_PORT);
+            let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, self.mad_psn));
+            self.mad_psn = (self.mad_psn + 1) & MASK_24;
+            p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
+            p.payload = &mad;
+            let mut bytes = Vec::with_capacity(300);
+            if p.emit(&mut bytes).is_ok() {
+                out.push((SocketAddr::new(dst, port), bytes));
+            }
+        }
+        let now = Instant::now();
+        for (&qpn, slot) in self.qps.iter_mut() {
+            let Some(engine) = slot.engine.as_mut() else { continue };
+            if let Some(peer) = slot.peer {
+                while let Some(packet) = engine.poll_transmit(now) {
+                    out.push((peer, packet));
+                }
+            }
+            while let Some(wc) = engine.poll_completion() {
+                let cq = if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) {
+                    &slot.recv_cq
+                } else {
+                    &slot.send_cq
+                };
+                cq.push(Completion { qpn, wc });
+            }
+            if let (Some(cause), false) = (engine.error_cause(), slot.fatal_reported) {
+                slot.fatal_reported = true;
+                if cause != WcStatus::WrFlush {
+                    let _ = self.events.send(DeviceEvent::QpFatal { qpn, cause });
+                }
+            }
+        }
+        for (dst, mut bytes) in out {
+            let ip = ip_header(self.local.ip(), dst.ip(), bytes.len());
+            if icrc::append(&ip, self.local.port(), &mut bytes).is_err() {
+                continue;
+            }
+            match self.socket.send_to(&bytes, dst).await {
+                Ok(_) => self.stats.packets_sent += 1,
+                Err(e) => {
+                    // A full socket buffer or an unreachable peer: RC retransmission covers the loss.
+                    self.stats.packets_dropped += 1;
+                    tracing::trace!(%dst, "send: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The IP header the ICRC covers, as the kernel builds it for our datagrams (identification 0 on both ends;
+/// the receiving socket cannot see the real one).
+fn ip_header(src: IpAddr, dst: IpAddr, roce_len_without_icrc: usize) -> IpHeader {
+    let udp_len = (8 + roce_len_without_icrc + icrc::ICRC_LEN) as u16;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeader::ipv4(s, d, 0, udp_len),
+        (s, d) => IpHeader::ipv6(to_v6(s), to_v6(d), udp_len),
+    }
+}
+
+fn to_v6(a: IpAddr) -> std::net::Ipv6Addr {
+    match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+fn mtu_code(mtu: usize) -> u8 {
+    match mtu {
+        0..=256 => 1,
+        257..=512 => 2,
+        513..=1024 => 3,
+        1025..=2048 => 4,
+        _ => 5,
+    }
+}
+
+fn failed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>) -> WorkCompletion {
+    WorkCompletion { wr_id, status: WcStatus::WrFlush, opcode, byte_len: 0, imm: None, invalidated_rkey: None, buf }
+}
