@@ -33,6 +33,8 @@ pub struct SoftConfig {
     /// Packets in flight per queue pair.
     pub window: u32,
     pub cm: CmConfig,
+    /// Watch the netdev holding `addr` (rtnetlink) and raise port, address and removal events.
+    pub watch_netdev: bool,
 }
 
 impl SoftConfig {
@@ -46,7 +48,15 @@ impl SoftConfig {
             rnr_retry: 7,
             window: 128,
             cm: CmConfig::default(),
+            watch_netdev: true,
         }
+    }
+
+    /// A device on the first IPv4 address (else IPv6) of the netdev named `name`.
+    pub fn for_netdev(name: &str) -> Result<SoftConfig, DeviceError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DeviceError::Worker)?;
+        let addr = rt.block_on(super::netdev::address_of_name(name)).map_err(DeviceError::Netdev)?;
+        Ok(SoftConfig::new(addr))
     }
 }
 
@@ -66,6 +76,8 @@ pub enum DeviceError {
     RegionTooLarge(usize),
     #[error("no memory region with key {0:#x}")]
     UnknownRegion(u32),
+    #[error("{0}")]
+    Netdev(#[from] super::netdev::NetdevError),
 }
 
 /// A work completion and the queue pair it belongs to.
@@ -148,6 +160,16 @@ pub enum DeviceEvent {
         qpn: u32,
         cause: WcStatus,
     },
+    /// The netdev's link came up.
+    PortActive,
+    /// The netdev's link went down.
+    PortError,
+    /// The device's address went away (`present: false`) or came back.
+    AddrChange {
+        present: bool,
+    },
+    /// The netdev was deleted: every queue pair is in the error state and the device serves nothing more.
+    DeviceRemoval,
 }
 
 /// A registered memory region. Its memory belongs to the device until [`Device::deregister`] returns it.
@@ -200,6 +222,8 @@ pub struct DeviceStats {
     pub packets_sent: u64,
     pub packets_received: u64,
     pub packets_dropped: u64,
+    /// Link state of the netdev (true when not watched).
+    pub port_up: bool,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;
@@ -426,6 +450,7 @@ struct Worker {
     mad_psn: u32,
     psn_seed: u64,
     stats: DeviceStats,
+    removed: bool,
 }
 
 impl Worker {
@@ -456,7 +481,8 @@ impl Worker {
             next_cm_port: 40000,
             mad_psn: 0,
             psn_seed: seed | 1,
-            stats: DeviceStats::default(),
+            stats: DeviceStats { port_up: true, ..DeviceStats::default() },
+            removed: false,
         }
     }
 
@@ -470,6 +496,19 @@ impl Worker {
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut buf = vec![0u8; 65536];
+        let (netdev_tx, mut netdev_rx) = mpsc::unbounded_channel();
+        if self.config.watch_netdev {
+            match super::netdev::watch(self.local.ip(), netdev_tx).await {
+                Ok(netdev) => {
+                    self.stats.port_up = netdev.up;
+                    // The largest RoCE MTU that fits the netdev's MTU with IP, UDP and RoCE headers.
+                    let fits = [4096usize, 2048, 1024, 512, 256].into_iter().find(|m| m + 80 <= netdev.mtu as usize);
+                    self.config.mtu = self.config.mtu.min(fits.unwrap_or(256));
+                    tracing::debug!(local = %self.local, netdev = %netdev.name, mtu = self.config.mtu, "watching");
+                }
+                Err(e) => tracing::warn!(local = %self.local, "not watching the netdev: {e}"),
+            }
+        }
         loop {
             let deadline = self.next_deadline();
             let sleep = tokio::time::sleep_until(
@@ -487,6 +526,7 @@ impl Worker {
                     Some(c) => self.on_command(c),
                 },
                 () = sleep => self.on_timeout(Instant::now()),
+                Some(event) = netdev_rx.recv() => self.on_netdev(event),
             }
             self.flush_outputs().await;
         }
@@ -495,6 +535,33 @@ impl Worker {
         for qpn in qpns {
             self.destroy_qp(qpn);
         }
+    }
+
+    fn on_netdev(&mut self, event: super::netdev::NetdevEvent) {
+        use super::netdev::NetdevEvent;
+        let out = match event {
+            NetdevEvent::PortActive => {
+                self.stats.port_up = true;
+                DeviceEvent::PortActive
+            }
+            NetdevEvent::PortError => {
+                self.stats.port_up = false;
+                DeviceEvent::PortError
+            }
+            NetdevEvent::AddressRemoved => DeviceEvent::AddrChange { present: false },
+            NetdevEvent::AddressAdded => DeviceEvent::AddrChange { present: true },
+            NetdevEvent::Removed => {
+                self.removed = true;
+                self.stats.port_up = false;
+                for slot in self.qps.values_mut() {
+                    if let Some(engine) = slot.engine.as_mut() {
+                        engine.set_state(EngineState::Error);
+                    }
+                }
+                DeviceEvent::DeviceRemoval
+            }
+        };
+        let _ = self.events.send(out);
     }
 
     fn next_deadline(&self) -> Option<Instant> {

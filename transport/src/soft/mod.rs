@@ -6,6 +6,7 @@
 pub mod cm;
 pub mod device;
 pub mod memory_table;
+pub mod netdev;
 pub mod pcap;
 pub mod rc;
 pub mod wire;
