@@ -180,3 +180,29 @@ async fn reject_with_private_data() {
     let conn = a.connect(&qa, b.local_addr(), 4421, ConnectionOptions::default(), &[]).await.unwrap();
     assert!(matches!(event(&a).await, DeviceEvent::Rejected { conn: c, reason: 8, .. } if c == conn));
 }
+
+#[tokio::test]
+async fn ipv6_loopback() {
+    let open = || {
+        let mut config = SoftConfig::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+        config.port = 0;
+        Device::open(config).expect("open IPv6 soft device")
+    };
+    let (a, b) = (open(), open());
+    assert_eq!(a.gid(), std::net::Ipv6Addr::LOCALHOST.octets());
+    let (cqa, cqb) = (CompletionQueue::new(), CompletionQueue::new());
+    b.listen(4420, 4).await.unwrap();
+    let qa = a.create_qp(&cqa, &cqa).await.unwrap();
+    a.connect(&qa, b.local_addr(), 4420, ConnectionOptions::default(), b"v6").await.unwrap();
+    let DeviceEvent::ConnectRequest { conn, peer, .. } = event(&b).await else { panic!() };
+    assert_eq!(&peer.private_data[..2], b"v6");
+    let qb = b.create_qp(&cqb, &cqb).await.unwrap();
+    b.accept(conn, &qb, ConnectionOptions::default(), &[]).await.unwrap();
+    assert!(matches!(event(&a).await, DeviceEvent::Established { .. }));
+    let region = b.register(vec![0; 1 << 20], Access::REMOTE_ALL).await.unwrap();
+    let data = pattern(1 << 20, 6);
+    let op = SendOp::RdmaWrite { remote_addr: region.keys.addr, rkey: region.keys.rkey };
+    qa.post_send(SendWr::new(1, op, data.clone())).unwrap();
+    assert_eq!(complete(&cqa).await.wc.status, WcStatus::Success);
+    assert!(b.deregister(region).await.unwrap() == data);
+}
