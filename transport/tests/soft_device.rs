@@ -206,3 +206,75 @@ async fn ipv6_loopback() {
     assert_eq!(complete(&cqa).await.wc.status, WcStatus::Success);
     assert!(b.deregister(region).await.unwrap() == data);
 }
+
+/// On the standard port, a device sends as rxe does: CM MADs from QP1's port (55410), RC packets from the port
+/// the connection's flow label gives. The peer here is a bare UDP socket speaking the protocol by hand.
+#[tokio::test]
+async fn rxe_source_ports_on_the_standard_port() {
+    use nvmf_transport::soft::wire::ext::{Deth, GSI_QKEY};
+    use nvmf_transport::soft::wire::mad::{self, CmMessage, MadHeader, Rep};
+    use nvmf_transport::soft::wire::{Bth, IpHeader, Opcode, PacketRepr, icrc, udp_port};
+
+    let a = Device::open(SoftConfig::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)))).unwrap();
+    let peer = std::net::UdpSocket::bind("127.0.0.4:4791").unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let cq = CompletionQueue::new();
+    let qa = a.create_qp(&cq, &cq).await.unwrap();
+    a.connect(&qa, peer.local_addr().unwrap(), 4420, ConnectionOptions::default(), &[]).await.unwrap();
+
+    let mut buf = vec![0u8; 4096];
+    let recv = |buf: &mut Vec<u8>| {
+        let (n, from) = peer.recv_from(buf).expect("datagram from the device");
+        (buf[..n].to_vec(), from)
+    };
+    let (req_bytes, from) = recv(&mut buf);
+    assert_eq!(from.port(), udp_port::rxe_default(1), "MADs come from QP1's port");
+    let (packet, _) = PacketRepr::parse(&req_bytes).unwrap();
+    let (header, CmMessage::Req(req)) = CmMessage::parse(packet.payload).unwrap() else { panic!("REQ") };
+    let (cma, _) = nvmf_transport::soft::wire::cma::CmaHeader::parse(&req.private_data).unwrap();
+
+    // Answer with a REP from "QP 0x99", as a kernel would.
+    let rep = Rep {
+        local_comm_id: 0x4242,
+        remote_comm_id: req.local_comm_id,
+        local_qkey: 0,
+        local_qpn: 0x99,
+        local_eecn: 0,
+        starting_psn: 1000,
+        responder_resources: 16,
+        initiator_depth: 16,
+        target_ack_delay: 15,
+        failover_accepted: 0,
+        end_to_end_flow_control: true,
+        rnr_retry_count: 7,
+        srq: false,
+        local_ca_guid: 1,
+        private_data: Vec::new(),
+    };
+    let mad = CmMessage::Rep(rep).emit(&MadHeader::cm(mad::attr::REP, header.transaction_id)).unwrap();
+    let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, 0));
+    p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
+    p.payload = &mad;
+    let mut out = Vec::new();
+    p.emit(&mut out).unwrap();
+    let ip = IpHeader::ipv4(Ipv4Addr::new(127, 0, 0, 4), Ipv4Addr::new(127, 0, 0, 3), 0, (8 + out.len() + 4) as u16);
+    icrc::append(&ip, 4791, &mut out).unwrap();
+    peer.send_to(&out, "127.0.0.3:4791").unwrap();
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), a.next_event()).await.unwrap(),
+        Some(DeviceEvent::Established { .. })
+    ));
+
+    let (rtu, from) = recv(&mut buf);
+    assert_eq!(from.port(), udp_port::rxe_default(1));
+    assert!(matches!(CmMessage::parse(PacketRepr::parse(&rtu).unwrap().0.payload).unwrap().1, CmMessage::Rtu { .. }));
+    // A SEND on the connection comes from the flow label's port and is addressed to QP 0x99.
+    qa.post_send(SendWr::new(1, SendOp::Send, b"hi".to_vec())).unwrap();
+    let (send, from) = recv(&mut buf);
+    let expected = udp_port::from_flow_label(udp_port::cm_flow_label(cma.src_port, 4420));
+    assert_eq!(from.port(), expected, "RC packets come from the flow label's port");
+    let (p, _) = PacketRepr::parse(&send).unwrap();
+    assert_eq!((p.bth.opcode, p.bth.dest_qp, p.payload), (Opcode::RcSendOnly, 0x99, &b"hi"[..]));
+    let ip = IpHeader::ipv4(Ipv4Addr::new(127, 0, 0, 3), Ipv4Addr::new(127, 0, 0, 4), 0, (send.len() + 8) as u16);
+    icrc::verify(&ip, expected, &send).expect("ICRC over the real source port");
+}

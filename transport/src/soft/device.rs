@@ -425,6 +425,9 @@ struct QpSlot {
     conn: Option<ConnId>,
     start_psn: u32,
     fatal_reported: bool,
+    /// UDP source port of the connection's packets (rxe's, from the CM flow label), when the device serves the
+    /// standard port; otherwise the device socket's port is used.
+    source_port: Option<u16>,
 }
 
 /// What the worker remembers of a connection it carries.
@@ -451,6 +454,8 @@ struct Worker {
     psn_seed: u64,
     stats: DeviceStats,
     removed: bool,
+    /// Send-only sockets bound to the source ports rxe would use (None: the port was taken; fall back).
+    source_sockets: HashMap<u16, Option<tokio::net::UdpSocket>>,
 }
 
 impl Worker {
@@ -483,6 +488,7 @@ impl Worker {
             psn_seed: seed | 1,
             stats: DeviceStats { port_up: true, ..DeviceStats::default() },
             removed: false,
+            source_sockets: HashMap::new(),
         }
     }
 
@@ -591,7 +597,11 @@ impl Worker {
             self.stats.packets_dropped += 1;
             return;
         };
-        self.peer_ports.insert(from.ip(), from.port());
+        // RoCEv2 peers listen on 4791 whatever port they send from; only devices on another port (tests sharing an
+        // address) send from the port they listen on.
+        if self.config.port != ROCEV2_UDP_PORT {
+            self.peer_ports.insert(from.ip(), from.port());
+        }
         let now = Instant::now();
         if packet.bth.opcode == Opcode::UdSendOnly && packet.bth.dest_qp == 1 {
             if packet.deth.is_some_and(|d| d.qkey == GSI_QKEY) {
@@ -603,8 +613,8 @@ impl Worker {
             self.stats.packets_dropped += 1;
             return;
         };
-        // Only the connected peer may talk to an RC queue pair.
-        if slot.peer != Some(from) {
+        // Only the connected peer may talk to an RC queue pair (from any source port: rxe varies it).
+        if slot.peer.map(|p| p.ip()) != Some(from.ip()) {
             self.stats.packets_dropped += 1;
             return;
         }
@@ -642,6 +652,7 @@ impl Worker {
                         conn: None,
                         start_psn,
                         fatal_reported: false,
+                        source_port: None,
                     },
                 );
                 let _ = reply.send(Ok(qpn));
@@ -809,6 +820,13 @@ impl Worker {
             let _ = engine.post_send(wr);
         }
         slot.engine = Some(engine);
+        if self.config.port == ROCEV2_UDP_PORT {
+            let flow_label = match peer.flow_label {
+                0 => super::wire::udp_port::qp_pair_flow_label(qpn, peer.qpn),
+                fl => fl,
+            };
+            slot.source_port = Some(super::wire::udp_port::from_flow_label(flow_label));
+        }
     }
 
     fn destroy_qp(&mut self, qpn: u32) {
@@ -900,7 +918,9 @@ impl Worker {
         while let Some(event) = self.cm.poll_event() {
             self.on_cm_event(event);
         }
-        let mut out: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        // (destination, packet, source port rxe would use)
+        let mut out: Vec<(SocketAddr, Vec<u8>, Option<u16>)> = Vec::new();
+        let mad_port = (self.config.port == ROCEV2_UDP_PORT).then(|| super::wire::udp_port::rxe_default(1));
         while let Some((dst, mad)) = self.cm.poll_transmit() {
             let port = self.peer_ports.get(&dst).copied().unwrap_or(ROCEV2_UDP_PORT);
             let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, self.mad_psn));
@@ -909,7 +929,7 @@ impl Worker {
             p.payload = &mad;
             let mut bytes = Vec::with_capacity(300);
             if p.emit(&mut bytes).is_ok() {
-                out.push((SocketAddr::new(dst, port), bytes));
+                out.push((SocketAddr::new(dst, port), bytes, mad_port));
             }
         }
         let now = Instant::now();
@@ -917,7 +937,7 @@ impl Worker {
             let Some(engine) = slot.engine.as_mut() else { continue };
             if let Some(peer) = slot.peer {
                 while let Some(packet) = engine.poll_transmit(now) {
-                    out.push((peer, packet));
+                    out.push((peer, packet, slot.source_port));
                 }
             }
             while let Some(wc) = engine.poll_completion() {
@@ -935,12 +955,23 @@ impl Worker {
                 }
             }
         }
-        for (dst, mut bytes) in out {
+        for (dst, mut bytes, source_port) in out {
+            let socket = match source_port {
+                Some(port) => {
+                    let local = self.local.ip();
+                    let entry = self.source_sockets.entry(port).or_insert_with(|| {
+                        bind(SocketAddr::new(local, port)).ok().and_then(|s| tokio::net::UdpSocket::from_std(s).ok())
+                    });
+                    entry.as_ref().unwrap_or(&self.socket)
+                }
+                None => &self.socket,
+            };
+            let Ok(from) = socket.local_addr() else { continue };
             let ip = ip_header(self.local.ip(), dst.ip(), bytes.len());
-            if icrc::append(&ip, self.local.port(), &mut bytes).is_err() {
+            if icrc::append(&ip, from.port(), &mut bytes).is_err() {
                 continue;
             }
-            match self.socket.send_to(&bytes, dst).await {
+            match socket.send_to(&bytes, dst).await {
                 Ok(_) => self.stats.packets_sent += 1,
                 Err(e) => {
                     // A full socket buffer or an unreachable peer: RC retransmission covers the loss.
