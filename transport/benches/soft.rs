@@ -9,7 +9,9 @@
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use nvmf_transport::soft::device::{CompletionQueue, ConnectionOptions, Device, DeviceEvent, QueuePair, SoftConfig};
+use nvmf_transport::soft::device::{
+    CompletionQueue, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, SoftConfig,
+};
 use nvmf_transport::soft::rc::{Access, RecvWr, SendOp, SendWr, WcStatus};
 
 const WINDOW: usize = 128;
@@ -78,6 +80,7 @@ struct Pair {
     qb: QueuePair,
     cqa: CompletionQueue,
     cqb: CompletionQueue,
+    pdb: ProtectionDomain,
 }
 
 async fn pair() -> Pair {
@@ -88,16 +91,17 @@ async fn pair() -> Pair {
         Device::open(c).unwrap()
     };
     let (a, b) = (open(1), open(2));
+    let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
     let (cqa, cqb) = (CompletionQueue::new(), CompletionQueue::new());
     b.listen(4420, 4).await.unwrap();
-    let qa = a.create_qp(&cqa, &cqa).await.unwrap();
+    let qa = a.create_qp(&pda, &cqa, &cqa).await.unwrap();
     a.connect(&qa, b.local_addr(), 4420, ConnectionOptions::default(), &[]).await.unwrap();
     let Some(DeviceEvent::ConnectRequest { conn, .. }) = b.next_event().await else { panic!("request") };
-    let qb = b.create_qp(&cqb, &cqb).await.unwrap();
+    let qb = b.create_qp(&pdb, &cqb, &cqb).await.unwrap();
     b.accept(conn, &qb, ConnectionOptions::default(), &[]).await.unwrap();
     assert!(matches!(a.next_event().await, Some(DeviceEvent::Established { .. })));
     assert!(matches!(b.next_event().await, Some(DeviceEvent::Established { .. })));
-    Pair { _a: a, b, qa, qb, cqa, cqb }
+    Pair { _a: a, b, qa, qb, cqa, cqb, pdb }
 }
 
 /// SEND of `count` messages of `size` bytes, `depth` outstanding; returns seconds. Receives are posted
@@ -125,7 +129,7 @@ async fn soft_send(p: &Pair, size: usize, count: usize, depth: usize) -> f64 {
 
 /// RDMA WRITE or READ of `total` bytes in `size` pieces, `depth` outstanding; returns seconds.
 async fn soft_rdma(p: &Pair, read: bool, size: usize, total: usize, depth: usize) -> f64 {
-    let region = p.b.register(vec![0; size * depth], Access::REMOTE_ALL).await.unwrap();
+    let region = p.b.register(&p.pdb, vec![0; size * depth], Access::REMOTE_ALL).await.unwrap();
     let count = total / size;
     let start = Instant::now();
     let (mut posted, mut done) = (0, 0);

@@ -187,20 +187,21 @@ async fn event(dev: &Device) -> DeviceEvent {
 #[tokio::test]
 async fn garbage_is_dropped_and_other_queue_pairs_keep_working() {
     let (a, b) = (device(1), device(2));
+    let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
     b.listen(4420, 8).await.unwrap();
     let mut pairs = Vec::new();
     for _ in 0..2 {
         let (cqa, cqb) = (CompletionQueue::new(), CompletionQueue::new());
-        let qa = a.create_qp(&cqa, &cqa).await.unwrap();
+        let qa = a.create_qp(&pda, &cqa, &cqa).await.unwrap();
         a.connect(&qa, b.local_addr(), 4420, ConnectionOptions::default(), &[]).await.unwrap();
         let DeviceEvent::ConnectRequest { conn, .. } = event(&b).await else { panic!() };
-        let qb = b.create_qp(&cqb, &cqb).await.unwrap();
+        let qb = b.create_qp(&pdb, &cqb, &cqb).await.unwrap();
         b.accept(conn, &qb, ConnectionOptions::default(), &[]).await.unwrap();
         assert!(matches!(event(&a).await, DeviceEvent::Established { .. }));
         assert!(matches!(event(&b).await, DeviceEvent::Established { .. }));
         pairs.push((qa, qb, cqa, cqb));
     }
-    let region = b.register(vec![0; 1 << 20], Access::REMOTE_ALL).await.unwrap();
+    let region = b.register(&pdb, vec![0; 1 << 20], Access::REMOTE_ALL).await.unwrap();
     let dropped_before = b.stats().await.unwrap().packets_dropped;
 
     // Throw junk at B: random bytes, a valid-looking packet with a wrong ICRC, a truncated header, and a

@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
 
-use nvmf_transport::soft::device::{CompletionQueue, ConnectionOptions, Device, DeviceEvent, QueuePair, SoftConfig};
+use nvmf_transport::soft::device::{
+    CompletionQueue, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, SoftConfig,
+};
 use nvmf_transport::soft::rc::{Access, SendOp, SendWr, WcStatus};
 
 fn sh(args: &[&str]) {
@@ -90,9 +92,13 @@ async fn expect(dev: &Device, mut want: impl FnMut(&DeviceEvent) -> bool) -> Vec
     }
 }
 
-async fn connect(a: &Device, b: &Device, b_addr: SocketAddr) -> (QueuePair, CompletionQueue, QueuePair, u32, u32) {
+async fn connect(
+    (a, pda): (&Device, &ProtectionDomain),
+    (b, pdb): (&Device, &ProtectionDomain),
+    b_addr: SocketAddr,
+) -> (QueuePair, CompletionQueue, QueuePair, u32, u32) {
     let (cqa, cqb) = (CompletionQueue::new(), CompletionQueue::new());
-    let qa = a.create_qp(&cqa, &cqa).await.unwrap();
+    let qa = a.create_qp(pda, &cqa, &cqa).await.unwrap();
     let options = ConnectionOptions { retry_count: 3, ..ConnectionOptions::default() };
     let conn_a = a.connect(&qa, b_addr, 4420, options, &[]).await.unwrap();
     let mut request = None;
@@ -104,7 +110,7 @@ async fn connect(a: &Device, b: &Device, b_addr: SocketAddr) -> (QueuePair, Comp
     })
     .await;
     let conn_b = request.expect("connect request");
-    let qb = b.create_qp(&cqb, &cqb).await.unwrap();
+    let qb = b.create_qp(pdb, &cqb, &cqb).await.unwrap();
     b.accept(conn_b, &qb, options, &[]).await.unwrap();
     expect(a, |e| matches!(e, DeviceEvent::Established { .. })).await;
     expect(b, |e| matches!(e, DeviceEvent::Established { .. })).await;
@@ -121,11 +127,12 @@ async fn link_down_up_address_and_removal() {
     let (threads0, fds0) = (count("/proc/self/task"), count("/proc/self/fd"));
     let topo = Topology::new();
     let (a, b) = (topo.device(0), topo.device(1));
+    let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
     let b_addr = b.local_addr();
     assert!(a.stats().await.unwrap().port_up);
     b.listen(4420, 8).await.unwrap();
-    let (qa, cqa, qb, _, _) = connect(&a, &b, b_addr).await;
-    let region = b.register(vec![0; 64 << 20], Access::REMOTE_ALL).await.unwrap();
+    let (qa, cqa, qb, _, _) = connect((&a, &pda), (&b, &pdb), b_addr).await;
+    let region = b.register(&pdb, vec![0; 64 << 20], Access::REMOTE_ALL).await.unwrap();
 
     // A stream of 1 MiB WRITEs; the link goes down after the first completes.
     for i in 0..64u64 {
@@ -158,7 +165,7 @@ async fn link_down_up_address_and_removal() {
     expect(&a, |e| *e == DeviceEvent::PortActive).await;
     // Wait for the link to carry traffic (carrier comes back on both ends).
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (qa2, cqa2, qb2, _, _) = connect(&a, &b, b_addr).await;
+    let (qa2, cqa2, qb2, _, _) = connect((&a, &pda), (&b, &pdb), b_addr).await;
     let op = SendOp::RdmaWrite { remote_addr: region.keys.addr, rkey: region.keys.rkey };
     qa2.post_send(SendWr::new(1000, op, vec![0x77; 1 << 20])).unwrap();
     let wc = tokio::time::timeout(Duration::from_secs(10), cqa2.next()).await.unwrap().wc;

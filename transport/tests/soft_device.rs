@@ -6,7 +6,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use nvme_proto::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest};
-use nvmf_transport::soft::device::{CompletionQueue, ConnectionOptions, Device, DeviceEvent, QueuePair, SoftConfig};
+use nvmf_transport::soft::device::{
+    CompletionQueue, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, SoftConfig,
+};
 use nvmf_transport::soft::rc::{Access, RecvWr, SendOp, SendWr, WcStatus};
 
 fn device(last: u8) -> Device {
@@ -29,15 +31,17 @@ struct Connected {
     qb: QueuePair,
     cqa: CompletionQueue,
     cqb: CompletionQueue,
+    pdb: ProtectionDomain,
     conn_a: u32,
     conn_b: u32,
 }
 
 async fn connect() -> Connected {
     let (a, b) = (device(1), device(2));
+    let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
     let (cqa, cqb) = (CompletionQueue::new(), CompletionQueue::new());
     b.listen(4420, 16).await.unwrap();
-    let qa = a.create_qp(&cqa, &cqa).await.unwrap();
+    let qa = a.create_qp(&pda, &cqa, &cqa).await.unwrap();
     let request = CmRequest { recfmt: 0, qid: 0, hrqsize: 32, hsqsize: 31, cntlid: 0 }.to_bytes();
     let conn_a = a.connect(&qa, b.local_addr(), 4420, ConnectionOptions::default(), &request).await.unwrap();
     let DeviceEvent::ConnectRequest { conn: conn_b, local_port, peer } = event(&b).await else {
@@ -45,7 +49,7 @@ async fn connect() -> Connected {
     };
     assert_eq!((local_port, peer.addr), (4420, a.local_addr().ip()));
     assert_eq!(CmRequest::parse(&peer.private_data).unwrap(), CmRequest::parse(&request).unwrap());
-    let qb = b.create_qp(&cqb, &cqb).await.unwrap();
+    let qb = b.create_qp(&pdb, &cqb, &cqb).await.unwrap();
     let accept = CmAccept { recfmt: 0, crqsize: 32 }.to_bytes();
     b.accept(conn_b, &qb, ConnectionOptions::default(), &accept).await.unwrap();
     let DeviceEvent::Established { conn, qpn, peer } = event(&a).await else { panic!("active established") };
@@ -53,7 +57,7 @@ async fn connect() -> Connected {
     assert_eq!(CmAccept::parse(&peer.private_data).unwrap().crqsize, 32);
     let DeviceEvent::Established { conn, qpn, .. } = event(&b).await else { panic!("passive established") };
     assert_eq!((conn, qpn), (conn_b, qb.qpn));
-    Connected { a, b, qa, qb, cqa, cqb, conn_a, conn_b }
+    Connected { a, b, qa, qb, cqa, cqb, pdb, conn_a, conn_b }
 }
 
 async fn complete(cq: &CompletionQueue) -> nvmf_transport::soft::device::Completion {
@@ -89,7 +93,7 @@ async fn send_write_read_and_disconnect() {
 
     // Bulk: B exposes a region; A writes it in 1 MiB pieces, then reads it back.
     let total: usize = std::env::var("SOFT_BULK_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024) << 20;
-    let region = c.b.register(vec![0; total], Access::REMOTE_ALL).await.unwrap();
+    let region = c.b.register(&c.pdb, vec![0; total], Access::REMOTE_ALL).await.unwrap();
     let chunk = 1 << 20;
     let data = pattern(total, 99);
     let in_flight = 8;
@@ -166,9 +170,10 @@ async fn passive_side_disconnects_and_flushes() {
 #[tokio::test]
 async fn reject_with_private_data() {
     let (a, b) = (device(1), device(2));
+    let pda = a.alloc_pd().await.unwrap();
     let cq = CompletionQueue::new();
     b.listen(4420, 4).await.unwrap();
-    let qa = a.create_qp(&cq, &cq).await.unwrap();
+    let qa = a.create_qp(&pda, &cq, &cq).await.unwrap();
     let conn = a.connect(&qa, b.local_addr(), 4420, ConnectionOptions::default(), b"hello").await.unwrap();
     let DeviceEvent::ConnectRequest { conn: incoming, peer, .. } = event(&b).await else { panic!() };
     assert_eq!(&peer.private_data[..5], b"hello");
@@ -189,17 +194,18 @@ async fn ipv6_loopback() {
         Device::open(config).expect("open IPv6 soft device")
     };
     let (a, b) = (open(), open());
+    let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
     assert_eq!(a.gid(), std::net::Ipv6Addr::LOCALHOST.octets());
     let (cqa, cqb) = (CompletionQueue::new(), CompletionQueue::new());
     b.listen(4420, 4).await.unwrap();
-    let qa = a.create_qp(&cqa, &cqa).await.unwrap();
+    let qa = a.create_qp(&pda, &cqa, &cqa).await.unwrap();
     a.connect(&qa, b.local_addr(), 4420, ConnectionOptions::default(), b"v6").await.unwrap();
     let DeviceEvent::ConnectRequest { conn, peer, .. } = event(&b).await else { panic!() };
     assert_eq!(&peer.private_data[..2], b"v6");
-    let qb = b.create_qp(&cqb, &cqb).await.unwrap();
+    let qb = b.create_qp(&pdb, &cqb, &cqb).await.unwrap();
     b.accept(conn, &qb, ConnectionOptions::default(), &[]).await.unwrap();
     assert!(matches!(event(&a).await, DeviceEvent::Established { .. }));
-    let region = b.register(vec![0; 1 << 20], Access::REMOTE_ALL).await.unwrap();
+    let region = b.register(&pdb, vec![0; 1 << 20], Access::REMOTE_ALL).await.unwrap();
     let data = pattern(1 << 20, 6);
     let op = SendOp::RdmaWrite { remote_addr: region.keys.addr, rkey: region.keys.rkey };
     qa.post_send(SendWr::new(1, op, data.clone())).unwrap();
@@ -218,8 +224,9 @@ async fn rxe_source_ports_on_the_standard_port() {
     let a = Device::open(SoftConfig::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)))).unwrap();
     let peer = std::net::UdpSocket::bind("127.0.0.4:4791").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let pda = a.alloc_pd().await.unwrap();
     let cq = CompletionQueue::new();
-    let qa = a.create_qp(&cq, &cq).await.unwrap();
+    let qa = a.create_qp(&pda, &cq, &cq).await.unwrap();
     a.connect(&qa, peer.local_addr().unwrap(), 4420, ConnectionOptions::default(), &[]).await.unwrap();
 
     let mut buf = vec![0u8; 4096];
@@ -277,4 +284,22 @@ async fn rxe_source_ports_on_the_standard_port() {
     assert_eq!((p.bth.opcode, p.bth.dest_qp, p.payload), (Opcode::RcSendOnly, 0x99, &b"hi"[..]));
     let ip = IpHeader::ipv4(Ipv4Addr::new(127, 0, 0, 3), Ipv4Addr::new(127, 0, 0, 4), 0, (send.len() + 8) as u16);
     icrc::verify(&ip, expected, &send).expect("ICRC over the real source port");
+}
+
+/// A region of another protection domain is out of reach: the rkey might as well not exist.
+#[tokio::test]
+async fn protection_domains_fence_regions() {
+    let c = connect().await;
+    let other = c.b.alloc_pd().await.unwrap();
+    let fenced = c.b.register(&other, vec![0; 4096], Access::REMOTE_ALL).await.unwrap();
+    let op = SendOp::RdmaWrite { remote_addr: fenced.keys.addr, rkey: fenced.keys.rkey };
+    c.qa.post_send(SendWr::new(1, op, vec![1; 64])).unwrap();
+    assert_eq!(complete(&c.cqa).await.wc.status, WcStatus::RemoteAccess);
+    assert!(matches!(c.b.dealloc_pd(other).await, Err(nvmf_transport::soft::device::DeviceError::PdBusy(_))));
+    assert_eq!(c.b.deregister(fenced).await.unwrap(), vec![0; 4096], "untouched");
+    c.b.dealloc_pd(other).await.unwrap();
+    assert!(c.b.dealloc_pd(other).await.is_err(), "already freed");
+    assert!(c.b.register(&other, vec![0; 8], Access::REMOTE_ALL).await.is_err(), "freed domain");
+    let s = c.b.stats().await.unwrap();
+    assert_eq!((s.protection_domains, s.regions), (1, 0));
 }

@@ -78,6 +78,10 @@ pub enum DeviceError {
     UnknownRegion(u32),
     #[error("{0}")]
     Netdev(#[from] super::netdev::NetdevError),
+    #[error("no protection domain {0}")]
+    UnknownPd(u32),
+    #[error("protection domain {0} still has memory regions or queue pairs")]
+    PdBusy(u32),
 }
 
 /// A work completion and the queue pair it belongs to.
@@ -172,6 +176,12 @@ pub enum DeviceEvent {
     DeviceRemoval,
 }
 
+/// A protection domain: memory regions are reachable only by queue pairs of the same domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProtectionDomain {
+    pub id: u32,
+}
+
 /// A registered memory region. Its memory belongs to the device until [`Device::deregister`] returns it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MemoryRegion {
@@ -215,6 +225,7 @@ impl Default for ConnectionOptions {
 /// Counts of what a device holds, for leak checks and stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceStats {
+    pub protection_domains: usize,
     pub queue_pairs: usize,
     pub regions: usize,
     pub region_bytes: usize,
@@ -229,9 +240,11 @@ pub struct DeviceStats {
 type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;
 
 enum Command {
-    Register(Vec<u8>, Access, Reply<MemoryRegion>),
+    AllocPd(Reply<ProtectionDomain>),
+    DeallocPd(u32, Reply<()>),
+    Register(u32, Vec<u8>, Access, Reply<MemoryRegion>),
     Deregister(u32, Reply<Vec<u8>>),
-    CreateQp(CompletionQueue, CompletionQueue, Reply<u32>),
+    CreateQp(u32, CompletionQueue, CompletionQueue, Reply<u32>),
     DestroyQp(u32, Reply<()>),
     PostSend(u32, SendWr),
     PostRecv(u32, RecvWr),
@@ -313,8 +326,23 @@ impl Device {
     }
 
     /// Hands `buf` to the device for remote access; [`Device::deregister`] gives it back.
-    pub async fn register(&self, buf: Vec<u8>, access: Access) -> Result<MemoryRegion, DeviceError> {
-        self.call(|r| Command::Register(buf, access, r)).await
+    pub async fn alloc_pd(&self) -> Result<ProtectionDomain, DeviceError> {
+        self.call(Command::AllocPd).await
+    }
+
+    /// Frees a protection domain; refused while regions or queue pairs still belong to it.
+    pub async fn dealloc_pd(&self, pd: ProtectionDomain) -> Result<(), DeviceError> {
+        self.call(|r| Command::DeallocPd(pd.id, r)).await
+    }
+
+    pub async fn register(
+        &self,
+        pd: &ProtectionDomain,
+        buf: Vec<u8>,
+        access: Access,
+    ) -> Result<MemoryRegion, DeviceError> {
+        let pd = pd.id;
+        self.call(|r| Command::Register(pd, buf, access, r)).await
     }
 
     pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
@@ -323,10 +351,12 @@ impl Device {
 
     pub async fn create_qp(
         &self,
+        pd: &ProtectionDomain,
         send_cq: &CompletionQueue,
         recv_cq: &CompletionQueue,
     ) -> Result<QueuePair, DeviceError> {
-        let qpn = self.call(|r| Command::CreateQp(send_cq.clone(), recv_cq.clone(), r)).await?;
+        let pd = pd.id;
+        let qpn = self.call(|r| Command::CreateQp(pd, send_cq.clone(), recv_cq.clone(), r)).await?;
         Ok(QueuePair { qpn, commands: self.commands.clone() })
     }
 
@@ -413,6 +443,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 
 /// A queue pair as the worker holds it.
 struct QpSlot {
+    pd: u32,
     send_cq: CompletionQueue,
     recv_cq: CompletionQueue,
     /// The engine, once the connection gave the queue pair its peer.
@@ -456,6 +487,8 @@ struct Worker {
     removed: bool,
     /// Send-only sockets bound to the source ports rxe would use (None: the port was taken; fall back).
     source_sockets: HashMap<u16, Option<tokio::net::UdpSocket>>,
+    pds: std::collections::HashSet<u32>,
+    next_pd: u32,
 }
 
 impl Worker {
@@ -489,6 +522,8 @@ impl Worker {
             stats: DeviceStats { port_up: true, ..DeviceStats::default() },
             removed: false,
             source_sockets: HashMap::new(),
+            pds: std::collections::HashSet::new(),
+            next_pd: 1,
         }
     }
 
@@ -619,30 +654,55 @@ impl Worker {
             return;
         }
         if let Some(engine) = slot.engine.as_mut() {
-            engine.handle_packet(now, &packet, &mut self.memory);
+            engine.handle_packet(now, &packet, &mut self.memory.domain(slot.pd));
         }
     }
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Register(buf, access, reply) => {
+            Command::AllocPd(reply) => {
+                let id = self.next_pd;
+                self.next_pd += 1;
+                self.pds.insert(id);
+                let _ = reply.send(Ok(ProtectionDomain { id }));
+            }
+            Command::DeallocPd(pd, reply) => {
+                let result = if !self.pds.contains(&pd) {
+                    Err(DeviceError::UnknownPd(pd))
+                } else if self.memory.in_domain(pd) > 0 || self.qps.values().any(|q| q.pd == pd) {
+                    Err(DeviceError::PdBusy(pd))
+                } else {
+                    self.pds.remove(&pd);
+                    Ok(())
+                };
+                let _ = reply.send(result);
+            }
+            Command::Register(pd, buf, access, reply) => {
                 let len = buf.len();
-                let _ = reply.send(
+                let result = if self.pds.contains(&pd) {
                     self.memory
-                        .register(buf, access)
+                        .register(pd, buf, access)
                         .map(|keys| MemoryRegion { keys })
-                        .map_err(|_| DeviceError::RegionTooLarge(len)),
-                );
+                        .map_err(|_| DeviceError::RegionTooLarge(len))
+                } else {
+                    Err(DeviceError::UnknownPd(pd))
+                };
+                let _ = reply.send(result);
             }
             Command::Deregister(key, reply) => {
                 let _ = reply.send(self.memory.deregister(key).ok_or(DeviceError::UnknownRegion(key)));
             }
-            Command::CreateQp(send_cq, recv_cq, reply) => {
+            Command::CreateQp(pd, send_cq, recv_cq, reply) => {
+                if !self.pds.contains(&pd) {
+                    let _ = reply.send(Err(DeviceError::UnknownPd(pd)));
+                    return;
+                }
                 let qpn = self.allocate_qpn();
                 let start_psn = self.random_psn();
                 self.qps.insert(
                     qpn,
                     QpSlot {
+                        pd,
                         send_cq,
                         recv_cq,
                         engine: None,
@@ -682,6 +742,7 @@ impl Worker {
             }
             Command::Stats(reply) => {
                 let _ = reply.send(DeviceStats {
+                    protection_domains: self.pds.len(),
                     queue_pairs: self.qps.len(),
                     regions: self.memory.len(),
                     region_bytes: self.memory.bytes(),

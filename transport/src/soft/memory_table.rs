@@ -9,6 +9,8 @@ use super::rc::{Access, AccessError, RemoteMemory};
 
 #[derive(Debug)]
 struct Region {
+    /// The protection domain the region belongs to: only queue pairs of the same domain reach it.
+    pd: u32,
     base: u64,
     data: Vec<u8>,
     access: Access,
@@ -41,7 +43,7 @@ impl Default for MemoryTable {
 }
 
 impl MemoryTable {
-    pub fn register(&mut self, data: Vec<u8>, access: Access) -> Result<RegionKeys, Vec<u8>> {
+    pub fn register(&mut self, pd: u32, data: Vec<u8>, access: Access) -> Result<RegionKeys, Vec<u8>> {
         if data.len() > MAX_REGION {
             return Err(data);
         }
@@ -55,7 +57,7 @@ impl MemoryTable {
         };
         let base = (key as u64) << 32;
         let keys = RegionKeys { lkey: key, rkey: key, addr: base, len: data.len() };
-        self.regions.insert(key, Region { base, data, access, valid: true });
+        self.regions.insert(key, Region { pd, base, data, access, valid: true });
         Ok(keys)
     }
 
@@ -68,6 +70,16 @@ impl MemoryTable {
         self.regions.len()
     }
 
+    /// Regions of one protection domain.
+    pub fn in_domain(&self, pd: u32) -> usize {
+        self.regions.values().filter(|r| r.pd == pd).count()
+    }
+
+    /// The table as a queue pair of domain `pd` sees it: other domains' regions do not exist for it.
+    pub fn domain(&mut self, pd: u32) -> DomainMemory<'_> {
+        DomainMemory { table: self, pd }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()
     }
@@ -77,8 +89,8 @@ impl MemoryTable {
         self.regions.values().map(|r| r.data.len()).sum()
     }
 
-    fn find(&self, rkey: u32, addr: u64, len: u64) -> Result<(&Region, usize), AccessError> {
-        let r = self.regions.get(&rkey).filter(|r| r.valid).ok_or(AccessError::UnknownKey(rkey))?;
+    fn find(&self, pd: u32, rkey: u32, addr: u64, len: u64) -> Result<(&Region, usize), AccessError> {
+        let r = self.regions.get(&rkey).filter(|r| r.valid && r.pd == pd).ok_or(AccessError::UnknownKey(rkey))?;
         let oob = AccessError::OutOfBounds { rkey, addr, len };
         let off = addr.checked_sub(r.base).ok_or(oob)?;
         let end = off.checked_add(len).ok_or(oob)?;
@@ -89,19 +101,26 @@ impl MemoryTable {
     }
 }
 
-impl RemoteMemory for MemoryTable {
+/// The regions of one protection domain, as its queue pairs reach them.
+#[derive(Debug)]
+pub struct DomainMemory<'a> {
+    table: &'a mut MemoryTable,
+    pd: u32,
+}
+
+impl RemoteMemory for DomainMemory<'_> {
     fn write(&mut self, rkey: u32, addr: u64, data: &[u8]) -> Result<(), AccessError> {
-        let (r, off) = self.find(rkey, addr, data.len() as u64)?;
+        let (r, off) = self.table.find(self.pd, rkey, addr, data.len() as u64)?;
         if !r.access.remote_write {
             return Err(AccessError::Permission(rkey));
         }
-        let r = self.regions.get_mut(&rkey).expect("found above");
+        let r = self.table.regions.get_mut(&rkey).expect("found above");
         r.data[off..off + data.len()].copy_from_slice(data);
         Ok(())
     }
 
     fn read(&self, rkey: u32, addr: u64, out: &mut [u8]) -> Result<(), AccessError> {
-        let (r, off) = self.find(rkey, addr, out.len() as u64)?;
+        let (r, off) = self.table.find(self.pd, rkey, addr, out.len() as u64)?;
         if !r.access.remote_read {
             return Err(AccessError::Permission(rkey));
         }
@@ -110,7 +129,7 @@ impl RemoteMemory for MemoryTable {
     }
 
     fn check(&self, rkey: u32, addr: u64, len: u64, write: bool) -> Result<(), AccessError> {
-        let (r, _) = self.find(rkey, addr, len)?;
+        let (r, _) = self.table.find(self.pd, rkey, addr, len)?;
         if (write && !r.access.remote_write) || (!write && !r.access.remote_read) {
             return Err(AccessError::Permission(rkey));
         }
@@ -118,7 +137,9 @@ impl RemoteMemory for MemoryTable {
     }
 
     fn invalidate(&mut self, rkey: u32) -> Result<(), AccessError> {
-        let r = self.regions.get_mut(&rkey).filter(|r| r.valid).ok_or(AccessError::UnknownKey(rkey))?;
+        let pd = self.pd;
+        let r =
+            self.table.regions.get_mut(&rkey).filter(|r| r.valid && r.pd == pd).ok_or(AccessError::UnknownKey(rkey))?;
         r.valid = false;
         Ok(())
     }
@@ -130,9 +151,16 @@ mod tests {
 
     #[test]
     fn bounds_access_and_invalidation() {
-        let mut t = MemoryTable::default();
-        let a = t.register(vec![0; 100], Access::REMOTE_WRITE).unwrap();
-        let b = t.register((0..50).collect(), Access::REMOTE_READ).unwrap();
+        let mut table = MemoryTable::default();
+        let a = table.register(1, vec![0; 100], Access::REMOTE_WRITE).unwrap();
+        let b = table.register(1, (0..50).collect(), Access::REMOTE_READ).unwrap();
+        let c = table.register(2, vec![0; 10], Access::REMOTE_ALL).unwrap();
+        assert!(
+            matches!(table.domain(1).check(c.rkey, c.addr, 1, true), Err(AccessError::UnknownKey(_))),
+            "other domain"
+        );
+        assert!(table.domain(2).check(c.rkey, c.addr, 1, true).is_ok());
+        let mut t = table.domain(1);
         assert_ne!(a.rkey, b.rkey);
         t.write(a.rkey, a.addr + 90, &[1; 10]).unwrap();
         assert!(matches!(t.write(a.rkey, a.addr + 91, &[1; 10]), Err(AccessError::OutOfBounds { .. })));
@@ -147,8 +175,8 @@ mod tests {
         t.invalidate(b.rkey).unwrap();
         assert!(matches!(t.read(b.rkey, b.addr, &mut out), Err(AccessError::UnknownKey(_))));
         assert!(t.invalidate(b.rkey).is_err());
-        let data = t.deregister(a.rkey).unwrap();
+        let data = table.deregister(a.rkey).unwrap();
         assert_eq!(&data[90..], &[1; 10]);
-        assert_eq!(t.len(), 1);
+        assert_eq!((table.len(), table.in_domain(1), table.in_domain(2)), (2, 1, 1));
     }
 }
