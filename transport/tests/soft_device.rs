@@ -303,3 +303,54 @@ async fn protection_domains_fence_regions() {
     let s = c.b.stats().await.unwrap();
     assert_eq!((s.protection_domains, s.regions), (1, 0));
 }
+
+/// Queue pairs connected by hand, without the CM: RESET → INIT → RTR → RTS with numbers exchanged out of
+/// band, traffic, then ERR flushes and RESET makes the queue pair reusable. Invalid transitions are refused.
+#[tokio::test]
+async fn manual_state_machine() {
+    use nvmf_transport::soft::device::{DeviceError, QpState, QpTransition};
+    let (a, b) = (device(1), device(2));
+    let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
+    let (cqa, cqb) = (CompletionQueue::new(), CompletionQueue::new());
+    let qa = a.create_qp(&pda, &cqa, &cqa).await.unwrap();
+    let qb = b.create_qp(&pdb, &cqb, &cqb).await.unwrap();
+    let rts = QpTransition::Rts {
+        sq_psn: 100,
+        ack_timeout: Duration::from_millis(50),
+        retry_cnt: 7,
+        rnr_retry: 7,
+        max_rd_atomic: 16,
+    };
+    assert!(matches!(a.modify_qp(&qa, rts).await, Err(DeviceError::BadTransition { from: QpState::Reset, .. })));
+    for (dev, qp) in [(&a, &qa), (&b, &qb)] {
+        assert_eq!(dev.modify_qp(qp, QpTransition::Init).await.unwrap(), QpState::Init);
+    }
+    // A receive posted in INIT survives into RTR.
+    qb.post_recv(RecvWr { wr_id: 7, buf: vec![0; 64] }).unwrap();
+    let rtr = |peer, dest_qpn| QpTransition::Rtr { peer, dest_qpn, rq_psn: 100, path_mtu: 1024, min_rnr_timer: 12 };
+    assert_eq!(a.modify_qp(&qa, rtr(b.local_addr(), qb.qpn)).await.unwrap(), QpState::Rtr);
+    assert_eq!(b.modify_qp(&qb, rtr(a.local_addr(), qa.qpn)).await.unwrap(), QpState::Rtr);
+    // Sends are refused before RTS (the buffer still comes back).
+    qa.post_send(SendWr::new(1, SendOp::Send, b"early".to_vec())).unwrap();
+    let wc = complete(&cqa).await.wc;
+    assert_eq!((wc.wr_id, wc.status, wc.buf.as_slice()), (1, WcStatus::WrFlush, &b"early"[..]));
+    for (dev, qp) in [(&a, &qa), (&b, &qb)] {
+        assert_eq!(dev.modify_qp(qp, rts).await.unwrap(), QpState::Rts);
+    }
+    qa.post_send(SendWr::new(2, SendOp::SendWithImm(0xfeed), b"hello".to_vec())).unwrap();
+    assert_eq!(complete(&cqa).await.wc.status, WcStatus::Success);
+    let got = complete(&cqb).await.wc;
+    assert_eq!((got.wr_id, got.status, got.imm, &got.buf[..5]), (7, WcStatus::Success, Some(0xfeed), &b"hello"[..]));
+    // ERR flushes what is posted; RESET then INIT makes it usable again.
+    for i in 0..3 {
+        qb.post_recv(RecvWr { wr_id: 10 + i, buf: vec![0; 8] }).unwrap();
+    }
+    assert_eq!(b.modify_qp(&qb, QpTransition::Error).await.unwrap(), QpState::Error);
+    for i in 0..3 {
+        let wc = complete(&cqb).await.wc;
+        assert_eq!((wc.wr_id, wc.status), (10 + i, WcStatus::WrFlush));
+    }
+    assert_eq!(b.modify_qp(&qb, QpTransition::Reset).await.unwrap(), QpState::Reset);
+    assert_eq!(b.modify_qp(&qb, QpTransition::Init).await.unwrap(), QpState::Init);
+    assert!(matches!(b.modify_qp(&qb, rts).await, Err(DeviceError::BadTransition { from: QpState::Init, .. })));
+}

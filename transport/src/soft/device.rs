@@ -78,6 +78,10 @@ pub enum DeviceError {
     UnknownRegion(u32),
     #[error("{0}")]
     Netdev(#[from] super::netdev::NetdevError),
+    #[error("queue pair {qpn:#x} is {from:?}: {to} is not a valid transition")]
+    BadTransition { qpn: u32, from: QpState, to: &'static str },
+    #[error("queue pair parameters: {0}")]
+    QpConfig(#[from] super::rc::ConfigError),
     #[error("no protection domain {0}")]
     UnknownPd(u32),
     #[error("protection domain {0} still has memory regions or queue pairs")]
@@ -176,6 +180,32 @@ pub enum DeviceEvent {
     DeviceRemoval,
 }
 
+/// Queue pair states (verbs' RESET / INIT / RTR / RTS / ERR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QpState {
+    Reset,
+    Init,
+    Rtr,
+    Rts,
+    Error,
+}
+
+/// A transition requested by [`Device::modify_qp`], for queue pairs connected without the CM (as
+/// `ibv_rc_pingpong` does, exchanging numbers out of band). The CM makes these transitions itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QpTransition {
+    /// RESET → INIT: receives may be posted.
+    Init,
+    /// INIT → RTR: the peer's address, queue pair number and first PSN; the responder starts.
+    Rtr { peer: SocketAddr, dest_qpn: u32, rq_psn: u32, path_mtu: usize, min_rnr_timer: u8 },
+    /// RTR → RTS: the send side's parameters; the requester starts.
+    Rts { sq_psn: u32, ack_timeout: Duration, retry_cnt: u8, rnr_retry: u8, max_rd_atomic: u8 },
+    /// Any → ERR: outstanding work completes with a flush error.
+    Error,
+    /// Any → RESET: the queue pair forgets its connection; outstanding work is flushed first.
+    Reset,
+}
+
 /// A protection domain: memory regions are reachable only by queue pairs of the same domain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProtectionDomain {
@@ -246,6 +276,7 @@ enum Command {
     Deregister(u32, Reply<Vec<u8>>),
     CreateQp(u32, CompletionQueue, CompletionQueue, Reply<u32>),
     DestroyQp(u32, Reply<()>),
+    ModifyQp(u32, QpTransition, Reply<QpState>),
     PostSend(u32, SendWr),
     PostRecv(u32, RecvWr),
     Listen(u16, usize, Reply<()>),
@@ -360,6 +391,11 @@ impl Device {
         Ok(QueuePair { qpn, commands: self.commands.clone() })
     }
 
+    /// Moves a queue pair through RESET / INIT / RTR / RTS / ERR by hand; returns the new state.
+    pub async fn modify_qp(&self, qp: &QueuePair, transition: QpTransition) -> Result<QpState, DeviceError> {
+        self.call(|r| Command::ModifyQp(qp.qpn, transition, r)).await
+    }
+
     /// Destroys a queue pair: outstanding requests complete with a flush error first. Idempotent.
     pub async fn destroy_qp(&self, qp: &QueuePair) -> Result<(), DeviceError> {
         self.call(|r| Command::DestroyQp(qp.qpn, r)).await
@@ -444,6 +480,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// A queue pair as the worker holds it.
 struct QpSlot {
     pd: u32,
+    state: QpState,
     send_cq: CompletionQueue,
     recv_cq: CompletionQueue,
     /// The engine, once the connection gave the queue pair its peer.
@@ -703,6 +740,7 @@ impl Worker {
                     qpn,
                     QpSlot {
                         pd,
+                        state: QpState::Reset,
                         send_cq,
                         recv_cq,
                         engine: None,
@@ -716,6 +754,9 @@ impl Worker {
                     },
                 );
                 let _ = reply.send(Ok(qpn));
+            }
+            Command::ModifyQp(qpn, transition, reply) => {
+                let _ = reply.send(self.modify_qp(qpn, transition));
             }
             Command::DestroyQp(qpn, reply) => {
                 self.destroy_qp(qpn);
@@ -766,14 +807,16 @@ impl Worker {
 
     fn post_send(&mut self, qpn: u32, wr: SendWr) {
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        match slot.engine.as_mut() {
-            Some(engine) => {
+        match (slot.state, slot.engine.as_mut()) {
+            (QpState::Rts, Some(engine)) => {
                 if let Err((_, wr)) = engine.post_send(wr) {
                     slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
                 }
             }
-            None if slot.conn.is_some() => slot.early_sends.push(wr),
-            None => slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) }),
+            // Connecting through the CM: the request goes out once the connection is up.
+            (QpState::Reset | QpState::Init, None) if slot.conn.is_some() => slot.early_sends.push(wr),
+            // Sends before RTS, or after an error, are refused (and the buffer handed back).
+            _ => slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) }),
         }
     }
 
@@ -785,7 +828,91 @@ impl Worker {
                     slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
                 }
             }
+            None if slot.state == QpState::Error => {
+                slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) })
+            }
             None => slot.early_recvs.push(wr),
+        }
+    }
+
+    fn modify_qp(&mut self, qpn: u32, transition: QpTransition) -> Result<QpState, DeviceError> {
+        let slot = self.qps.get_mut(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
+        let bad = |from, to| Err(DeviceError::BadTransition { qpn, from, to });
+        match transition {
+            QpTransition::Init => match slot.state {
+                QpState::Reset | QpState::Init => slot.state = QpState::Init,
+                from => return bad(from, "INIT"),
+            },
+            QpTransition::Rtr { peer, dest_qpn, rq_psn, path_mtu, min_rnr_timer } => {
+                if slot.state != QpState::Init {
+                    return bad(slot.state, "RTR");
+                }
+                let config = RcConfig {
+                    mtu: path_mtu.min(self.config.mtu),
+                    min_rnr_timer,
+                    window: self.config.window,
+                    ..RcConfig::new(qpn, dest_qpn, slot.start_psn, rq_psn)
+                };
+                let mut engine = RcQp::new(config)?;
+                engine.set_state(EngineState::Rtr);
+                for wr in slot.early_recvs.drain(..) {
+                    let _ = engine.post_recv(wr);
+                }
+                slot.engine = Some(engine);
+                slot.peer = Some(peer);
+                if self.config.port == ROCEV2_UDP_PORT {
+                    let fl = super::wire::udp_port::qp_pair_flow_label(qpn, dest_qpn);
+                    slot.source_port = Some(super::wire::udp_port::from_flow_label(fl));
+                }
+                slot.state = QpState::Rtr;
+            }
+            QpTransition::Rts { sq_psn, ack_timeout, retry_cnt, rnr_retry, max_rd_atomic } => {
+                let (QpState::Rtr, Some(engine)) = (slot.state, slot.engine.as_mut()) else {
+                    return bad(slot.state, "RTS");
+                };
+                let send = super::rc::SendParams { send_psn: sq_psn, retry_cnt, rnr_retry, ack_timeout, max_rd_atomic };
+                engine.enter_rts(send)?;
+                slot.state = QpState::Rts;
+            }
+            QpTransition::Error => {
+                self.flush_qp(qpn);
+                if let Some(slot) = self.qps.get_mut(&qpn) {
+                    slot.state = QpState::Error;
+                }
+            }
+            QpTransition::Reset => {
+                self.flush_qp(qpn);
+                if let Some(slot) = self.qps.get_mut(&qpn) {
+                    slot.engine = None;
+                    slot.peer = None;
+                    slot.source_port = None;
+                    slot.fatal_reported = false;
+                    slot.state = QpState::Reset;
+                }
+            }
+        }
+        Ok(self.qps.get(&qpn).map_or(QpState::Reset, |s| s.state))
+    }
+
+    /// Completes everything outstanding on a queue pair with a flush error (the buffers go back).
+    fn flush_qp(&mut self, qpn: u32) {
+        let Some(slot) = self.qps.get_mut(&qpn) else { return };
+        if let Some(engine) = slot.engine.as_mut() {
+            engine.set_state(EngineState::Error);
+            while let Some(wc) = engine.poll_completion() {
+                let cq = if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) {
+                    &slot.recv_cq
+                } else {
+                    &slot.send_cq
+                };
+                cq.push(Completion { qpn, wc });
+            }
+        }
+        for wr in slot.early_recvs.drain(..) {
+            slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
+        }
+        for wr in slot.early_sends.drain(..) {
+            slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
         }
     }
 
@@ -797,7 +924,11 @@ impl Worker {
         options: ConnectionOptions,
         private_data: Vec<u8>,
     ) -> Result<ConnId, DeviceError> {
-        let start_psn = self.qps.get(&qpn).ok_or(DeviceError::UnknownQp(qpn))?.start_psn;
+        let slot = self.qps.get(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
+        if !matches!(slot.state, QpState::Reset | QpState::Init) || slot.conn.is_some() {
+            return Err(DeviceError::BadTransition { qpn, from: slot.state, to: "connect" });
+        }
+        let start_psn = slot.start_psn;
         let src_port = self.next_cm_port;
         self.next_cm_port = if self.next_cm_port == u16::MAX { 40000 } else { self.next_cm_port + 1 };
         let conn = self.cm.connect(
@@ -835,6 +966,9 @@ impl Worker {
     ) -> Result<(), DeviceError> {
         let binding = self.conns.get_mut(&conn).ok_or(DeviceError::Cm(super::cm::CmError::UnknownConnection(conn)))?;
         let slot = self.qps.get_mut(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
+        if !matches!(slot.state, QpState::Reset | QpState::Init) || slot.conn.is_some() {
+            return Err(DeviceError::BadTransition { qpn, from: slot.state, to: "accept" });
+        }
         binding.qpn = Some(qpn);
         binding.options = options;
         let peer_addr = binding.peer;
@@ -881,6 +1015,7 @@ impl Worker {
             let _ = engine.post_send(wr);
         }
         slot.engine = Some(engine);
+        slot.state = QpState::Rts;
         if self.config.port == ROCEV2_UDP_PORT {
             let flow_label = match peer.flow_label {
                 0 => super::wire::udp_port::qp_pair_flow_label(qpn, peer.qpn),
@@ -891,24 +1026,8 @@ impl Worker {
     }
 
     fn destroy_qp(&mut self, qpn: u32) {
-        let Some(mut slot) = self.qps.remove(&qpn) else { return };
-        if let Some(mut engine) = slot.engine.take() {
-            engine.set_state(EngineState::Error);
-            while let Some(wc) = engine.poll_completion() {
-                let cq = if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) {
-                    &slot.recv_cq
-                } else {
-                    &slot.send_cq
-                };
-                cq.push(Completion { qpn, wc });
-            }
-        }
-        for wr in slot.early_recvs.drain(..) {
-            slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
-        }
-        for wr in slot.early_sends.drain(..) {
-            slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
-        }
+        self.flush_qp(qpn);
+        let Some(slot) = self.qps.remove(&qpn) else { return };
         if let Some(conn) = slot.conn {
             let _ = self.cm.disconnect(Instant::now(), conn);
             if let Some(b) = self.conns.get_mut(&conn) {
@@ -949,8 +1068,11 @@ impl Worker {
             CmEvent::Disconnected { conn } => {
                 // rdma_cm moves the queue pair to the error state: outstanding work is flushed.
                 if let Some(qpn) = self.conns.get(&conn).and_then(|b| b.qpn) {
-                    if let Some(engine) = self.qps.get_mut(&qpn).and_then(|s| s.engine.as_mut()) {
-                        engine.set_state(EngineState::Error);
+                    if let Some(slot) = self.qps.get_mut(&qpn) {
+                        if let Some(engine) = slot.engine.as_mut() {
+                            engine.set_state(EngineState::Error);
+                        }
+                        slot.state = QpState::Error;
                     }
                 }
                 DeviceEvent::Disconnected { conn }
@@ -1011,6 +1133,7 @@ impl Worker {
             }
             if let (Some(cause), false) = (engine.error_cause(), slot.fatal_reported) {
                 slot.fatal_reported = true;
+                slot.state = QpState::Error;
                 if cause != WcStatus::WrFlush {
                     let _ = self.events.send(DeviceEvent::QpFatal { qpn, cause });
                 }

@@ -71,6 +71,16 @@ impl RcConfig {
     }
 }
 
+/// What RTS adds to an RTR queue pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendParams {
+    pub send_psn: u32,
+    pub retry_cnt: u8,
+    pub rnr_retry: u8,
+    pub ack_timeout: Duration,
+    pub max_rd_atomic: u8,
+}
+
 /// The QP states the engine distinguishes (the surface adds RESET and INIT, which never see packets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EngineState {
@@ -156,6 +166,25 @@ impl RcQp {
         } else if self.state != EngineState::Error {
             self.state = state;
         }
+    }
+
+    /// RTR → RTS with the send side's parameters (first PSN, retries, timeout, READ depth). Nothing was sent
+    /// in RTR, so the requester starts afresh with them.
+    pub fn enter_rts(&mut self, send: SendParams) -> Result<(), ConfigError> {
+        if send.send_psn > crate::soft::wire::MASK_24 {
+            return Err(ConfigError::TooWide { what: "send PSN", value: send.send_psn });
+        }
+        if self.state != EngineState::Rtr {
+            return Ok(());
+        }
+        self.config.send_psn = send.send_psn;
+        self.config.retry_cnt = send.retry_cnt;
+        self.config.rnr_retry = send.rnr_retry;
+        self.config.ack_timeout = send.ack_timeout;
+        self.config.max_rd_atomic = send.max_rd_atomic;
+        self.requester = Requester::new(&self.config);
+        self.state = EngineState::Rts;
+        Ok(())
     }
 
     pub fn post_send(&mut self, wr: SendWr) -> Result<(), (PostError, SendWr)> {
