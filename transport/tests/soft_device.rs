@@ -354,3 +354,53 @@ async fn manual_state_machine() {
     assert_eq!(b.modify_qp(&qb, QpTransition::Init).await.unwrap(), QpState::Init);
     assert!(matches!(b.modify_qp(&qb, rts).await, Err(DeviceError::BadTransition { from: QpState::Init, .. })));
 }
+
+/// Two connections draw their receives from one shared receive queue; destroying it hands back what is left.
+#[tokio::test]
+async fn shared_receive_queue() {
+    let (a, b) = (device(1), device(2));
+    let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
+    b.listen(4420, 8).await.unwrap();
+    let srq = b.create_srq(&pdb).await.unwrap();
+    for i in 0..6 {
+        srq.post_recv(RecvWr { wr_id: 100 + i, buf: vec![0; 32] }).unwrap();
+    }
+    let cqb = CompletionQueue::new();
+    let mut senders = Vec::new();
+    for _ in 0..2 {
+        let cqa = CompletionQueue::new();
+        let qa = a.create_qp(&pda, &cqa, &cqa).await.unwrap();
+        a.connect(&qa, b.local_addr(), 4420, ConnectionOptions::default(), &[]).await.unwrap();
+        let DeviceEvent::ConnectRequest { conn, .. } = event(&b).await else { panic!() };
+        let qb = b.create_qp_with_srq(&pdb, &cqb, &cqb, &srq).await.unwrap();
+        b.accept(conn, &qb, ConnectionOptions::default(), &[]).await.unwrap();
+        assert!(matches!(event(&a).await, DeviceEvent::Established { .. }));
+        assert!(matches!(event(&b).await, DeviceEvent::Established { .. }));
+        // Posting on the queue pair itself is refused: its receives belong to the shared queue.
+        qb.post_recv(RecvWr { wr_id: 1, buf: vec![0; 8] }).unwrap();
+        assert_eq!(complete(&cqb).await.wc.status, WcStatus::WrFlush);
+        senders.push((qa, cqa, qb));
+    }
+    for (i, (qa, cqa, _)) in senders.iter().enumerate() {
+        for j in 0..2u8 {
+            qa.post_send(SendWr::new(j as u64, SendOp::Send, vec![i as u8 * 10 + j; 16])).unwrap();
+            assert_eq!(complete(cqa).await.wc.status, WcStatus::Success);
+        }
+    }
+    let mut by_qp: std::collections::HashMap<u32, Vec<u8>> = Default::default();
+    for _ in 0..4 {
+        let c = complete(&cqb).await;
+        assert_eq!(c.wc.status, WcStatus::Success);
+        assert!((100..106).contains(&c.wc.wr_id), "receives come from the shared queue");
+        by_qp.entry(c.qpn).or_default().push(c.wc.buf[0]);
+    }
+    assert_eq!(by_qp[&senders[0].2.qpn], vec![0, 1]);
+    assert_eq!(by_qp[&senders[1].2.qpn], vec![10, 11]);
+    assert!(b.destroy_srq(&srq).await.is_err(), "still serving two queue pairs");
+    for (_, _, qb) in &senders {
+        b.destroy_qp(qb).await.unwrap();
+    }
+    let left = b.destroy_srq(&srq).await.unwrap();
+    assert_eq!(left.iter().map(|w| w.wr_id).collect::<Vec<_>>(), vec![104, 105]);
+    assert_eq!(b.stats().await.unwrap().shared_receive_queues, 0);
+}

@@ -82,6 +82,10 @@ pub enum DeviceError {
     BadTransition { qpn: u32, from: QpState, to: &'static str },
     #[error("queue pair parameters: {0}")]
     QpConfig(#[from] super::rc::ConfigError),
+    #[error("no shared receive queue {0} in this protection domain")]
+    UnknownSrq(u32),
+    #[error("shared receive queue {0} still serves queue pairs")]
+    SrqBusy(u32),
     #[error("no protection domain {0}")]
     UnknownPd(u32),
     #[error("protection domain {0} still has memory regions or queue pairs")]
@@ -237,6 +241,19 @@ impl QueuePair {
     }
 }
 
+/// A shared receive queue: queue pairs attached to it take their receives from it.
+#[derive(Debug, Clone)]
+pub struct SharedReceiveQueue {
+    pub id: u32,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl SharedReceiveQueue {
+    pub fn post_recv(&self, wr: RecvWr) -> Result<(), DeviceError> {
+        self.commands.send(Command::PostSrqRecv(self.id, wr)).map_err(|_| DeviceError::Closed)
+    }
+}
+
 /// Parameters of one end of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionOptions {
@@ -256,6 +273,7 @@ impl Default for ConnectionOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceStats {
     pub protection_domains: usize,
+    pub shared_receive_queues: usize,
     pub queue_pairs: usize,
     pub regions: usize,
     pub region_bytes: usize,
@@ -274,7 +292,10 @@ enum Command {
     DeallocPd(u32, Reply<()>),
     Register(u32, Vec<u8>, Access, Reply<MemoryRegion>),
     Deregister(u32, Reply<Vec<u8>>),
-    CreateQp(u32, CompletionQueue, CompletionQueue, Reply<u32>),
+    CreateQp(u32, CompletionQueue, CompletionQueue, Option<u32>, Reply<u32>),
+    CreateSrq(u32, Reply<u32>),
+    DestroySrq(u32, Reply<Vec<RecvWr>>),
+    PostSrqRecv(u32, RecvWr),
     DestroyQp(u32, Reply<()>),
     ModifyQp(u32, QpTransition, Reply<QpState>),
     PostSend(u32, SendWr),
@@ -387,8 +408,34 @@ impl Device {
         recv_cq: &CompletionQueue,
     ) -> Result<QueuePair, DeviceError> {
         let pd = pd.id;
-        let qpn = self.call(|r| Command::CreateQp(pd, send_cq.clone(), recv_cq.clone(), r)).await?;
+        let qpn = self.call(|r| Command::CreateQp(pd, send_cq.clone(), recv_cq.clone(), None, r)).await?;
         Ok(QueuePair { qpn, commands: self.commands.clone() })
+    }
+
+    /// A queue pair whose receives come from `srq` (posting receives on the queue pair itself is refused).
+    pub async fn create_qp_with_srq(
+        &self,
+        pd: &ProtectionDomain,
+        send_cq: &CompletionQueue,
+        recv_cq: &CompletionQueue,
+        srq: &SharedReceiveQueue,
+    ) -> Result<QueuePair, DeviceError> {
+        let (pd, srq) = (pd.id, srq.id);
+        let qpn = self.call(|r| Command::CreateQp(pd, send_cq.clone(), recv_cq.clone(), Some(srq), r)).await?;
+        Ok(QueuePair { qpn, commands: self.commands.clone() })
+    }
+
+    pub async fn create_srq(&self, pd: &ProtectionDomain) -> Result<SharedReceiveQueue, DeviceError> {
+        let pd = pd.id;
+        let id = self.call(|r| Command::CreateSrq(pd, r)).await?;
+        Ok(SharedReceiveQueue { id, commands: self.commands.clone() })
+    }
+
+    /// Destroys a shared receive queue and hands back the receives still posted on it. Refused while queue
+    /// pairs use it.
+    pub async fn destroy_srq(&self, srq: &SharedReceiveQueue) -> Result<Vec<RecvWr>, DeviceError> {
+        let id = srq.id;
+        self.call(|r| Command::DestroySrq(id, r)).await
     }
 
     /// Moves a queue pair through RESET / INIT / RTR / RTS / ERR by hand; returns the new state.
@@ -480,6 +527,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 /// A queue pair as the worker holds it.
 struct QpSlot {
     pd: u32,
+    srq: Option<u32>,
     state: QpState,
     send_cq: CompletionQueue,
     recv_cq: CompletionQueue,
@@ -526,6 +574,9 @@ struct Worker {
     source_sockets: HashMap<u16, Option<tokio::net::UdpSocket>>,
     pds: std::collections::HashSet<u32>,
     next_pd: u32,
+    /// Shared receive queues: their domain and the receives posted on them.
+    srqs: HashMap<u32, (u32, VecDeque<RecvWr>)>,
+    next_srq: u32,
 }
 
 impl Worker {
@@ -561,6 +612,8 @@ impl Worker {
             source_sockets: HashMap::new(),
             pds: std::collections::HashSet::new(),
             next_pd: 1,
+            srqs: HashMap::new(),
+            next_srq: 1,
         }
     }
 
@@ -691,7 +744,8 @@ impl Worker {
             return;
         }
         if let Some(engine) = slot.engine.as_mut() {
-            engine.handle_packet(now, &packet, &mut self.memory.domain(slot.pd));
+            let srq = slot.srq.and_then(|id| self.srqs.get_mut(&id)).map(|(_, queue)| queue);
+            engine.handle_packet_with(now, &packet, &mut self.memory.domain(slot.pd), srq);
         }
     }
 
@@ -706,7 +760,10 @@ impl Worker {
             Command::DeallocPd(pd, reply) => {
                 let result = if !self.pds.contains(&pd) {
                     Err(DeviceError::UnknownPd(pd))
-                } else if self.memory.in_domain(pd) > 0 || self.qps.values().any(|q| q.pd == pd) {
+                } else if self.memory.in_domain(pd) > 0
+                    || self.qps.values().any(|q| q.pd == pd)
+                    || self.srqs.values().any(|(p, _)| *p == pd)
+                {
                     Err(DeviceError::PdBusy(pd))
                 } else {
                     self.pds.remove(&pd);
@@ -729,9 +786,37 @@ impl Worker {
             Command::Deregister(key, reply) => {
                 let _ = reply.send(self.memory.deregister(key).ok_or(DeviceError::UnknownRegion(key)));
             }
-            Command::CreateQp(pd, send_cq, recv_cq, reply) => {
+            Command::CreateSrq(pd, reply) => {
                 if !self.pds.contains(&pd) {
                     let _ = reply.send(Err(DeviceError::UnknownPd(pd)));
+                    return;
+                }
+                let id = self.next_srq;
+                self.next_srq += 1;
+                self.srqs.insert(id, (pd, VecDeque::new()));
+                let _ = reply.send(Ok(id));
+            }
+            Command::DestroySrq(id, reply) => {
+                let result = if self.qps.values().any(|q| q.srq == Some(id)) {
+                    Err(DeviceError::SrqBusy(id))
+                } else {
+                    self.srqs.remove(&id).map(|(_, q)| q.into_iter().collect()).ok_or(DeviceError::UnknownSrq(id))
+                };
+                let _ = reply.send(result);
+            }
+            Command::PostSrqRecv(id, wr) => match self.srqs.get_mut(&id) {
+                Some((_, queue)) => queue.push_back(wr),
+                None => {
+                    tracing::warn!(srq = id, wr_id = wr.wr_id, "receive posted on a destroyed shared receive queue")
+                }
+            },
+            Command::CreateQp(pd, send_cq, recv_cq, srq, reply) => {
+                if !self.pds.contains(&pd) {
+                    let _ = reply.send(Err(DeviceError::UnknownPd(pd)));
+                    return;
+                }
+                if let Some(id) = srq.filter(|id| self.srqs.get(id).is_none_or(|(p, _)| *p != pd)) {
+                    let _ = reply.send(Err(DeviceError::UnknownSrq(id)));
                     return;
                 }
                 let qpn = self.allocate_qpn();
@@ -740,6 +825,7 @@ impl Worker {
                     qpn,
                     QpSlot {
                         pd,
+                        srq,
                         state: QpState::Reset,
                         send_cq,
                         recv_cq,
@@ -784,6 +870,7 @@ impl Worker {
             Command::Stats(reply) => {
                 let _ = reply.send(DeviceStats {
                     protection_domains: self.pds.len(),
+                    shared_receive_queues: self.srqs.len(),
                     queue_pairs: self.qps.len(),
                     regions: self.memory.len(),
                     region_bytes: self.memory.bytes(),
@@ -822,6 +909,11 @@ impl Worker {
 
     fn post_recv(&mut self, qpn: u32, wr: RecvWr) {
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
+        if slot.srq.is_some() {
+            // Its receives come from the shared queue: posting here is an error, as in verbs.
+            slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
+            return;
+        }
         match slot.engine.as_mut() {
             Some(engine) => {
                 if let Err((_, wr)) = engine.post_recv(wr) {

@@ -211,13 +211,24 @@ impl RcQp {
 
     /// Feeds one received packet addressed to this QP (ICRC already checked by the driver).
     pub fn handle_packet(&mut self, now: Instant, packet: &PacketRepr<'_>, memory: &mut dyn RemoteMemory) {
+        self.handle_packet_with(now, packet, memory, None);
+    }
+
+    /// [`RcQp::handle_packet`] for a queue pair attached to a shared receive queue: SENDs consume `srq`.
+    pub fn handle_packet_with(
+        &mut self,
+        now: Instant,
+        packet: &PacketRepr<'_>,
+        memory: &mut dyn RemoteMemory,
+        srq: Option<&mut VecDeque<RecvWr>>,
+    ) {
         if self.state == EngineState::Error || !packet.bth.opcode.is_rc() {
             return;
         }
         let outcome = if is_response(packet.bth.opcode) {
             self.requester.handle_response(now, packet, &mut self.completions)
         } else {
-            self.responder.handle_request(packet, memory, &mut self.completions)
+            self.responder.handle_request(packet, memory, srq, &mut self.completions)
         };
         if let Err(status) = outcome {
             self.enter_error(status);

@@ -109,6 +109,7 @@ impl Responder {
         &mut self,
         p: &PacketRepr<'_>,
         memory: &mut dyn RemoteMemory,
+        srq: Option<&mut VecDeque<RecvWr>>,
         completions: &mut VecDeque<WorkCompletion>,
     ) -> Result<(), WcStatus> {
         let q = p.bth.psn;
@@ -129,7 +130,7 @@ impl Responder {
             return Ok(());
         }
         self.nak_sent = false;
-        match self.execute(p, memory, completions) {
+        match self.execute(p, memory, srq, completions) {
             Ok(()) => Ok(()),
             Err(Fatal(code)) => {
                 self.final_nak = Some(Output::Nak { psn: q, syndrome: Syndrome::Nak(code), msn: self.msn });
@@ -145,8 +146,14 @@ impl Responder {
         &mut self,
         p: &PacketRepr<'_>,
         memory: &mut dyn RemoteMemory,
+        srq: Option<&mut VecDeque<RecvWr>>,
         completions: &mut VecDeque<WorkCompletion>,
     ) -> Result<(), Fatal> {
+        // Receives come from the shared receive queue when the queue pair has one, else from its own.
+        let receives = match srq {
+            Some(shared) => shared,
+            None => &mut self.rq,
+        };
         let op = p.bth.opcode;
         let position = op.position();
         let continuing = matches!(position, Position::Middle | Position::Last);
@@ -171,7 +178,7 @@ impl Responder {
         let last = matches!(position, Position::Last | Position::Only);
         if op.is_send() {
             if !continuing {
-                let Some(wr) = self.rq.pop_front() else { return self.rnr(p.bth.psn) };
+                let Some(wr) = receives.pop_front() else { return self.rnr(p.bth.psn) };
                 self.recv = Some(RecvInProgress { wr, len: 0 });
             }
             let recv = self.recv.as_mut().expect("receive in progress");
@@ -203,7 +210,7 @@ impl Responder {
             }
         } else if op.is_write() {
             // WRITE with immediate consumes a receive: make sure there is one before touching memory.
-            if last && p.imm.is_some() && self.rq.is_empty() {
+            if last && p.imm.is_some() && receives.is_empty() {
                 return self.rnr(p.bth.psn);
             }
             if !continuing {
@@ -234,7 +241,7 @@ impl Responder {
             if last {
                 let w = self.write.take().expect("write in progress");
                 if let Some(imm) = p.imm {
-                    let wr = self.rq.pop_front().expect("checked above");
+                    let wr = receives.pop_front().expect("checked above");
                     let mut wc = recv_completion(wr, WcStatus::Success, WcOpcode::RecvRdmaWithImm, w.total as u32);
                     wc.imm = Some(imm);
                     completions.push_back(wc);
