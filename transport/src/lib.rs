@@ -1,15 +1,27 @@
-//! The RDMA programming surface the target and the initiator are written against, with verbs semantics:
-//! protection domains, memory regions (lkey/rkey, access flags), completion queues, RC queue pairs with the
-//! RESET/INIT/RTR/RTS/ERR state machine, shared receive queues, SEND / SEND_WITH_INV / RDMA WRITE / RDMA READ /
-//! RECV work requests, async events and a connection manager that carries private data.
+//! The RDMA programming surface the target and the initiator are written against, with verbs semantics, and
+//! its providers.
 //!
-//! Two providers will live here: `soft`, a userspace RoCEv2 (RC over UDP 4791, IB CM on QP1) that is
-//! wire-compatible with Linux rxe and needs no hardware, root or kernel module; and `verbs`, libibverbs and
-//! librdmacm through `sideway`, for real RNICs and kernel rxe.
+//! The surface, re-exported here: a [`Device`] (opened by IP address or netdev name, with port state, GID and
+//! async events), [`ProtectionDomain`]s, [`MemoryRegion`]s (lkey, rkey, access flags), [`CompletionQueue`]s
+//! (poll up to N, or await the next completion from tokio), RC [`QueuePair`]s (RESET / INIT / RTR / RTS / ERR,
+//! or driven by the connection manager), [`SharedReceiveQueue`]s, work requests SEND, SEND_WITH_INV,
+//! SEND_WITH_IMM, RDMA_WRITE, RDMA_WRITE_WITH_IMM, RDMA_READ and RECV, work completions with flush-with-error,
+//! and a connection manager carrying private data (listen, connect, accept, reject, disconnect; events
+//! CONNECT_REQUEST, ESTABLISHED, REJECTED, UNREACHABLE, DISCONNECTED, TIMEWAIT_EXIT, ADDR_CHANGE,
+//! DEVICE_REMOVAL, PORT_ACTIVE, PORT_ERR, QP_FATAL). Buffers are leased by ownership: posting moves a buffer in,
+//! its completion hands it back; a registered region belongs to the device until deregistered.
 //!
-//! Built so far: the `soft` provider's wire formats ([`soft::wire`]) — RoCEv2 packets with the ICRC exactly as
-//! rxe computes it, and the IB CM MADs with rdma_cm's header — checked against kernel captures. The verbs surface,
-//! the RC engine, the CM state machine and the socket driver are still to come.
+//! Providers: [`soft`], a userspace RoCEv2 (RC over UDP 4791, IB CM on QP1) wire-compatible with Linux rxe,
+//! needing no hardware, root or kernel module — the one behind the surface today. The `verbs` provider
+//! (libibverbs and librdmacm through `sideway`, for real RNICs and kernel rxe) comes later behind the same
+//! names.
 #![forbid(unsafe_code)]
 
 pub mod soft;
+
+pub use soft::cm::{ConnId, PeerParams};
+pub use soft::device::{
+    Completion, CompletionQueue, ConnectionOptions, Device, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
+    ProtectionDomain, QpState, QpTransition, QueuePair, SharedReceiveQueue, SoftConfig,
+};
+pub use soft::rc::{Access, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
