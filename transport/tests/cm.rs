@@ -389,3 +389,22 @@ fn kernel_req_is_understood_and_answered() {
     cm.handle_mad(now, host, target, &req);
     assert_eq!(cm.poll_transmit().map(|(_, m)| m), Some(rep));
 }
+
+#[test]
+fn out_of_range_parameters_are_errors_not_panics() {
+    let mut a = cm(1);
+    let now = Instant::now();
+    let wide = ConnectParams { local_qpn: 1 << 24, ..connect_params(vec![]) };
+    assert!(matches!(a.connect(now, wide), Err(nvmf_transport::soft::cm::CmError::Encode(_))));
+    let mut b = cm(2);
+    b.listen(4420, 1).unwrap();
+    let _ = a.connect(now, connect_params(vec![])).unwrap();
+    let (_, req) = a.poll_transmit().unwrap();
+    b.handle_mad(now, A, B, &req);
+    let Some(CmEvent::ConnectRequest { conn, .. }) = b.poll_event() else { panic!() };
+    let bad = AcceptParams { start_psn: 1 << 24, ..accept_params() };
+    assert!(b.accept(now, conn, bad).is_err());
+    assert_eq!(b.state(conn), Some(State::ReqReceived), "a refused accept changes nothing");
+    b.accept(now, conn, accept_params()).unwrap();
+    assert_eq!(b.state(conn), Some(State::RepSent));
+}

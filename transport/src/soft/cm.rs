@@ -139,6 +139,8 @@ pub enum CmError {
     PrivateDataTooLong { len: usize, max: usize },
     #[error("source and destination addresses are of different families")]
     MixedFamilies,
+    #[error("cannot encode the message: {0}")]
+    Encode(#[from] mad::MadError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -290,9 +292,7 @@ impl Cm {
             alternate_path: CmPath::default(),
             private_data,
         };
-        let mad = CmMessage::Req(req)
-            .emit(&MadHeader::cm(mad::attr::REQ, tid))
-            .map_err(|_| CmError::PrivateDataTooLong { len: p.private_data.len(), max: REQ_PRIVATE_DATA_MAX })?;
+        let mad = CmMessage::Req(req).emit(&MadHeader::cm(mad::attr::REQ, tid))?;
         let peer = PeerParams {
             addr: p.dst,
             port: p.dst_port,
@@ -332,7 +332,6 @@ impl Cm {
         if c.state != State::ReqReceived {
             return Err(CmError::WrongState { conn, state: c.state, action: "accept" });
         }
-        c.state = State::RepSent;
         let rep = Rep {
             local_comm_id: conn,
             remote_comm_id: c.remote_id,
@@ -351,7 +350,10 @@ impl Cm {
             private_data: p.private_data,
         };
         let tid = c.tid;
-        let mad = CmMessage::Rep(rep).emit(&MadHeader::cm(mad::attr::REP, tid)).expect("private data length checked");
+        let mad = CmMessage::Rep(rep).emit(&MadHeader::cm(mad::attr::REP, tid))?;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.state = State::RepSent;
+        }
         self.send(now, conn, mad, true);
         Ok(())
     }
