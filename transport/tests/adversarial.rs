@@ -250,3 +250,15 @@ async fn garbage_is_dropped_and_other_queue_pairs_keep_working() {
     assert!(memory[100..1100].iter().all(|&x| x == 0x5a));
     assert!(b.stats().await.unwrap().packets_dropped >= dropped_before + junk.len() as u64);
 }
+
+/// A READ asking for 4 GiB with a key that does not exist is refused before anything is allocated or read.
+#[test]
+fn huge_reads_are_checked_before_allocating() {
+    let (mut qp, mut memory) = responder();
+    let out = feed(
+        &mut qp,
+        &mut memory,
+        &request(Opcode::RcRdmaReadRequest, 1000, Some(Reth { va: 0, rkey: 0x77, len: u32::MAX }), &[]),
+    );
+    assert_eq!(out, vec![(Opcode::RcAcknowledge, 1000, Some(Syndrome::Nak(NakCode::RemoteAccessError)))]);
+}

@@ -279,10 +279,13 @@ impl Responder {
     }
 
     fn read(&self, rkey: u32, va: u64, len: u32, memory: &dyn RemoteMemory) -> Result<Vec<u8>, ()> {
-        let mut data = vec![0u8; len as usize];
-        if len > 0 {
-            memory.read(rkey, va, &mut data).map_err(|_| ())?;
+        if len == 0 {
+            return Ok(Vec::new());
         }
+        // Check before allocating: the length comes from the peer, the region bounds it.
+        memory.check(rkey, va, len as u64, false).map_err(|_| ())?;
+        let mut data = vec![0u8; len as usize];
+        memory.read(rkey, va, &mut data).map_err(|_| ())?;
         Ok(data)
     }
 
