@@ -214,7 +214,8 @@ async fn ipv6_loopback() {
 }
 
 /// On the standard port, a device sends as rxe does: CM MADs from QP1's port (55410), RC packets from the port
-/// the connection's flow label gives. The peer here is a bare UDP socket speaking the protocol by hand.
+/// the connection's flow label gives; and it accepts a peer's ICRC computed over an IPv4 identification it
+/// cannot see. The peer here is a bare UDP socket speaking the protocol by hand.
 #[tokio::test]
 async fn rxe_source_ports_on_the_standard_port() {
     use nvmf_transport::soft::wire::ext::{Deth, GSI_QKEY};
@@ -264,7 +265,10 @@ async fn rxe_source_ports_on_the_standard_port() {
     p.payload = &mad;
     let mut out = Vec::new();
     p.emit(&mut out).unwrap();
-    let ip = IpHeader::ipv4(Ipv4Addr::new(127, 0, 0, 4), Ipv4Addr::new(127, 0, 0, 3), 0, (8 + out.len() + 4) as u16);
+    // Computed over identification 0x5a5a, as a kernel peer's would be over its own: the device cannot see
+    // the identification and must recover it from the ICRC.
+    let ip =
+        IpHeader::ipv4(Ipv4Addr::new(127, 0, 0, 4), Ipv4Addr::new(127, 0, 0, 3), 0x5a5a, (8 + out.len() + 4) as u16);
     icrc::append(&ip, 4791, &mut out).unwrap();
     peer.send_to(&out, "127.0.0.3:4791").unwrap();
     assert!(matches!(
