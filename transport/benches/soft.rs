@@ -3,16 +3,16 @@
 //! same datagram size and the same in-flight window (the receiver returns a small credit every 32 datagrams,
 //! like RC's coalesced ACKs). Reported as medians of 5 runs and as soft / raw ratios.
 //!
-//!     cargo bench -p nvmf-transport --bench soft            (BENCH_RUNS, BENCH_MIB to change the effort)
+//!     cargo bench -p transport --bench soft            (BENCH_RUNS, BENCH_MIB to change the effort)
 #![allow(clippy::print_stdout)]
 
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use nvmf_transport::soft::device::{
+use transport::soft::device::{
     CompletionQueue, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, SoftConfig,
 };
-use nvmf_transport::soft::rc::{Access, RecvWr, SendOp, SendWr, WcStatus};
+use transport::soft::rc::{Access, RecvWr, SendOp, SendWr, WcStatus};
 
 const WINDOW: usize = 128;
 const CREDIT_EVERY: usize = 32;

@@ -7,11 +7,11 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use nvmf_transport::soft::device::{CompletionQueue, ConnectionOptions, Device, DeviceEvent, SoftConfig};
-use nvmf_transport::soft::rc::{Access, EngineState, RcConfig, RcQp, RecvWr, SendOp, SendWr, WcStatus};
-use nvmf_transport::soft::wire::ext::{NakCode, Reth, Syndrome};
-use nvmf_transport::soft::wire::{Bth, Opcode, PacketRepr};
 use support::SimMemory;
+use transport::soft::device::{CompletionQueue, ConnectionOptions, Device, DeviceEvent, SoftConfig};
+use transport::soft::rc::{Access, EngineState, RcConfig, RcQp, RecvWr, SendOp, SendWr, WcStatus};
+use transport::soft::wire::ext::{NakCode, Reth, Syndrome};
+use transport::soft::wire::{Bth, Opcode, PacketRepr};
 
 const KEY_RW: u32 = 0x10;
 const KEY_RO: u32 = 0x20;
@@ -215,14 +215,14 @@ async fn garbage_is_dropped_and_other_queue_pairs_keep_working() {
     forged.emit(&mut bytes).unwrap();
     bytes.extend_from_slice(&[1, 2, 3, 4]); // wrong ICRC
     junk.push(bytes.clone());
-    let ip = nvmf_transport::soft::wire::IpHeader::ipv4(
+    let ip = transport::soft::wire::IpHeader::ipv4(
         Ipv4Addr::new(127, 0, 0, 3),
         Ipv4Addr::new(127, 0, 0, 2),
         0,
         (8 + bytes.len()) as u16,
     );
     bytes.truncate(bytes.len() - 4);
-    nvmf_transport::soft::wire::icrc::append(&ip, stranger.local_addr().unwrap().port(), &mut bytes).unwrap();
+    transport::soft::wire::icrc::append(&ip, stranger.local_addr().unwrap().port(), &mut bytes).unwrap();
     junk.push(bytes); // right ICRC, but not from the connected peer
     for j in &junk {
         stranger.send_to(j, b.local_addr()).unwrap();

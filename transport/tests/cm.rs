@@ -8,10 +8,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use nvme_proto::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest};
-use nvmf_transport::soft::cm::{AcceptParams, Cm, CmConfig, CmEvent, ConnId, ConnectParams, State};
-use nvmf_transport::soft::wire::mad::{self, CmMessage};
-use nvmf_transport::soft::wire::udp_port;
 use support::Rng;
+use transport::soft::cm::{AcceptParams, Cm, CmConfig, CmEvent, ConnId, ConnectParams, State};
+use transport::soft::wire::mad::{self, CmMessage};
+use transport::soft::wire::udp_port;
 
 const A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
@@ -347,11 +347,11 @@ fn kernel_req_is_understood_and_answered() {
         eprintln!("SKIP: captured vectors not found");
         return;
     };
-    let datagrams = nvmf_transport::soft::pcap::read_rocev2(&file).unwrap();
+    let datagrams = transport::soft::pcap::read_rocev2(&file).unwrap();
     let req = datagrams
         .iter()
         .find_map(|d| {
-            let (p, _) = nvmf_transport::soft::wire::PacketRepr::parse(&d.payload).ok()?;
+            let (p, _) = transport::soft::wire::PacketRepr::parse(&d.payload).ok()?;
             (p.payload.len() == 256 && u16::from_be_bytes([p.payload[16], p.payload[17]]) == 0x10)
                 .then(|| p.payload.to_vec())
         })
@@ -395,7 +395,7 @@ fn out_of_range_parameters_are_errors_not_panics() {
     let mut a = cm(1);
     let now = Instant::now();
     let wide = ConnectParams { local_qpn: 1 << 24, ..connect_params(vec![]) };
-    assert!(matches!(a.connect(now, wide), Err(nvmf_transport::soft::cm::CmError::Encode(_))));
+    assert!(matches!(a.connect(now, wide), Err(transport::soft::cm::CmError::Encode(_))));
     let mut b = cm(2);
     b.listen(4420, 1).unwrap();
     let _ = a.connect(now, connect_params(vec![])).unwrap();

@@ -8,10 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
 
-use nvmf_transport::soft::device::{
+use transport::soft::device::{
     CompletionQueue, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, SoftConfig,
 };
-use nvmf_transport::soft::rc::{Access, SendOp, SendWr, WcStatus};
+use transport::soft::rc::{Access, SendOp, SendWr, WcStatus};
 
 fn sh(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");

@@ -11,10 +11,10 @@ mod support;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use nvmf_transport::soft::rc::{
+use support::{Impairments, Rng, SimMemory, SimNet};
+use transport::soft::rc::{
     Access, EngineState, RcConfig, RcQp, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion,
 };
-use support::{Impairments, Rng, SimMemory, SimNet};
 
 /// Each side's memory: a landing zone the peer WRITEs into, a patterned zone it READs from.
 const WRITE_KEY: u32 = 0x100;
@@ -354,9 +354,8 @@ fn seeded_simulation() {
                     summary = s;
                 }
             }
-            Err(e) => failures.push(format!(
-                "seed {seed}: {e}\n  replay: RC_SIM_SEED={seed} cargo test -p nvmf-transport --test rc_sim"
-            )),
+            Err(e) => failures
+                .push(format!("seed {seed}: {e}\n  replay: RC_SIM_SEED={seed} cargo test -p transport --test rc_sim")),
         }
     }
     if !summary.is_empty() {

@@ -6,10 +6,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use nvme_proto::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest};
-use nvmf_transport::soft::device::{
+use transport::soft::device::{
     CompletionQueue, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, SoftConfig,
 };
-use nvmf_transport::soft::rc::{Access, RecvWr, SendOp, SendWr, WcStatus};
+use transport::soft::rc::{Access, RecvWr, SendOp, SendWr, WcStatus};
 
 fn device(last: u8) -> Device {
     let mut config = SoftConfig::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)));
@@ -60,7 +60,7 @@ async fn connect() -> Connected {
     Connected { a, b, qa, qb, cqa, cqb, pdb, conn_a, conn_b }
 }
 
-async fn complete(cq: &CompletionQueue) -> nvmf_transport::soft::device::Completion {
+async fn complete(cq: &CompletionQueue) -> transport::soft::device::Completion {
     tokio::time::timeout(Duration::from_secs(30), cq.next()).await.expect("completion within 30 s")
 }
 
@@ -218,9 +218,9 @@ async fn ipv6_loopback() {
 /// cannot see. The peer here is a bare UDP socket speaking the protocol by hand.
 #[tokio::test]
 async fn rxe_source_ports_on_the_standard_port() {
-    use nvmf_transport::soft::wire::ext::{Deth, GSI_QKEY};
-    use nvmf_transport::soft::wire::mad::{self, CmMessage, MadHeader, Rep};
-    use nvmf_transport::soft::wire::{Bth, IpHeader, Opcode, PacketRepr, icrc, udp_port};
+    use transport::soft::wire::ext::{Deth, GSI_QKEY};
+    use transport::soft::wire::mad::{self, CmMessage, MadHeader, Rep};
+    use transport::soft::wire::{Bth, IpHeader, Opcode, PacketRepr, icrc, udp_port};
 
     let a = Device::open(SoftConfig::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)))).unwrap();
     let peer = std::net::UdpSocket::bind("127.0.0.4:4791").unwrap();
@@ -239,7 +239,7 @@ async fn rxe_source_ports_on_the_standard_port() {
     assert_eq!(from.port(), udp_port::rxe_default(1), "MADs come from QP1's port");
     let (packet, _) = PacketRepr::parse(&req_bytes).unwrap();
     let (header, CmMessage::Req(req)) = CmMessage::parse(packet.payload).unwrap() else { panic!("REQ") };
-    let (cma, _) = nvmf_transport::soft::wire::cma::CmaHeader::parse(&req.private_data).unwrap();
+    let (cma, _) = transport::soft::wire::cma::CmaHeader::parse(&req.private_data).unwrap();
 
     // Answer with a REP from "QP 0x99", as a kernel would.
     let rep = Rep {
@@ -299,7 +299,7 @@ async fn protection_domains_fence_regions() {
     let op = SendOp::RdmaWrite { remote_addr: fenced.keys.addr, rkey: fenced.keys.rkey };
     c.qa.post_send(SendWr::new(1, op, vec![1; 64])).unwrap();
     assert_eq!(complete(&c.cqa).await.wc.status, WcStatus::RemoteAccess);
-    assert!(matches!(c.b.dealloc_pd(other).await, Err(nvmf_transport::soft::device::DeviceError::PdBusy(_))));
+    assert!(matches!(c.b.dealloc_pd(other).await, Err(transport::soft::device::DeviceError::PdBusy(_))));
     assert_eq!(c.b.deregister(fenced).await.unwrap(), vec![0; 4096], "untouched");
     c.b.dealloc_pd(other).await.unwrap();
     assert!(c.b.dealloc_pd(other).await.is_err(), "already freed");
@@ -312,7 +312,7 @@ async fn protection_domains_fence_regions() {
 /// band, traffic, then ERR flushes and RESET makes the queue pair reusable. Invalid transitions are refused.
 #[tokio::test]
 async fn manual_state_machine() {
-    use nvmf_transport::soft::device::{DeviceError, QpState, QpTransition};
+    use transport::soft::device::{DeviceError, QpState, QpTransition};
     let (a, b) = (device(1), device(2));
     let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
     let (cqa, cqb) = (CompletionQueue::new(), CompletionQueue::new());

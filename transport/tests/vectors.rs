@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use nvmf_transport::soft::pcap::{self, Datagram};
-use nvmf_transport::soft::wire::ext::{GSI_QKEY, Syndrome};
-use nvmf_transport::soft::wire::{IpHeader, Opcode, PacketRepr, WireError, icrc, udp_port};
+use transport::soft::pcap::{self, Datagram};
+use transport::soft::wire::ext::{GSI_QKEY, Syndrome};
+use transport::soft::wire::{IpHeader, Opcode, PacketRepr, WireError, icrc, udp_port};
 
 const CAPTURES: [&str; 4] =
     ["connect-io-mtu1024.pcap", "connect-io-mtu1024.initiator.pcap", "cm-reject.pcap", "cm-reject.initiator.pcap"];
@@ -171,8 +171,8 @@ fn pcap_writer_round_trips() {
 mod cm {
     use super::*;
     use nvme_proto::rdma_cm::{CmAccept, CmRequest};
-    use nvmf_transport::soft::wire::cma::{self, CmaHeader};
-    use nvmf_transport::soft::wire::mad::{self, CmMessage, MadHeader};
+    use transport::soft::wire::cma::{self, CmaHeader};
+    use transport::soft::wire::mad::{self, CmMessage, MadHeader};
 
     fn mads(name: &str) -> Option<Vec<(MadHeader, CmMessage, Vec<u8>)>> {
         let datagrams = load(name)?;
@@ -258,7 +258,7 @@ mod cm {
 /// The kernel's datagrams carry IPv4 identifications our sockets never see; the ICRC still tells them.
 #[test]
 fn ipv4_identification_is_recovered_from_the_icrc() {
-    use nvmf_transport::soft::wire::icrc::IdentificationSolver;
+    use transport::soft::wire::icrc::IdentificationSolver;
     let Some(datagrams) = load("connect-io-mtu1024.pcap") else { return };
     let mut solver = IdentificationSolver::new();
     let mut nonzero = 0;

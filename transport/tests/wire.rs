@@ -2,10 +2,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use nvmf_transport::soft::wire::ext::{Aeth, AtomicEth, Deth, NakCode, Reth, Syndrome};
-use nvmf_transport::soft::wire::{Bth, IpHeader, Opcode, PacketRepr, WireError, icrc, udp_port};
 use proptest::prelude::*;
 use rstest::rstest;
+use transport::soft::wire::ext::{Aeth, AtomicEth, Deth, NakCode, Reth, Syndrome};
+use transport::soft::wire::{Bth, IpHeader, Opcode, PacketRepr, WireError, icrc, udp_port};
 
 /// A packet of `opcode` with every header it calls for filled from `seed`.
 fn full_packet(opcode: Opcode, seed: u64, payload: &[u8]) -> PacketRepr<'_> {
@@ -183,9 +183,9 @@ fn packet_pad(len: usize) -> usize {
 mod cm {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-    use nvmf_transport::soft::wire::cma::{self, CmaError, CmaHeader};
-    use nvmf_transport::soft::wire::mad::{self, CmMessage, CmPath, MadError, MadHeader, Rej, Rep, Req};
     use proptest::prelude::*;
+    use transport::soft::wire::cma::{self, CmaError, CmaHeader};
+    use transport::soft::wire::mad::{self, CmMessage, CmPath, MadError, MadHeader, Rej, Rep, Req};
 
     fn req(private_data: Vec<u8>) -> Req {
         Req {

@@ -5,8 +5,8 @@ use std::collections::BinaryHeap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use nvmf_transport::soft::rc::{Access, AccessError, RemoteMemory};
-use nvmf_transport::soft::wire::{IpHeader, PacketRepr, icrc};
+use transport::soft::rc::{Access, AccessError, RemoteMemory};
+use transport::soft::wire::{IpHeader, PacketRepr, icrc};
 
 /// splitmix64: small, seedable, good enough to drive a simulation.
 #[derive(Debug, Clone)]
