@@ -997,12 +997,7 @@ impl Worker {
         if let Some(engine) = slot.engine.as_mut() {
             engine.set_state(EngineState::Error);
             while let Some(wc) = engine.poll_completion() {
-                let cq = if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) {
-                    &slot.recv_cq
-                } else {
-                    &slot.send_cq
-                };
-                cq.push(Completion { qpn, wc });
+                completion_queue(&slot.send_cq, &slot.recv_cq, &wc).push(Completion { qpn, wc });
             }
         }
         for wr in slot.early_recvs.drain(..) {
@@ -1221,12 +1216,7 @@ impl Worker {
                 }
             }
             while let Some(wc) = engine.poll_completion() {
-                let cq = if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) {
-                    &slot.recv_cq
-                } else {
-                    &slot.send_cq
-                };
-                cq.push(Completion { qpn, wc });
+                completion_queue(&slot.send_cq, &slot.recv_cq, &wc).push(Completion { qpn, wc });
             }
             if let (Some(cause), false) = (engine.error_cause(), slot.fatal_reported) {
                 slot.fatal_reported = true;
@@ -1289,6 +1279,15 @@ fn mtu_code(mtu: usize) -> u8 {
         1025..=2048 => 4,
         _ => 5,
     }
+}
+
+/// Receives complete on the receive queue's CQ, everything else on the send queue's.
+fn completion_queue<'a>(
+    send: &'a CompletionQueue,
+    recv: &'a CompletionQueue,
+    wc: &WorkCompletion,
+) -> &'a CompletionQueue {
+    if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) { recv } else { send }
 }
 
 fn failed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>) -> WorkCompletion {
