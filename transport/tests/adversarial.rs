@@ -262,3 +262,28 @@ fn huge_reads_are_checked_before_allocating() {
     );
     assert_eq!(out, vec![(Opcode::RcAcknowledge, 1000, Some(Syndrome::Nak(NakCode::RemoteAccessError)))]);
 }
+
+/// More READs at once than the responder resources granted: the excess is an invalid RD request.
+#[test]
+fn reads_beyond_the_granted_depth_are_refused() {
+    let mut memory = SimMemory::default();
+    memory.register(KEY_RO, BASE, vec![7; 4096], Access::REMOTE_READ);
+    let mut qp = RcQp::new(RcConfig { max_dest_rd_atomic: 2, ..RcConfig::new(0x22, 0x11, 500, 1000) }).unwrap();
+    let now = Instant::now();
+    let read = Some(Reth { va: BASE, rkey: KEY_RO, len: 8 });
+    // Two READs are taken in before the responder gets to answer them; the third exceeds the grant.
+    for psn in 1000..1003 {
+        qp.handle_packet(
+            now,
+            &PacketRepr::parse(&request(Opcode::RcRdmaReadRequest, psn, read, &[])).unwrap().0,
+            &mut memory,
+        );
+    }
+    assert_eq!(qp.state(), EngineState::Error);
+    let mut out = Vec::new();
+    while let Some(mut p) = qp.poll_transmit(now) {
+        p.extend_from_slice(&[0; 4]);
+        out.push(PacketRepr::parse(&p).unwrap().0.aeth.map(|a| a.syndrome));
+    }
+    assert_eq!(out, vec![Some(Syndrome::Nak(NakCode::InvalidRdRequest))]);
+}

@@ -331,7 +331,14 @@ async fn manual_state_machine() {
     }
     // A receive posted in INIT survives into RTR.
     qb.post_recv(RecvWr { wr_id: 7, buf: vec![0; 64] }).unwrap();
-    let rtr = |peer, dest_qpn| QpTransition::Rtr { peer, dest_qpn, rq_psn: 100, path_mtu: 1024, min_rnr_timer: 12 };
+    let rtr = |peer, dest_qpn| QpTransition::Rtr {
+        peer,
+        dest_qpn,
+        rq_psn: 100,
+        path_mtu: 1024,
+        min_rnr_timer: 12,
+        max_dest_rd_atomic: 16,
+    };
     assert_eq!(a.modify_qp(&qa, rtr(b.local_addr(), qb.qpn)).await.unwrap(), QpState::Rtr);
     assert_eq!(b.modify_qp(&qb, rtr(a.local_addr(), qa.qpn)).await.unwrap(), QpState::Rtr);
     // Sends are refused before RTS (the buffer still comes back).

@@ -201,7 +201,7 @@ pub enum QpTransition {
     /// RESET → INIT: receives may be posted.
     Init,
     /// INIT → RTR: the peer's address, queue pair number and first PSN; the responder starts.
-    Rtr { peer: SocketAddr, dest_qpn: u32, rq_psn: u32, path_mtu: usize, min_rnr_timer: u8 },
+    Rtr { peer: SocketAddr, dest_qpn: u32, rq_psn: u32, path_mtu: usize, min_rnr_timer: u8, max_dest_rd_atomic: u8 },
     /// RTR → RTS: the send side's parameters; the requester starts.
     Rts { sq_psn: u32, ack_timeout: Duration, retry_cnt: u8, rnr_retry: u8, max_rd_atomic: u8 },
     /// Any → ERR: outstanding work completes with a flush error.
@@ -940,13 +940,14 @@ impl Worker {
                 QpState::Reset | QpState::Init => slot.state = QpState::Init,
                 from => return bad(from, "INIT"),
             },
-            QpTransition::Rtr { peer, dest_qpn, rq_psn, path_mtu, min_rnr_timer } => {
+            QpTransition::Rtr { peer, dest_qpn, rq_psn, path_mtu, min_rnr_timer, max_dest_rd_atomic } => {
                 if slot.state != QpState::Init {
                     return bad(slot.state, "RTR");
                 }
                 let config = RcConfig {
                     mtu: path_mtu.min(self.config.mtu),
                     min_rnr_timer,
+                    max_dest_rd_atomic,
                     window: self.config.window,
                     ..RcConfig::new(qpn, dest_qpn, slot.start_psn, rq_psn)
                 };
@@ -1093,7 +1094,9 @@ impl Worker {
             rnr_retry: options.rnr_retry_count.min(self.config.rnr_retry),
             ack_timeout: self.config.ack_timeout,
             window: self.config.window,
-            max_rd_atomic: options.initiator_depth.max(1),
+            // READs we issue: what we asked for, within what the peer grants; READs we serve: what we grant.
+            max_rd_atomic: options.initiator_depth.min(peer.responder_resources).max(1),
+            max_dest_rd_atomic: options.responder_resources.max(1),
             ..RcConfig::new(qpn, peer.qpn, slot.start_psn, peer.start_psn)
         };
         let Ok(mut engine) = RcQp::new(config) else {

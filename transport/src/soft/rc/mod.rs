@@ -49,6 +49,8 @@ pub struct RcConfig {
     pub min_rnr_timer: u8,
     /// RDMA READs this side may have outstanding.
     pub max_rd_atomic: u8,
+    /// RDMA READs the peer may have outstanding at this side (responder resources).
+    pub max_dest_rd_atomic: u8,
     /// Packets in flight before waiting for ACKs.
     pub window: u32,
 }
@@ -66,6 +68,7 @@ impl RcConfig {
             ack_timeout: Duration::from_millis(20),
             min_rnr_timer: 12,
             max_rd_atomic: 16,
+            max_dest_rd_atomic: 16,
             window: 256,
         }
     }

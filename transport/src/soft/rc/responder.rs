@@ -48,19 +48,22 @@ enum Output {
         syndrome: Syndrome,
         msn: u32,
     },
-    /// READ responses: data snapshotted when the request executed.
+    /// READ responses: data snapshotted when the request executed. `replay` marks answers to a duplicate
+    /// request, which take no new responder resource.
     Read {
         first_psn: u32,
         data: Vec<u8>,
         next: u32,
         npkts: u32,
         msn: u32,
+        replay: bool,
     },
 }
 
 #[derive(Debug)]
 pub struct Responder {
     dest_qpn: u32,
+    max_dest_rd_atomic: usize,
     mtu: usize,
     min_rnr_timer: u8,
     epsn: u32,
@@ -83,6 +86,7 @@ impl Responder {
     pub fn new(config: &RcConfig) -> Responder {
         Responder {
             dest_qpn: config.dest_qpn,
+            max_dest_rd_atomic: config.max_dest_rd_atomic.max(1) as usize,
             mtu: config.mtu,
             min_rnr_timer: config.min_rnr_timer,
             epsn: config.recv_psn & MASK_24,
@@ -249,6 +253,12 @@ impl Responder {
                 self.msn = (self.msn + 1) & MASK_24;
             }
         } else if op == Opcode::RcRdmaReadRequest {
+            // More READs in flight than the responder resources granted at connection time.
+            if self.output.iter().filter(|o| matches!(o, Output::Read { replay: false, .. })).count()
+                >= self.max_dest_rd_atomic
+            {
+                return Err(Fatal(NakCode::InvalidRdRequest));
+            }
             let reth = p.reth.ok_or(Fatal(NakCode::InvalidRequest))?;
             let data =
                 self.read(reth.rkey, reth.va, reth.len, memory).map_err(|_| Fatal(NakCode::RemoteAccessError))?;
@@ -265,7 +275,14 @@ impl Responder {
             }
             self.msn = (self.msn + 1) & MASK_24;
             self.epsn = psn::add(self.epsn, npkts);
-            self.output.push_back(Output::Read { first_psn: p.bth.psn, data, next: 0, npkts, msn: self.msn });
+            self.output.push_back(Output::Read {
+                first_psn: p.bth.psn,
+                data,
+                next: 0,
+                npkts,
+                msn: self.msn,
+                replay: false,
+            });
             return Ok(());
         } else {
             // Atomics are not offered (max_dest_rd_atomic covers READs only).
@@ -328,7 +345,7 @@ impl Responder {
             }
             let Ok(data) = self.read(reth.rkey, reth.va, reth.len, memory) else { return };
             let npkts = record.npkts - psn::diff(q, record.first_psn) as u32;
-            self.output.push_back(Output::Read { first_psn: q, data, next: 0, npkts, msn: self.msn });
+            self.output.push_back(Output::Read { first_psn: q, data, next: 0, npkts, msn: self.msn, replay: true });
         } else {
             // Already executed: acknowledge again so the requester can move on (C9-105).
             self.ack(psn::sub(self.epsn, 1));
@@ -366,7 +383,7 @@ impl Responder {
                 emit(p, &mut out);
                 (out, None)
             }
-            Output::Read { first_psn, data, next, npkts, msn } => {
+            Output::Read { first_psn, data, next, npkts, msn, replay } => {
                 use Opcode::*;
                 let opcode = match (next == 0, next + 1 == npkts) {
                     (true, true) => RcRdmaReadResponseOnly,
@@ -382,7 +399,8 @@ impl Responder {
                     p.aeth = Some(Aeth { syndrome: Syndrome::ACK_NO_CREDITS, msn });
                 }
                 emit(p, &mut out);
-                let rest = (next + 1 < npkts).then_some(Output::Read { first_psn, data, next: next + 1, npkts, msn });
+                let rest =
+                    (next + 1 < npkts).then_some(Output::Read { first_psn, data, next: next + 1, npkts, msn, replay });
                 (out, rest)
             }
         }
