@@ -108,7 +108,7 @@ async fn pair() -> Pair {
 /// before the clock starts.
 async fn soft_send(p: &Pair, size: usize, count: usize, depth: usize) -> f64 {
     for i in 0..count {
-        p.qb.post_recv(RecvWr { wr_id: i as u64, buf: vec![0; size] }).unwrap();
+        p.qb.post_recv(RecvWr::new(i as u64, vec![0; size])).unwrap();
     }
     let start = Instant::now();
     let (mut posted, mut done, mut received) = (0, 0, 0);

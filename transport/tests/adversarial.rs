@@ -105,12 +105,12 @@ fn lengths_that_lie_are_invalid_requests() {
     assert_eq!(out[0].2, Some(Syndrome::Nak(NakCode::InvalidRequest)));
     // A first packet shorter than the MTU.
     let (mut qp, mut memory) = responder();
-    qp.post_recv(RecvWr { wr_id: 1, buf: vec![0; 8192] }).unwrap();
+    qp.post_recv(RecvWr::new(1, vec![0; 8192])).unwrap();
     let out = feed(&mut qp, &mut memory, &request(Opcode::RcSendFirst, 1000, None, &[0; 100]));
     assert_eq!(out[0].2, Some(Syndrome::Nak(NakCode::InvalidRequest)));
     // A SEND larger than the posted receive: the receive completes with a length error.
     let (mut qp, mut memory) = responder();
-    qp.post_recv(RecvWr { wr_id: 1, buf: vec![0; 10] }).unwrap();
+    qp.post_recv(RecvWr::new(1, vec![0; 10])).unwrap();
     let out = feed(&mut qp, &mut memory, &request(Opcode::RcSendOnly, 1000, None, &[5; 20]));
     assert_eq!(out[0].2, Some(Syndrome::Nak(NakCode::InvalidRequest)));
     let wc = qp.poll_completion().unwrap();

@@ -166,6 +166,12 @@ fn run(seed: u64) -> Result<String, String> {
                 vec![0xee; *len],
             ),
         };
+        let wr = if rng.chance(0.3) {
+            let segments = split(&mut rng, wr.buf.clone());
+            SendWr { buf: Vec::new(), sg_list: segments, ..wr }
+        } else {
+            wr
+        };
         sides[from].qp.post_send(wr).map_err(|(e, _)| e.to_string())?;
         sides[from].issued.push_back((wr_id, op));
     }
@@ -181,9 +187,13 @@ fn run(seed: u64) -> Result<String, String> {
         for side in sides.iter_mut() {
             while side.pending_recvs.front().is_some_and(|(at, _)| *at <= now) {
                 let (_, capacity) = side.pending_recvs.pop_front().expect("front");
-                side.qp
-                    .post_recv(RecvWr { wr_id: 1_000_000 + side.completions.len() as u64, buf: vec![0; capacity] })
-                    .map_err(|(e, _)| e.to_string())?;
+                let wr_id = 1_000_000 + side.completions.len() as u64;
+                let wr = if rng.chance(0.3) {
+                    RecvWr::with_sg_list(wr_id, split(&mut rng, vec![0; capacity]))
+                } else {
+                    RecvWr::new(wr_id, vec![0; capacity])
+                };
+                side.qp.post_recv(wr).map_err(|(e, _)| e.to_string())?;
             }
         }
         let mut busy = false;
@@ -262,6 +272,25 @@ fn run(seed: u64) -> Result<String, String> {
     ))
 }
 
+/// Cuts a buffer into 1 to 5 segments of random sizes (empty ones included).
+fn split(rng: &mut Rng, buf: Vec<u8>) -> Vec<Vec<u8>> {
+    let pieces = 1 + rng.below(5) as usize;
+    let mut cuts: Vec<usize> = (1..pieces).map(|_| rng.below(buf.len() as u64 + 1) as usize).collect();
+    cuts.sort_unstable();
+    let mut out = Vec::new();
+    let mut start = 0;
+    for cut in cuts.into_iter().chain([buf.len()]) {
+        out.push(buf[start..cut].to_vec());
+        start = cut;
+    }
+    out
+}
+
+/// The data a completion hands back, whether as one buffer or as segments.
+fn data(wc: &WorkCompletion) -> Vec<u8> {
+    if wc.sg_list.is_empty() { wc.buf.clone() } else { wc.sg_list.concat() }
+}
+
 fn verify(sides: &[Side]) -> Result<(), String> {
     for (i, side) in sides.iter().enumerate() {
         let peer = &sides[1 - i];
@@ -279,7 +308,7 @@ fn verify(sides: &[Side]) -> Result<(), String> {
             }
             match op {
                 Op::Send { data, .. } => {
-                    if wc.opcode != WcOpcode::Send || wc.buf != *data {
+                    if wc.opcode != WcOpcode::Send || self::data(wc) != *data {
                         return Err(format!("side {i}: SEND wr {} handed back another buffer", wc.wr_id));
                     }
                 }
@@ -295,8 +324,9 @@ fn verify(sides: &[Side]) -> Result<(), String> {
                 }
                 Op::Read { offset, len } => {
                     let source = &peer.memory.region(READ_KEY).data[*offset..offset + len];
-                    if wc.opcode != WcOpcode::RdmaRead || wc.buf != source || wc.byte_len as usize != *len {
-                        let at = wc.buf.iter().zip(source).position(|(a, b)| a != b);
+                    let got = self::data(wc);
+                    if wc.opcode != WcOpcode::RdmaRead || got != source || wc.byte_len as usize != *len {
+                        let at = got.iter().zip(source).position(|(a, b)| a != b);
                         return Err(format!("side {i}: READ wr {} of {len} bytes differs (first at {at:?})", wc.wr_id));
                     }
                 }
@@ -312,7 +342,9 @@ fn verify(sides: &[Side]) -> Result<(), String> {
         }
         for (wc, (data, imm, inv)) in recvs.iter().zip(&side.expected_recvs) {
             let len = wc.byte_len as usize;
-            let got = if wc.opcode == WcOpcode::RecvRdmaWithImm { &[][..] } else { &wc.buf[..len.min(wc.buf.len())] };
+            let received = self::data(wc);
+            let got =
+                if wc.opcode == WcOpcode::RecvRdmaWithImm { &[][..] } else { &received[..len.min(received.len())] };
             if wc.status != WcStatus::Success || got != data.as_slice() || wc.imm != *imm || wc.invalidated_rkey != *inv
             {
                 return Err(format!(

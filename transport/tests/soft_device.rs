@@ -82,7 +82,7 @@ async fn send_write_read_and_disconnect() {
     let base_a = c.a.stats().await.unwrap();
 
     // SEND of 10 KiB into a posted receive.
-    c.qb.post_recv(RecvWr { wr_id: 1, buf: vec![0; 16 << 10] }).unwrap();
+    c.qb.post_recv(RecvWr::new(1, vec![0; 16 << 10])).unwrap();
     let msg = pattern(10 << 10, 7);
     c.qa.post_send(SendWr::new(2, SendOp::Send, msg.clone())).unwrap();
     let sent = complete(&c.cqa).await;
@@ -155,7 +155,7 @@ async fn passive_side_disconnects_and_flushes() {
     let c = connect().await;
     // Receives posted on A are flushed (and handed back) when B disconnects.
     for i in 0..4 {
-        c.qa.post_recv(RecvWr { wr_id: i, buf: vec![0; 4096] }).unwrap();
+        c.qa.post_recv(RecvWr::new(i, vec![0; 4096])).unwrap();
     }
     c.b.disconnect(c.conn_b).await.unwrap();
     assert_eq!(event(&c.b).await, DeviceEvent::Disconnected { conn: c.conn_b });
@@ -330,7 +330,7 @@ async fn manual_state_machine() {
         assert_eq!(dev.modify_qp(qp, QpTransition::Init).await.unwrap(), QpState::Init);
     }
     // A receive posted in INIT survives into RTR.
-    qb.post_recv(RecvWr { wr_id: 7, buf: vec![0; 64] }).unwrap();
+    qb.post_recv(RecvWr::new(7, vec![0; 64])).unwrap();
     let rtr = |peer, dest_qpn| QpTransition::Rtr {
         peer,
         dest_qpn,
@@ -354,7 +354,7 @@ async fn manual_state_machine() {
     assert_eq!((got.wr_id, got.status, got.imm, &got.buf[..5]), (7, WcStatus::Success, Some(0xfeed), &b"hello"[..]));
     // ERR flushes what is posted; RESET then INIT makes it usable again.
     for i in 0..3 {
-        qb.post_recv(RecvWr { wr_id: 10 + i, buf: vec![0; 8] }).unwrap();
+        qb.post_recv(RecvWr::new(10 + i, vec![0; 8])).unwrap();
     }
     assert_eq!(b.modify_qp(&qb, QpTransition::Error).await.unwrap(), QpState::Error);
     for i in 0..3 {
@@ -374,7 +374,7 @@ async fn shared_receive_queue() {
     b.listen(4420, 8).await.unwrap();
     let srq = b.create_srq(&pdb).await.unwrap();
     for i in 0..6 {
-        srq.post_recv(RecvWr { wr_id: 100 + i, buf: vec![0; 32] }).unwrap();
+        srq.post_recv(RecvWr::new(100 + i, vec![0; 32])).unwrap();
     }
     let cqb = CompletionQueue::new();
     let mut senders = Vec::new();
@@ -388,7 +388,7 @@ async fn shared_receive_queue() {
         assert!(matches!(event(&a).await, DeviceEvent::Established { .. }));
         assert!(matches!(event(&b).await, DeviceEvent::Established { .. }));
         // Posting on the queue pair itself is refused: its receives belong to the shared queue.
-        qb.post_recv(RecvWr { wr_id: 1, buf: vec![0; 8] }).unwrap();
+        qb.post_recv(RecvWr::new(1, vec![0; 8])).unwrap();
         assert_eq!(complete(&cqb).await.wc.status, WcStatus::WrFlush);
         senders.push((qa, cqa, qb));
     }
@@ -414,4 +414,26 @@ async fn shared_receive_queue() {
     let left = b.destroy_srq(&srq).await.unwrap();
     assert_eq!(left.iter().map(|w| w.wr_id).collect::<Vec<_>>(), vec![104, 105]);
     assert_eq!(b.stats().await.unwrap().shared_receive_queues, 0);
+}
+
+/// Scatter/gather lists: a SEND gathered from three segments lands across a receive's two segments; a READ
+/// scatters into two; every segment comes back to its owner with its own length.
+#[tokio::test]
+async fn scatter_gather_lists() {
+    let c = connect().await;
+    c.qb.post_recv(RecvWr::with_sg_list(1, vec![vec![0; 4], vec![0; 20]])).unwrap();
+    let segments = vec![b"ab".to_vec(), b"cdef".to_vec(), b"ghij".to_vec()];
+    c.qa.post_send(SendWr::with_sg_list(2, SendOp::Send, segments.clone())).unwrap();
+    let sent = complete(&c.cqa).await.wc;
+    assert_eq!((sent.status, &sent.sg_list, sent.buf.is_empty()), (WcStatus::Success, &segments, true));
+    let got = complete(&c.cqb).await.wc;
+    assert_eq!((got.status, got.byte_len), (WcStatus::Success, 10));
+    assert_eq!(got.sg_list, vec![b"abcd".to_vec(), b"efghij\0\0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec()]);
+
+    let region = c.b.register(&c.pdb, (0..64u8).collect(), Access::REMOTE_READ).await.unwrap();
+    let op = SendOp::RdmaRead { remote_addr: region.keys.addr + 8, rkey: region.keys.rkey };
+    c.qa.post_send(SendWr::with_sg_list(3, op, vec![vec![0; 3], vec![], vec![0; 5]])).unwrap();
+    let read = complete(&c.cqa).await.wc;
+    assert_eq!((read.status, read.byte_len), (WcStatus::Success, 8));
+    assert_eq!(read.sg_list, vec![vec![8, 9, 10], vec![], vec![11, 12, 13, 14, 15]]);
 }

@@ -805,12 +805,26 @@ impl Worker {
                 let result = if self.qps.values().any(|q| q.srq == Some(id)) {
                     Err(DeviceError::SrqBusy(id))
                 } else {
-                    self.srqs.remove(&id).map(|(_, q)| q.into_iter().collect()).ok_or(DeviceError::UnknownSrq(id))
+                    self.srqs
+                        .remove(&id)
+                        .map(|(_, queue)| {
+                            queue
+                                .into_iter()
+                                .map(|mut wr| {
+                                    super::rc::wr::scatter(&mut wr.buf, &mut wr.sg_list, 0);
+                                    wr
+                                })
+                                .collect()
+                        })
+                        .ok_or(DeviceError::UnknownSrq(id))
                 };
                 let _ = reply.send(result);
             }
-            Command::PostSrqRecv(id, wr) => match self.srqs.get_mut(&id) {
-                Some((_, queue)) => queue.push_back(wr),
+            Command::PostSrqRecv(id, mut wr) => match self.srqs.get_mut(&id) {
+                Some((_, queue)) => {
+                    super::rc::wr::gather(&mut wr.buf, &wr.sg_list);
+                    queue.push_back(wr)
+                }
                 None => {
                     tracing::warn!(srq = id, wr_id = wr.wr_id, "receive posted on a destroyed shared receive queue")
                 }
@@ -902,13 +916,13 @@ impl Worker {
         match (slot.state, slot.engine.as_mut()) {
             (QpState::Rts, Some(engine)) => {
                 if let Err((_, wr)) = engine.post_send(wr) {
-                    slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
+                    slot.send_cq.push(Completion { qpn, wc: failed_send(wr) });
                 }
             }
             // Connecting through the CM: the request goes out once the connection is up.
             (QpState::Reset | QpState::Init, None) if slot.conn.is_some() => slot.early_sends.push(wr),
             // Sends before RTS, or after an error, are refused (and the buffer handed back).
-            _ => slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) }),
+            _ => slot.send_cq.push(Completion { qpn, wc: failed_send(wr) }),
         }
     }
 
@@ -916,18 +930,16 @@ impl Worker {
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
         if slot.srq.is_some() {
             // Its receives come from the shared queue: posting here is an error, as in verbs.
-            slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
+            slot.recv_cq.push(Completion { qpn, wc: failed_recv(wr) });
             return;
         }
         match slot.engine.as_mut() {
             Some(engine) => {
                 if let Err((_, wr)) = engine.post_recv(wr) {
-                    slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
+                    slot.recv_cq.push(Completion { qpn, wc: failed_recv(wr) });
                 }
             }
-            None if slot.state == QpState::Error => {
-                slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) })
-            }
+            None if slot.state == QpState::Error => slot.recv_cq.push(Completion { qpn, wc: failed_recv(wr) }),
             None => slot.early_recvs.push(wr),
         }
     }
@@ -1002,10 +1014,10 @@ impl Worker {
             }
         }
         for wr in slot.early_recvs.drain(..) {
-            slot.recv_cq.push(Completion { qpn, wc: failed(wr.wr_id, WcOpcode::Recv, wr.buf) });
+            slot.recv_cq.push(Completion { qpn, wc: failed_recv(wr) });
         }
         for wr in slot.early_sends.drain(..) {
-            slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
+            slot.send_cq.push(Completion { qpn, wc: failed_send(wr) });
         }
     }
 
@@ -1186,7 +1198,7 @@ impl Worker {
                 slot.conn = None;
                 let qpn = binding.qpn.unwrap_or_default();
                 for wr in slot.early_sends.drain(..) {
-                    slot.send_cq.push(Completion { qpn, wc: failed(wr.wr_id, wr.opcode(), wr.buf) });
+                    slot.send_cq.push(Completion { qpn, wc: failed_send(wr) });
                 }
             }
         }
@@ -1293,6 +1305,25 @@ fn completion_queue<'a>(
     if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) { recv } else { send }
 }
 
-fn failed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>) -> WorkCompletion {
-    WorkCompletion { wr_id, status: WcStatus::WrFlush, opcode, byte_len: 0, imm: None, invalidated_rkey: None, buf }
+fn failed_send(wr: SendWr) -> WorkCompletion {
+    let opcode = wr.opcode();
+    flushed(wr.wr_id, opcode, wr.buf, wr.sg_list)
+}
+
+fn failed_recv(wr: RecvWr) -> WorkCompletion {
+    flushed(wr.wr_id, WcOpcode::Recv, wr.buf, wr.sg_list)
+}
+
+/// A request that never ran: flushed, with what it was posted with handed back.
+fn flushed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>, sg_list: Vec<Vec<u8>>) -> WorkCompletion {
+    WorkCompletion {
+        wr_id,
+        status: WcStatus::WrFlush,
+        opcode,
+        byte_len: 0,
+        imm: None,
+        invalidated_rkey: None,
+        buf,
+        sg_list,
+    }
 }

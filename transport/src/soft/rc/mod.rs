@@ -190,24 +190,27 @@ impl RcQp {
         Ok(())
     }
 
-    pub fn post_send(&mut self, wr: SendWr) -> Result<(), (PostError, SendWr)> {
+    pub fn post_send(&mut self, mut wr: SendWr) -> Result<(), (PostError, SendWr)> {
         if self.state == EngineState::Error {
             return Err((PostError::QpError, wr));
         }
-        if wr.buf.len() > 1 << 31 {
-            return Err((PostError::TooLong(wr.buf.len()), wr));
+        let len = if wr.sg_list.is_empty() { wr.buf.len() } else { wr.sg_list.iter().map(Vec::len).sum() };
+        if len > 1 << 31 {
+            return Err((PostError::TooLong(len), wr));
         }
-        if matches!(wr.op, SendOp::RdmaRead { .. }) && wr.buf.is_empty() {
+        if matches!(wr.op, SendOp::RdmaRead { .. }) && len == 0 {
             return Err((PostError::EmptyRead, wr));
         }
+        wr::gather(&mut wr.buf, &wr.sg_list);
         self.requester.post(wr);
         Ok(())
     }
 
-    pub fn post_recv(&mut self, wr: RecvWr) -> Result<(), (PostError, RecvWr)> {
+    pub fn post_recv(&mut self, mut wr: RecvWr) -> Result<(), (PostError, RecvWr)> {
         if self.state == EngineState::Error {
             return Err((PostError::QpError, wr));
         }
+        wr::gather(&mut wr.buf, &wr.sg_list);
         self.responder.post(wr);
         Ok(())
     }

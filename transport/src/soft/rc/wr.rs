@@ -1,6 +1,10 @@
 //! Work requests and work completions as the RC engine sees them. Buffers are leased by ownership: posting a
 //! request moves its buffer into the engine, and the completion hands the same buffer back (filled, for RECV
 //! and RDMA READ), whatever the outcome.
+//!
+//! A request's data is either one buffer (`buf`) or a scatter/gather list (`sg_list`, when non-empty): the
+//! message is the segments' concatenation, and the completion hands the segments back, filled in order. The
+//! engine gathers a list into one buffer while the request is in flight (one copy) and scatters it back.
 
 /// What a send-queue work request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,12 +37,19 @@ pub struct SendWr {
     /// Every request completes — there are no unsignaled requests — because the completion is what hands the
     /// buffer back.
     pub buf: Vec<u8>,
+    /// Segments instead of `buf`, when non-empty.
+    pub sg_list: Vec<Vec<u8>>,
     pub solicited: bool,
 }
 
 impl SendWr {
     pub fn new(wr_id: u64, op: SendOp, buf: Vec<u8>) -> SendWr {
-        SendWr { wr_id, op, buf, solicited: false }
+        SendWr { wr_id, op, buf, sg_list: Vec::new(), solicited: false }
+    }
+
+    /// A request whose data is the concatenation of `segments`.
+    pub fn with_sg_list(wr_id: u64, op: SendOp, segments: Vec<Vec<u8>>) -> SendWr {
+        SendWr { wr_id, op, buf: Vec::new(), sg_list: segments, solicited: false }
     }
 
     pub fn opcode(&self) -> WcOpcode {
@@ -55,6 +66,43 @@ pub struct RecvWr {
     pub wr_id: u64,
     /// Receive buffer; its length is the largest message it accepts.
     pub buf: Vec<u8>,
+    /// Segments instead of `buf`, when non-empty (the message fills them in order).
+    pub sg_list: Vec<Vec<u8>>,
+}
+
+impl RecvWr {
+    pub fn new(wr_id: u64, buf: Vec<u8>) -> RecvWr {
+        RecvWr { wr_id, buf, sg_list: Vec::new() }
+    }
+
+    pub fn with_sg_list(wr_id: u64, segments: Vec<Vec<u8>>) -> RecvWr {
+        RecvWr { wr_id, buf: Vec::new(), sg_list: segments }
+    }
+}
+
+/// Gathers a scatter/gather list into `buf` (no-op for a single buffer).
+pub(crate) fn gather(buf: &mut Vec<u8>, sg_list: &[Vec<u8>]) {
+    if !sg_list.is_empty() {
+        *buf = sg_list.concat();
+    }
+}
+
+/// Scatters the first `len` bytes of `buf` back into the segments (no-op without a list); the gathered copy
+/// is released so that the completion hands back exactly what was posted.
+pub(crate) fn scatter(buf: &mut Vec<u8>, sg_list: &mut [Vec<u8>], len: usize) {
+    if sg_list.is_empty() {
+        return;
+    }
+    let mut at = 0;
+    for segment in sg_list.iter_mut() {
+        if at >= len {
+            break;
+        }
+        let n = segment.len().min(len - at);
+        segment[..n].copy_from_slice(&buf[at..at + n]);
+        at += n;
+    }
+    *buf = Vec::new();
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,4 +146,6 @@ pub struct WorkCompletion {
     pub invalidated_rkey: Option<u32>,
     /// The buffer the request was posted with, handed back.
     pub buf: Vec<u8>,
+    /// The scatter/gather list the request was posted with, handed back (filled for RECV and RDMA READ).
+    pub sg_list: Vec<Vec<u8>>,
 }
