@@ -182,6 +182,10 @@ pub enum DeviceEvent {
     },
     /// The netdev was deleted: every queue pair is in the error state and the device serves nothing more.
     DeviceRemoval,
+    /// The device's socket failed beyond recovery: every queue pair is in the error state.
+    DeviceFatal {
+        reason: String,
+    },
 }
 
 /// Queue pair states (verbs' RESET / INIT / RTR / RTS / ERR).
@@ -652,7 +656,16 @@ impl Worker {
             tokio::select! {
                 received = self.socket.recv_from(&mut buf) => match received {
                     Ok((n, from)) => self.on_datagram(&buf[..n], from),
-                    Err(e) => tracing::debug!(local = %self.local, "recv: {e}"),
+                    Err(e) if socket_error_is_transient(e.kind()) => tracing::debug!(local = %self.local, "recv: {e}"),
+                    Err(e) => {
+                        // The socket itself is broken: nothing more will arrive. Fail every queue pair (their work
+                        // is flushed back), say so, and stop serving.
+                        tracing::error!(local = %self.local, "device failed: {e}");
+                        self.fail_all_qps();
+                        let _ = self.events.send(DeviceEvent::DeviceFatal { reason: e.to_string() });
+                        self.flush_outputs().await;
+                        break;
+                    }
                 },
                 command = commands.recv() => match command {
                     None | Some(Command::Shutdown) => break,
@@ -686,15 +699,19 @@ impl Worker {
             NetdevEvent::Removed => {
                 self.removed = true;
                 self.stats.port_up = false;
-                for slot in self.qps.values_mut() {
-                    if let Some(engine) = slot.engine.as_mut() {
-                        engine.set_state(EngineState::Error);
-                    }
-                }
+                self.fail_all_qps();
                 DeviceEvent::DeviceRemoval
             }
         };
         let _ = self.events.send(out);
+    }
+
+    fn fail_all_qps(&mut self) {
+        for slot in self.qps.values_mut() {
+            if let Some(engine) = slot.engine.as_mut() {
+                engine.set_state(EngineState::Error);
+            }
+        }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -1269,6 +1286,25 @@ impl Worker {
     }
 }
 
+/// Errors a UDP socket reports for one datagram or an ICMP message about an earlier one; anything else means
+/// the socket itself is broken.
+fn socket_error_is_transient(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        kind,
+        WouldBlock
+            | Interrupted
+            | TimedOut
+            | ConnectionRefused
+            | ConnectionReset
+            | HostUnreachable
+            | NetworkUnreachable
+            | NetworkDown
+            | AddrNotAvailable
+            | OutOfMemory
+    )
+}
+
 /// The IP header the ICRC covers, as the kernel builds it for our datagrams (identification 0 on both ends;
 /// the receiving socket cannot see the real one).
 fn ip_header(src: IpAddr, dst: IpAddr, roce_len_without_icrc: usize) -> IpHeader {
@@ -1325,5 +1361,20 @@ fn flushed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>, sg_list: Vec<Vec<u8>>) ->
         invalidated_rkey: None,
         buf,
         sg_list,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+
+    #[test]
+    fn which_socket_errors_are_fatal() {
+        for transient in [ErrorKind::WouldBlock, ErrorKind::ConnectionRefused, ErrorKind::NetworkUnreachable] {
+            assert!(super::socket_error_is_transient(transient), "{transient:?}");
+        }
+        for fatal in [ErrorKind::InvalidInput, ErrorKind::PermissionDenied, ErrorKind::Unsupported, ErrorKind::Other] {
+            assert!(!super::socket_error_is_transient(fatal), "{fatal:?}");
+        }
     }
 }
