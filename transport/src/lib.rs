@@ -6,11 +6,11 @@
 //! (poll up to N, or await the next completion from tokio), RC [`QueuePair`]s (RESET / INIT / RTR / RTS / ERR,
 //! or driven by the connection manager), [`SharedReceiveQueue`]s, work requests SEND, SEND_WITH_INV,
 //! SEND_WITH_IMM, RDMA_WRITE, RDMA_WRITE_WITH_IMM, RDMA_READ and RECV (one buffer or a scatter/gather list),
-//! work completions with flush-with-error,
-//! and a connection manager carrying private data (listen, connect, accept, reject, disconnect; events
-//! CONNECT_REQUEST, ESTABLISHED, REJECTED, UNREACHABLE, DISCONNECTED, TIMEWAIT_EXIT, ADDR_CHANGE,
-//! DEVICE_REMOVAL, PORT_ACTIVE, PORT_ERR, QP_FATAL, DEVICE_FATAL). Buffers are leased by ownership: posting moves a buffer in,
-//! its completion hands it back; a registered region belongs to the device until deregistered.
+//! work completions with flush-with-error, and a connection manager carrying private data (listen, connect,
+//! accept, reject, disconnect; events CONNECT_REQUEST, ESTABLISHED, REJECTED, UNREACHABLE, DISCONNECTED,
+//! TIMEWAIT_EXIT, ADDR_CHANGE, DEVICE_REMOVAL, PORT_ACTIVE, PORT_ERR, QP_FATAL, DEVICE_FATAL). Buffers are leased
+//! by ownership: posting moves a buffer in, its completion hands it back; a registered region belongs to the
+//! device until deregistered.
 //!
 //! Providers: [`soft`], a userspace RoCEv2 (RC over UDP 4791, IB CM on QP1) wire-compatible with Linux rxe,
 //! needing no hardware, root or kernel module — the one behind the surface today. The `verbs` provider
