@@ -10,3 +10,4 @@ pub mod netdev;
 pub mod pcap;
 pub mod rc;
 pub mod wire;
+mod worker;
