@@ -1,7 +1,9 @@
 //! `soft`: a userspace RoCEv2 provider, wire-compatible with Linux rxe.
 //!
 //! Protocol logic is sans-IO: [`wire`] holds the packet formats (bytes in, typed values out and back); the RC
-//! engine and the CM will be state machines fed packets and time; sockets and threads live in a thin driver.
+//! engine ([`rc`]) and the connection manager ([`cm`]) are state machines fed packets and time. Sockets,
+//! threads and clocks live in the driver: [`device`] (the handles an application holds) and its worker thread;
+//! [`netdev`] watches the network device over rtnetlink.
 
 pub mod cm;
 pub mod device;
