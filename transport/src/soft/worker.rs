@@ -751,19 +751,24 @@ impl Worker {
             }
         }
         for (dst, mut bytes, source_port) in out {
-            let socket = match source_port {
+            // The socket bound to the source port rxe would use, else the device socket (and its port).
+            let local = self.local;
+            let (socket, from_port) = match source_port {
                 Some(port) => {
-                    let local = self.local.ip();
                     let entry = self.source_sockets.entry(port).or_insert_with(|| {
-                        bind(SocketAddr::new(local, port)).ok().and_then(|s| tokio::net::UdpSocket::from_std(s).ok())
+                        bind(SocketAddr::new(local.ip(), port))
+                            .ok()
+                            .and_then(|s| tokio::net::UdpSocket::from_std(s).ok())
                     });
-                    entry.as_ref().unwrap_or(&self.socket)
+                    match entry.as_ref() {
+                        Some(socket) => (socket, port),
+                        None => (&self.socket, local.port()),
+                    }
                 }
-                None => &self.socket,
+                None => (&self.socket, local.port()),
             };
-            let Ok(from) = socket.local_addr() else { continue };
-            let ip = ip_header(self.local.ip(), dst.ip(), bytes.len());
-            if icrc::append(&ip, from.port(), &mut bytes).is_err() {
+            let ip = ip_header(local.ip(), dst.ip(), bytes.len());
+            if icrc::append(&ip, from_port, &mut bytes).is_err() {
                 continue;
             }
             match socket.send_to(&bytes, dst).await {
