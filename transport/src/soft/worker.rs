@@ -849,16 +849,7 @@ fn failed_recv(wr: RecvWr) -> WorkCompletion {
 
 /// A request that never ran: flushed, with what it was posted with handed back.
 fn flushed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>, sg_list: Vec<Vec<u8>>) -> WorkCompletion {
-    WorkCompletion {
-        wr_id,
-        status: WcStatus::WrFlush,
-        opcode,
-        byte_len: 0,
-        imm: None,
-        invalidated_rkey: None,
-        buf,
-        sg_list,
-    }
+    WorkCompletion::new(wr_id, WcStatus::WrFlush, opcode, 0, buf, sg_list, 0)
 }
 
 pub(super) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {

@@ -487,20 +487,10 @@ fn emit(mut p: PacketRepr<'_>, dest_qpn: u32, mtu: usize) -> Vec<u8> {
     out
 }
 
-fn completion(mut wr: SendWr, status: WcStatus) -> WorkCompletion {
+fn completion(wr: SendWr, status: WcStatus) -> WorkCompletion {
     let opcode: WcOpcode = wr.opcode();
     let byte_len = if status == WcStatus::Success { wr.buf.len() as u32 } else { 0 };
     // A READ's data lands in the segments; a SEND's or WRITE's segments are handed back as posted.
     let filled = if opcode == WcOpcode::RdmaRead { byte_len as usize } else { 0 };
-    super::wr::scatter(&mut wr.buf, &mut wr.sg_list, filled);
-    WorkCompletion {
-        wr_id: wr.wr_id,
-        status,
-        opcode,
-        byte_len,
-        imm: None,
-        invalidated_rkey: None,
-        buf: wr.buf,
-        sg_list: wr.sg_list,
-    }
+    WorkCompletion::new(wr.wr_id, status, opcode, byte_len, wr.buf, wr.sg_list, filled)
 }

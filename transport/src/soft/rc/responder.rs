@@ -419,17 +419,7 @@ impl Responder {
     }
 }
 
-fn recv_completion(mut wr: RecvWr, status: WcStatus, opcode: WcOpcode, byte_len: u32) -> WorkCompletion {
+fn recv_completion(wr: RecvWr, status: WcStatus, opcode: WcOpcode, byte_len: u32) -> WorkCompletion {
     let filled = if opcode == WcOpcode::Recv { byte_len as usize } else { 0 };
-    super::wr::scatter(&mut wr.buf, &mut wr.sg_list, filled);
-    WorkCompletion {
-        wr_id: wr.wr_id,
-        status,
-        opcode,
-        byte_len,
-        imm: None,
-        invalidated_rkey: None,
-        buf: wr.buf,
-        sg_list: wr.sg_list,
-    }
+    WorkCompletion::new(wr.wr_id, status, opcode, byte_len, wr.buf, wr.sg_list, filled)
 }

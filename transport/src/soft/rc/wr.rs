@@ -80,6 +80,23 @@ impl RecvWr {
     }
 }
 
+impl WorkCompletion {
+    /// The completion of a request posted with `buf` / `sg_list`: the first `filled` bytes of the (gathered)
+    /// buffer are scattered back into the list, and both are handed back.
+    pub(crate) fn new(
+        wr_id: u64,
+        status: WcStatus,
+        opcode: WcOpcode,
+        byte_len: u32,
+        mut buf: Vec<u8>,
+        mut sg_list: Vec<Vec<u8>>,
+        filled: usize,
+    ) -> WorkCompletion {
+        scatter(&mut buf, &mut sg_list, filled);
+        WorkCompletion { wr_id, status, opcode, byte_len, imm: None, invalidated_rkey: None, buf, sg_list }
+    }
+}
+
 /// Gathers a scatter/gather list into `buf` (no-op for a single buffer).
 pub(crate) fn gather(buf: &mut Vec<u8>, sg_list: &[Vec<u8>]) {
     if !sg_list.is_empty() {
