@@ -479,10 +479,7 @@ impl Worker {
                 }
                 slot.engine = Some(engine);
                 slot.peer = Some(peer);
-                if self.config.port == ROCEV2_UDP_PORT {
-                    let fl = super::wire::udp_port::qp_pair_flow_label(qpn, dest_qpn);
-                    slot.source_port = Some(super::wire::udp_port::from_flow_label(fl));
-                }
+                slot.source_port = rxe_source_port(self.config.port, 0, qpn, dest_qpn);
                 slot.state = QpState::Rtr;
             }
             QpTransition::Rts { sq_psn, ack_timeout, retry_cnt, rnr_retry, max_rd_atomic } => {
@@ -632,13 +629,7 @@ impl Worker {
         }
         slot.engine = Some(engine);
         slot.state = QpState::Rts;
-        if self.config.port == ROCEV2_UDP_PORT {
-            let flow_label = match peer.flow_label {
-                0 => super::wire::udp_port::qp_pair_flow_label(qpn, peer.qpn),
-                fl => fl,
-            };
-            slot.source_port = Some(super::wire::udp_port::from_flow_label(flow_label));
-        }
+        slot.source_port = rxe_source_port(self.config.port, peer.flow_label, qpn, peer.qpn);
     }
 
     fn destroy_qp(&mut self, qpn: u32) {
@@ -781,6 +772,17 @@ impl Worker {
             }
         }
     }
+}
+
+/// The UDP source port rxe would use for a connection: from its flow label (the CM's, or else the one rxe
+/// derives from the QP pair). Only on the standard port; a device on another port sends from its own.
+fn rxe_source_port(device_port: u16, flow_label: u32, qpn: u32, dest_qpn: u32) -> Option<u16> {
+    use super::wire::udp_port;
+    let flow_label = match flow_label {
+        0 => udp_port::qp_pair_flow_label(qpn, dest_qpn),
+        fl => fl,
+    };
+    (device_port == ROCEV2_UDP_PORT).then(|| udp_port::from_flow_label(flow_label))
 }
 
 /// Errors a UDP socket reports for one datagram or an ICMP message about an earlier one; anything else means
