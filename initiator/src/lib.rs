@@ -1,7 +1,24 @@
-//! The NVMe-oF host library and its CLI (binary `nvmf`, to come).
+//! The NVMe-oF RDMA host: controller bring-up as the Linux host does it, discovery, Identify, Read / Write /
+//! Flush / Write Zeroes / Deallocate with keyed SGLs (and in-capsule data for small writes), keep-alive,
+//! asynchronous events and a clean shutdown — an async API over the `transport` crate's soft provider.
 //!
-//! It will own: controller bring-up in the Linux host's order, I/O queues, discovery, keyed-SGL and in-capsule
-//! data transfers, keep-alive, reconnect (ctrl-loss-tmo, reconnect-delay, fast-io-fail-tmo) and multipath.
-//!
-//! Nothing is implemented yet: this crate is a placeholder in the workspace until the initiator issues land.
+//! ```no_run
+//! # async fn demo() -> Result<(), initiator::HostError> {
+//! use initiator::{ConnectOptions, Controller, TargetAddr};
+//! let target = TargetAddr::new("127.0.0.1".parse().unwrap(), 4420);
+//! let ctrl = Controller::connect(target, ConnectOptions::new("nqn.2026-11.io.nvmf-rs:ram")).await?;
+//! ctrl.write(1, 0, vec![0xa5; 4096]).await?;
+//! assert_eq!(ctrl.read(1, 0, 8).await?, vec![0xa5; 4096]);
+//! ctrl.shutdown().await
+//! # }
+//! ```
 #![forbid(unsafe_code)]
+
+mod controller;
+mod error;
+mod events;
+mod queue;
+
+pub use controller::{ConnectOptions, Controller, DataDir, NamespaceInfo, TargetAddr, default_hostid, discover};
+pub use error::HostError;
+pub use queue::{CONNECT_TIMEOUT, HostQueue};

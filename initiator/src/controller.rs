@@ -1,0 +1,648 @@
+//! A host's controller association, brought up in the Linux host's order (`drivers/nvme/host/rdma.c`,
+//! `core.c`, `fabrics.c`): admin queue (CM private data qid 0, hrqsize 32, hsqsize 31), Connect, Property Get
+//! CAP and VS, Property Set CC.EN, wait for CSTS.RDY, Identify Controller, Set Features Number of Queues and
+//! Async Event Configuration, the I/O queues' Connects, then Keep Alive every KATO/2. Commands carry data by
+//! keyed SGL (a region registered for the command and invalidated by the target's SEND_WITH_INV) or, for
+//! small writes on I/O queues, in the capsule.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nvme_proto::command::{GetLogPage, Identify};
+use nvme_proto::discovery::DiscoveryLog;
+use nvme_proto::fabrics::{CNTLID_DYNAMIC, Connect, ConnectData, connect_result_cntlid};
+use nvme_proto::features::{Feature, NumberOfQueues, async_event_config};
+use nvme_proto::identify::{IdentifyController, IdentifyNamespace, NamespaceList, cns};
+use nvme_proto::io::{DatasetManagement, DsmRange, ReadWrite, dsm_attribute};
+use nvme_proto::property::{Cap, Cc, Csts, Property};
+use nvme_proto::{AdminCommand, Capsule, Command, Cqe, FabricsCommand, IoCommand, SglDescriptor, Uuid};
+use tokio::task::JoinHandle;
+use transport::{Access, Device, ProtectionDomain, SoftConfig};
+
+use crate::error::HostError;
+use crate::events::EventRouter;
+use crate::queue::HostQueue;
+
+/// Where a target listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetAddr {
+    /// The target's address and its RoCEv2 UDP port (4791 for any RoCEv2 device).
+    pub udp: SocketAddr,
+    /// The NVMe/RDMA service id (rdma_cm port), 4420 by default.
+    pub trsvcid: u16,
+}
+
+impl TargetAddr {
+    pub fn new(addr: IpAddr, trsvcid: u16) -> TargetAddr {
+        TargetAddr { udp: SocketAddr::new(addr, transport::soft::wire::ROCEV2_UDP_PORT), trsvcid }
+    }
+}
+
+/// How to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub hostid: Uuid,
+    /// I/O queues to ask for (the target may grant fewer).
+    pub nr_io_queues: u16,
+    /// Entries per I/O queue.
+    pub queue_size: u16,
+    pub admin_queue_size: u16,
+    /// Keep-alive timeout sent in Connect; `None` asks for none.
+    pub keep_alive_tmo: Option<Duration>,
+    /// Send Keep Alive every KATO/2 (turn off only to test a target's keep-alive expiry).
+    pub send_keep_alive: bool,
+    /// Our address (the soft device binds it with an ephemeral UDP port); by default the loopback address for
+    /// a loopback target, else required.
+    pub local_addr: Option<IpAddr>,
+    /// Writes up to this many bytes travel in the capsule on I/O queues (capped by the target's IOCCSZ).
+    pub in_capsule_limit: usize,
+}
+
+impl ConnectOptions {
+    pub fn new(subnqn: &str) -> ConnectOptions {
+        let hostid = default_hostid();
+        ConnectOptions {
+            subnqn: subnqn.to_string(),
+            hostnqn: format!("nqn.2014-08.org.nvmexpress:uuid:{}", hostid),
+            hostid,
+            nr_io_queues: 1,
+            queue_size: 128,
+            admin_queue_size: 32,
+            keep_alive_tmo: Some(Duration::from_secs(5)),
+            send_keep_alive: true,
+            local_addr: None,
+            in_capsule_limit: 4096,
+        }
+    }
+}
+
+/// A host id for this machine: /etc/nvme/hostid when present, else derived from the machine id.
+pub fn default_hostid() -> Uuid {
+    if let Ok(text) = std::fs::read_to_string("/etc/nvme/hostid")
+        && let Ok(u) = Uuid::parse(text.trim())
+    {
+        return u;
+    }
+    let seed = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let mut out = [0u8; 16];
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+        for b in seed.bytes().chain([i as u8]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        chunk.copy_from_slice(&h.to_be_bytes());
+    }
+    out[6] = (out[6] & 0x0f) | 0x80;
+    out[8] = (out[8] & 0x3f) | 0x80;
+    Uuid::from_bytes(out)
+}
+
+/// What a command moves.
+#[derive(Debug)]
+pub enum DataDir {
+    None,
+    ToController(Vec<u8>),
+    ToHost(usize),
+}
+
+/// A namespace's geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub nsid: u32,
+    pub blocks: u64,
+    pub block_size: u32,
+}
+
+/// A connected controller.
+pub struct Controller {
+    device: Arc<Device>,
+    pd: ProtectionDomain,
+    router: EventRouter,
+    admin: Arc<HostQueue>,
+    io: Vec<HostQueue>,
+    next_io: AtomicUsize,
+    pub cntlid: u16,
+    pub cap: Cap,
+    pub identify: IdentifyController,
+    options: ConnectOptions,
+    namespaces: Mutex<HashMap<u32, NamespaceInfo>>,
+    keep_alive: Option<JoinHandle<()>>,
+    events: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<u32>>>,
+    aer_task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").field("cntlid", &self.cntlid).field("subnqn", &self.options.subnqn).finish()
+    }
+}
+
+fn local_for(target: IpAddr) -> Option<IpAddr> {
+    match target {
+        IpAddr::V4(a) if a.is_loopback() => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        IpAddr::V6(a) if a.is_loopback() => Some(target),
+        _ => None,
+    }
+}
+
+fn capsule(command: Command, data: SglDescriptor) -> nvme_proto::Sqe {
+    Capsule { command_id: 0, data, command }.to_sqe()
+}
+
+fn null_sgl() -> SglDescriptor {
+    SglDescriptor::Keyed { address: 0, length: nvme_proto::sgl::U24::ZERO, key: 0, invalidate: false }
+}
+
+/// Sends one command with its data on `queue`: registers a region for keyed data, or puts small writes in the
+/// capsule; returns the completion and the host buffer (filled for controller → host transfers).
+async fn transact(
+    device: &Device,
+    pd: &ProtectionDomain,
+    queue: &HostQueue,
+    command: Command,
+    data: DataDir,
+    in_capsule_limit: usize,
+    name: &'static str,
+) -> Result<(Cqe, Vec<u8>), HostError> {
+    let (access, buf) = match data {
+        DataDir::None => {
+            let cqe = queue.submit(capsule(command, null_sgl()), Vec::new()).await?;
+            return check(name, cqe).map(|c| (c, Vec::new()));
+        }
+        DataDir::ToController(buf) if buf.len() <= in_capsule_limit => {
+            let sgl = SglDescriptor::in_capsule(0, buf.len() as u32);
+            let cqe = queue.submit(capsule(command, sgl), buf).await?;
+            return check(name, cqe).map(|c| (c, Vec::new()));
+        }
+        DataDir::ToController(buf) => (Access::REMOTE_READ, buf),
+        DataDir::ToHost(len) => (Access::REMOTE_WRITE, vec![0u8; len]),
+    };
+    let len = buf.len() as u32;
+    let mr = device.register(pd, buf, access).await?;
+    let sgl = SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, true)?;
+    let result = queue.submit(capsule(command, sgl), Vec::new()).await;
+    let buf = device.deregister(mr).await?;
+    check(name, result?).map(|c| (c, buf))
+}
+
+fn check(name: &'static str, cqe: Cqe) -> Result<Cqe, HostError> {
+    if cqe.status().is_success() {
+        Ok(cqe)
+    } else {
+        Err(HostError::Nvme {
+            command: name,
+            status: cqe.status(),
+            result: cqe.dw0.get() as u64 | (cqe.dw1.get() as u64) << 32,
+        })
+    }
+}
+
+fn result(cqe: &Cqe) -> u64 {
+    cqe.dw0.get() as u64 | (cqe.dw1.get() as u64) << 32
+}
+
+impl Controller {
+    /// Connects to `subnqn` at `target` and brings the controller up.
+    pub async fn connect(target: TargetAddr, options: ConnectOptions) -> Result<Controller, HostError> {
+        let local = options
+            .local_addr
+            .or_else(|| local_for(target.udp.ip()))
+            .ok_or_else(|| HostError::Invalid("a local address is needed for a non-loopback target".into()))?;
+        let mut config = SoftConfig::new(local);
+        config.port = 0;
+        let device = Arc::new(Device::open(config)?);
+        let pd = device.alloc_pd().await?;
+        let router = EventRouter::start(device.clone());
+        let admin = Arc::new(
+            HostQueue::connect(device.clone(), &pd, &router, target.udp, target.trsvcid, 0, options.admin_queue_size)
+                .await?,
+        );
+        let mut ctrl = Controller {
+            device,
+            pd,
+            router,
+            admin,
+            io: Vec::new(),
+            next_io: AtomicUsize::new(0),
+            cntlid: 0,
+            cap: Cap(0),
+            identify: IdentifyController::zeroed(),
+            options,
+            namespaces: Mutex::new(HashMap::new()),
+            keep_alive: None,
+            events: Mutex::new(None),
+            aer_task: None,
+        };
+        match ctrl.bring_up(target).await {
+            Ok(()) => Ok(ctrl),
+            Err(e) => {
+                ctrl.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn bring_up(&mut self, target: TargetAddr) -> Result<(), HostError> {
+        let kato_ms = self.options.keep_alive_tmo.map_or(0, |d| d.as_millis() as u32);
+        self.cntlid = self.fabrics_connect(0, self.options.admin_queue_size, kato_ms, CNTLID_DYNAMIC).await?;
+        self.cap = Cap(self.property_get(Property::Cap).await?);
+        let _vs = self.property_get(Property::Vs).await?;
+        let cc = Cc(0).set_iosqes(6).and_then(|c| c.set_iocqes(4)).and_then(|c| c.set_en(1)).expect("fields fit");
+        self.property_set(Property::Cc, cc.0 as u64).await?;
+        let ready_within = Duration::from_millis(500 * (self.cap.to().max(1) as u64));
+        let deadline = tokio::time::Instant::now() + ready_within;
+        loop {
+            let csts = Csts(self.property_get(Property::Csts).await? as u32);
+            if csts.cfs() != 0 {
+                return Err(HostError::Invalid("controller fatal status after enabling".into()));
+            }
+            if csts.ready() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(HostError::Timeout("CSTS.RDY"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, data) = self
+            .admin_data(
+                AdminCommand::Identify(Identify { cns: cns::CONTROLLER, ..Default::default() }),
+                4096,
+                "Identify Controller",
+            )
+            .await?;
+        self.identify = *IdentifyController::parse(&data)?;
+        let discovery = self.options.subnqn == nvme_proto::nqn::DISCOVERY_NQN;
+        if !discovery {
+            let want = self.options.nr_io_queues.max(1) - 1;
+            let set = Feature::NumberOfQueues(NumberOfQueues { nsqr: want, ncqr: want });
+            let cqe = self.set_features(set).await?;
+            let granted = NumberOfQueues::from_dword(result(&cqe) as u32);
+            let queues = granted.nsqr.min(granted.ncqr).min(want) + 1;
+            self.set_features(Feature::AsyncEventConfig(async_event_config::NAMESPACE_ATTRIBUTE)).await?;
+            let depth = self.options.queue_size.min(self.cap.mqes().saturating_add(1)).max(2);
+            for qid in 1..=queues {
+                let q = HostQueue::connect(
+                    self.device.clone(),
+                    &self.pd,
+                    &self.router,
+                    target.udp,
+                    target.trsvcid,
+                    qid,
+                    depth,
+                )
+                .await?;
+                self.io.push(q);
+                self.fabrics_connect(qid, depth, 0, self.cntlid).await?;
+            }
+            self.start_async_events();
+        }
+        if let (Some(kato), true) = (self.options.keep_alive_tmo, self.options.send_keep_alive) {
+            self.start_keep_alive(kato);
+        }
+        Ok(())
+    }
+
+    async fn fabrics_connect(&self, qid: u16, depth: u16, kato: u32, cntlid: u16) -> Result<u16, HostError> {
+        let connect = Connect { recfmt: 0, qid, sqsize: depth - 1, cattr: 0, kato };
+        let data = ConnectData {
+            hostid: self.options.hostid,
+            cntlid,
+            subnqn: self.options.subnqn.clone(),
+            hostnqn: self.options.hostnqn.clone(),
+        };
+        let bytes = data.to_bytes()?.to_vec();
+        let command = Command::Fabrics(FabricsCommand::Connect(connect));
+        let queue = if qid == 0 { &self.admin } else { &self.io[qid as usize - 1] };
+        // The admin queue's Connect data goes by RDMA READ, the I/O queues' in the capsule, as Linux does.
+        let limit = if qid == 0 { 0 } else { self.options.in_capsule_limit };
+        let (cqe, _) =
+            transact(&self.device, &self.pd, queue, command, DataDir::ToController(bytes), limit, "Connect").await?;
+        Ok(connect_result_cntlid(cqe.dw0.get()))
+    }
+
+    pub async fn property_get(&self, property: Property) -> Result<u64, HostError> {
+        let command = Command::Fabrics(FabricsCommand::PropertyGet { property });
+        let (cqe, _) = transact(&self.device, &self.pd, &self.admin, command, DataDir::None, 0, "Property Get").await?;
+        Ok(result(&cqe))
+    }
+
+    pub async fn property_set(&self, property: Property, value: u64) -> Result<(), HostError> {
+        let command = Command::Fabrics(FabricsCommand::PropertySet { property, value });
+        transact(&self.device, &self.pd, &self.admin, command, DataDir::None, 0, "Property Set").await.map(|_| ())
+    }
+
+    /// An admin command without data.
+    pub async fn admin(&self, command: AdminCommand, name: &'static str) -> Result<Cqe, HostError> {
+        transact(&self.device, &self.pd, &self.admin, Command::Admin(command), DataDir::None, 0, name)
+            .await
+            .map(|r| r.0)
+    }
+
+    /// An admin command returning `len` bytes.
+    pub async fn admin_data(
+        &self,
+        command: AdminCommand,
+        len: usize,
+        name: &'static str,
+    ) -> Result<(Cqe, Vec<u8>), HostError> {
+        transact(&self.device, &self.pd, &self.admin, Command::Admin(command), DataDir::ToHost(len), 0, name).await
+    }
+
+    /// Any command with any data on queue `qid` (0 = admin): for tools and tests that need the raw exchange.
+    pub async fn raw(
+        &self,
+        qid: u16,
+        command: Command,
+        data: DataDir,
+        sgl: Option<SglDescriptor>,
+    ) -> Result<Cqe, HostError> {
+        let queue = if qid == 0 {
+            &self.admin
+        } else {
+            self.io.get(qid as usize - 1).ok_or_else(|| HostError::Invalid(format!("no I/O queue {qid}")))?
+        };
+        match sgl {
+            Some(sgl) => queue.submit(capsule(command, sgl), Vec::new()).await,
+            None => {
+                let limit = if qid == 0 { 0 } else { self.options.in_capsule_limit };
+                match transact(&self.device, &self.pd, queue, command, data, limit, "command").await {
+                    Ok((cqe, _)) => Ok(cqe),
+                    Err(HostError::Nvme { status, result, .. }) => Ok(Cqe::new(0, qid, 0, status, result)),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    pub async fn set_features(&self, feature: Feature) -> Result<Cqe, HostError> {
+        let set = nvme_proto::command::SetFeatures { nsid: 0, save: false, feature };
+        self.admin(AdminCommand::SetFeatures(set), "Set Features").await
+    }
+
+    pub async fn identify_namespace(&self, nsid: u32) -> Result<IdentifyNamespace, HostError> {
+        let id = Identify { nsid, cns: cns::NAMESPACE, ..Default::default() };
+        let (_, data) = self.admin_data(AdminCommand::Identify(id), 4096, "Identify Namespace").await?;
+        Ok(*IdentifyNamespace::parse(&data)?)
+    }
+
+    pub async fn active_namespaces(&self) -> Result<Vec<u32>, HostError> {
+        let id = Identify { cns: cns::ACTIVE_NAMESPACE_LIST, ..Default::default() };
+        let (_, data) = self.admin_data(AdminCommand::Identify(id), 4096, "Identify Active Namespace List").await?;
+        Ok(NamespaceList::parse(&data)?.0)
+    }
+
+    /// Reads `len` bytes of log page `lid` from `offset`.
+    pub async fn get_log_page(&self, lid: u8, offset: u64, len: usize, rae: bool) -> Result<Vec<u8>, HostError> {
+        if len == 0 || len % 4 != 0 {
+            return Err(HostError::Invalid(format!("log length {len} is not a positive multiple of 4")));
+        }
+        let get = GetLogPage { lid, numd: (len / 4 - 1) as u32, offset, rae, ..Default::default() };
+        Ok(self.admin_data(AdminCommand::GetLogPage(get), len, "Get Log Page").await?.1)
+    }
+
+    /// The whole discovery log (discovery controllers): the header first, then every record, retried while
+    /// the generation counter changes underneath.
+    pub async fn discovery_log(&self) -> Result<DiscoveryLog, HostError> {
+        for _ in 0..10 {
+            let header = self.get_log_page(nvme_proto::log_page::lid::DISCOVERY, 0, 1024, false).await?;
+            let first = DiscoveryLog::parse(&header)?;
+            let len = 1024 + first.numrec as usize * 1024;
+            if len > 1024 * 1024 {
+                return Err(HostError::Invalid(format!("discovery log of {} records", first.numrec)));
+            }
+            let full = if first.numrec == 0 { header } else { self.get_log_page(0x70, 0, len, false).await? };
+            let log = DiscoveryLog::parse(&full)?;
+            if log.genctr == first.genctr {
+                return Ok(log);
+            }
+        }
+        Err(HostError::Invalid("the discovery log kept changing".into()))
+    }
+
+    /// Geometry of namespace `nsid` (cached).
+    pub async fn namespace(&self, nsid: u32) -> Result<NamespaceInfo, HostError> {
+        if let Some(info) = self.namespaces.lock().unwrap_or_else(|p| p.into_inner()).get(&nsid) {
+            return Ok(*info);
+        }
+        let id = self.identify_namespace(nsid).await?;
+        let block_size = id.block_size()?;
+        if id.nsze.get() == 0 {
+            return Err(HostError::Invalid(format!("namespace {nsid} is not active")));
+        }
+        let info = NamespaceInfo { nsid, blocks: id.nsze.get(), block_size };
+        self.namespaces.lock().unwrap_or_else(|p| p.into_inner()).insert(nsid, info);
+        Ok(info)
+    }
+
+    pub fn io_queue_count(&self) -> usize {
+        self.io.len()
+    }
+
+    /// The largest transfer the target takes.
+    pub fn max_transfer(&self) -> usize {
+        let page = 4096u64 << self.cap.mpsmin();
+        self.identify.max_transfer_bytes(page).unwrap_or(1 << 20).min(1 << 24) as usize
+    }
+
+    fn in_capsule_limit(&self) -> usize {
+        self.options.in_capsule_limit.min(self.identify.in_capsule_data_size() as usize)
+    }
+
+    fn pick_queue(&self, qid: Option<u16>) -> Result<&HostQueue, HostError> {
+        if self.io.is_empty() {
+            return Err(HostError::Invalid("no I/O queues".into()));
+        }
+        match qid {
+            Some(q) => {
+                self.io.get((q as usize).wrapping_sub(1)).ok_or_else(|| HostError::Invalid(format!("no I/O queue {q}")))
+            }
+            None => Ok(&self.io[self.next_io.fetch_add(1, Ordering::Relaxed) % self.io.len()]),
+        }
+    }
+
+    /// An I/O command on I/O queue `qid` (or the next one, round robin).
+    pub async fn io_command(
+        &self,
+        qid: Option<u16>,
+        command: IoCommand,
+        data: DataDir,
+    ) -> Result<(Cqe, Vec<u8>), HostError> {
+        let queue = self.pick_queue(qid)?;
+        let name = match command {
+            IoCommand::Read(_) => "Read",
+            IoCommand::Write(_) => "Write",
+            IoCommand::Flush { .. } => "Flush",
+            IoCommand::WriteZeroes(_) => "Write Zeroes",
+            IoCommand::DatasetManagement(_) => "Dataset Management",
+        };
+        transact(&self.device, &self.pd, queue, Command::Io(command), data, self.in_capsule_limit(), name).await
+    }
+
+    fn rw(&self, nsid: u32, slba: u64, blocks: u64) -> Result<ReadWrite, HostError> {
+        u32::try_from(blocks)
+            .ok()
+            .and_then(|b| ReadWrite::new(nsid, slba, b))
+            .ok_or_else(|| HostError::Invalid(format!("{blocks} blocks is not 1..=65536")))
+    }
+
+    pub async fn read(&self, nsid: u32, slba: u64, blocks: u64) -> Result<Vec<u8>, HostError> {
+        let info = self.namespace(nsid).await?;
+        let rw = self.rw(nsid, slba, blocks)?;
+        let len = blocks as usize * info.block_size as usize;
+        Ok(self.io_command(None, IoCommand::Read(rw), DataDir::ToHost(len)).await?.1)
+    }
+
+    /// Writes `data` (a whole number of blocks) at `slba`.
+    pub async fn write(&self, nsid: u32, slba: u64, data: Vec<u8>) -> Result<(), HostError> {
+        let info = self.namespace(nsid).await?;
+        if data.is_empty() || data.len() % info.block_size as usize != 0 {
+            return Err(HostError::Invalid(format!(
+                "{} bytes is not a whole number of {}-byte blocks",
+                data.len(),
+                info.block_size
+            )));
+        }
+        let rw = self.rw(nsid, slba, (data.len() / info.block_size as usize) as u64)?;
+        self.io_command(None, IoCommand::Write(rw), DataDir::ToController(data)).await.map(|_| ())
+    }
+
+    pub async fn flush(&self, nsid: u32) -> Result<(), HostError> {
+        self.io_command(None, IoCommand::Flush { nsid }, DataDir::None).await.map(|_| ())
+    }
+
+    pub async fn write_zeroes(&self, nsid: u32, slba: u64, blocks: u64) -> Result<(), HostError> {
+        let rw = self.rw(nsid, slba, blocks)?;
+        self.io_command(None, IoCommand::WriteZeroes(rw), DataDir::None).await.map(|_| ())
+    }
+
+    pub async fn deallocate(&self, nsid: u32, ranges: &[DsmRange]) -> Result<(), HostError> {
+        if ranges.is_empty() || ranges.len() > nvme_proto::io::DSM_MAX_RANGES {
+            return Err(HostError::Invalid(format!("{} ranges is not 1..=256", ranges.len())));
+        }
+        let dsm = DatasetManagement { nsid, nr: (ranges.len() - 1) as u8, attributes: dsm_attribute::AD };
+        let data = DsmRange::list_to_bytes(ranges);
+        self.io_command(None, IoCommand::DatasetManagement(dsm), DataDir::ToController(data)).await.map(|_| ())
+    }
+
+    fn start_keep_alive(&mut self, kato: Duration) {
+        let admin = self.admin_handle();
+        self.keep_alive = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(kato / 2);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some((device, pd, queue)) = admin.upgrade() else { break };
+                let command = Command::Admin(AdminCommand::KeepAlive);
+                if let Err(e) = transact(&device, &pd, &queue, command, DataDir::None, 0, "Keep Alive").await {
+                    tracing::warn!("keep alive: {e}");
+                    if !queue.is_alive() {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Asynchronous events as they arrive (their completion DW0); keeps one AER outstanding.
+    fn start_async_events(&mut self) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        let admin = self.admin_handle();
+        self.aer_task = Some(tokio::spawn(async move {
+            loop {
+                let Some((device, pd, queue)) = admin.upgrade() else { break };
+                let command = Command::Admin(AdminCommand::AsyncEventRequest);
+                match transact(&device, &pd, &queue, command, DataDir::None, 0, "Asynchronous Event Request").await {
+                    Ok((cqe, _)) => {
+                        if tx.send(cqe.dw0.get()).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+
+    /// The receiver of asynchronous events (DW0 of each AER completion); once.
+    pub fn async_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<u32>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn admin_handle(&self) -> AdminHandle {
+        AdminHandle { device: Arc::downgrade(&self.device), pd: self.pd, queue: Arc::downgrade(&self.admin) }
+    }
+
+    /// Normal shutdown: CC.SHN, wait for CSTS.SHST complete, then disconnect every queue.
+    pub async fn shutdown(self) -> Result<(), HostError> {
+        let result = async {
+            let cc = Cc(self.property_get(Property::Cc).await? as u32);
+            self.property_set(Property::Cc, cc.set_shn(1).expect("fits").0 as u64).await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let csts = Csts(self.property_get(Property::Csts).await? as u32);
+                if csts.shst() == 2 {
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(HostError::Timeout("shutdown"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        .await;
+        self.close().await;
+        result
+    }
+
+    /// Disconnects every queue without the shutdown handshake.
+    pub async fn close(mut self) {
+        if let Some(t) = self.keep_alive.take() {
+            t.abort();
+        }
+        if let Some(t) = self.aer_task.take() {
+            t.abort();
+        }
+        for q in &self.io {
+            q.close().await;
+        }
+        self.admin.close().await;
+        let device = self.device.clone();
+        drop(self);
+        // The device closes (and joins its thread) when its last handle goes: do that off the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(device)).await;
+    }
+
+    pub fn options(&self) -> &ConnectOptions {
+        &self.options
+    }
+}
+
+/// What the keep-alive and AER tasks hold: weak, so they end with the controller.
+struct AdminHandle {
+    device: std::sync::Weak<Device>,
+    pd: ProtectionDomain,
+    queue: std::sync::Weak<HostQueue>,
+}
+
+impl AdminHandle {
+    fn upgrade(&self) -> Option<(Arc<Device>, ProtectionDomain, Arc<HostQueue>)> {
+        Some((self.device.upgrade()?, self.pd, self.queue.upgrade()?))
+    }
+}
+
+/// Discovery: connects to the discovery controller at `target`, reads the whole log, disconnects.
+pub async fn discover(target: TargetAddr, mut options: ConnectOptions) -> Result<DiscoveryLog, HostError> {
+    options.subnqn = nvme_proto::nqn::DISCOVERY_NQN.to_string();
+    let ctrl = Controller::connect(target, options).await?;
+    let log = ctrl.discovery_log().await;
+    ctrl.close().await;
+    log
+}

@@ -1,0 +1,230 @@
+//! One host queue over one RC queue pair: connects with the NVMe/RDMA CM private data, sends command capsules,
+//! matches completions to commands by command id, and fails every outstanding command when the connection is
+//! lost (completion error, flush, disconnect, device event). The queue pair and its completion queue belong to
+//! the queue's task alone; callers talk to it by messages.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use nvme_proto::rdma_cm::{CmReject, CmRequest, RECORD_FORMAT_1_0};
+use nvme_proto::{Cqe, Sqe};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use transport::{
+    CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, RecvWr, SendOp,
+    SendWr, WcStatus,
+};
+
+use crate::error::HostError;
+use crate::events::EventRouter;
+
+const RECV_TAG: u64 = 1 << 63;
+/// How long the CM exchange may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Submission {
+    sqe: Sqe,
+    inline: Vec<u8>,
+    reply: oneshot::Sender<Result<Cqe, HostError>>,
+}
+
+/// A connected queue.
+#[derive(Debug)]
+pub struct HostQueue {
+    pub qid: u16,
+    /// Entries (sqsize + 1).
+    pub depth: u16,
+    pub conn: ConnId,
+    submissions: mpsc::UnboundedSender<Submission>,
+    /// One permit per command the queue may hold (depth - 1).
+    slots: Arc<Semaphore>,
+    alive: Arc<AtomicBool>,
+    device: Arc<Device>,
+    qp: QueuePair,
+}
+
+impl HostQueue {
+    /// Creates the queue pair, posts the receives, connects (CM REQ with our private data), and starts the
+    /// queue's task.
+    pub async fn connect(
+        device: Arc<Device>,
+        pd: &ProtectionDomain,
+        router: &EventRouter,
+        target: SocketAddr,
+        trsvcid: u16,
+        qid: u16,
+        depth: u16,
+    ) -> Result<HostQueue, HostError> {
+        let cq = CompletionQueue::new();
+        let qp = device.create_qp(pd, &cq, &cq).await?;
+        for slot in 0..depth as u64 {
+            qp.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; nvme_proto::cqe::CQE_LEN]))?;
+        }
+        let request = CmRequest { recfmt: RECORD_FORMAT_1_0, qid, hrqsize: depth, hsqsize: depth - 1, cntlid: 0 };
+        let conn = match device.connect(&qp, target, trsvcid, ConnectionOptions::default(), &request.to_bytes()).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = device.destroy_qp(&qp).await;
+                return Err(e.into());
+            }
+        };
+        let mut events = router.subscribe(conn, qp.qpn);
+        let established = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            loop {
+                match events.recv().await {
+                    Some(DeviceEvent::Established { .. }) => return Ok(()),
+                    Some(DeviceEvent::Rejected { private_data, reason, .. }) => {
+                        return Err(match CmReject::parse(&private_data) {
+                            Ok(r) => HostError::Rejected { status: r.status },
+                            Err(_) => HostError::RejectedRaw { reason },
+                        });
+                    }
+                    Some(DeviceEvent::Unreachable { .. }) => return Err(HostError::Unreachable(target)),
+                    Some(DeviceEvent::PortError | DeviceEvent::DeviceRemoval | DeviceEvent::DeviceFatal { .. }) => {
+                        return Err(HostError::QueueLost("device event during connect"));
+                    }
+                    Some(_) => {}
+                    None => return Err(HostError::QueueLost("device closed")),
+                }
+            }
+        })
+        .await;
+        let result = match established {
+            Ok(r) => r,
+            Err(_) => Err(HostError::Timeout("connection")),
+        };
+        if let Err(e) = result {
+            let _ = device.disconnect(conn).await;
+            let _ = device.destroy_qp(&qp).await;
+            router.unsubscribe(conn, qp.qpn);
+            return Err(e);
+        }
+        let (submissions, rx) = mpsc::unbounded_channel();
+        let alive = Arc::new(AtomicBool::new(true));
+        let slots = Arc::new(Semaphore::new(depth as usize - 1));
+        let task = QueueTask {
+            qid,
+            depth,
+            qp: qp.clone(),
+            cq,
+            pending: HashMap::new(),
+            free_cids: (0..depth).rev().collect(),
+            alive: alive.clone(),
+            slots: slots.clone(),
+        };
+        tokio::spawn(task.run(rx, events));
+        Ok(HostQueue { qid, depth, conn, submissions, slots, alive, device, qp })
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Sends a command (its command id is assigned here) with optional in-capsule data and waits for its
+    /// completion.
+    pub async fn submit(&self, sqe: Sqe, inline: Vec<u8>) -> Result<Cqe, HostError> {
+        let permit = self.slots.acquire().await.map_err(|_| HostError::QueueLost("queue closed"))?;
+        permit.forget(); // the queue task gives the slot back when the completion arrives
+        let (reply, rx) = oneshot::channel();
+        if self.submissions.send(Submission { sqe, inline, reply }).is_err() {
+            return Err(HostError::QueueLost("queue closed"));
+        }
+        rx.await.map_err(|_| HostError::QueueLost("queue closed"))?
+    }
+
+    /// Disconnects and destroys the queue pair; outstanding commands fail.
+    pub async fn close(&self) {
+        self.alive.store(false, Ordering::Relaxed);
+        let _ = self.device.disconnect(self.conn).await;
+        let _ = self.device.destroy_qp(&self.qp).await;
+    }
+}
+
+struct QueueTask {
+    qid: u16,
+    depth: u16,
+    qp: QueuePair,
+    cq: CompletionQueue,
+    pending: HashMap<u16, oneshot::Sender<Result<Cqe, HostError>>>,
+    free_cids: Vec<u16>,
+    alive: Arc<AtomicBool>,
+    slots: Arc<Semaphore>,
+}
+
+impl QueueTask {
+    async fn run(
+        mut self,
+        mut submissions: mpsc::UnboundedReceiver<Submission>,
+        mut events: mpsc::UnboundedReceiver<DeviceEvent>,
+    ) {
+        let mut next_wr = 1u64;
+        let reason = loop {
+            tokio::select! {
+                sub = submissions.recv() => {
+                    let Some(mut sub) = sub else { break "queue dropped" };
+                    let Some(cid) = self.free_cids.pop() else {
+                        let _ = sub.reply.send(Err(HostError::QueueLost("no free command id")));
+                        continue;
+                    };
+                    sub.sqe.command_id = cid.into();
+                    let mut capsule = sub.sqe.to_array().to_vec();
+                    capsule.extend_from_slice(&sub.inline);
+                    self.pending.insert(cid, sub.reply);
+                    next_wr += 1;
+                    if self.qp.post_send(SendWr::new(next_wr, SendOp::Send, capsule)).is_err() {
+                        break "device closed";
+                    }
+                }
+                c = self.cq.next() => {
+                    let wc = c.wc;
+                    if wc.status != WcStatus::Success {
+                        break if wc.status == WcStatus::WrFlush { "queue flushed" } else { "transport error" };
+                    }
+                    if wc.wr_id & RECV_TAG == 0 {
+                        continue; // a capsule went out
+                    }
+                    match Cqe::parse(&wc.buf[..(wc.byte_len as usize).min(wc.buf.len())]) {
+                        Ok(cqe) => {
+                            let cid = cqe.command_id();
+                            if let Some(reply) = self.pending.remove(&cid) {
+                                let _ = reply.send(Ok(*cqe));
+                                self.free_cids.push(cid);
+                                self.slots.add_permits(1);
+                            } else {
+                                tracing::warn!(qid = self.qid, cid, "completion for no command");
+                            }
+                        }
+                        Err(e) => tracing::warn!(qid = self.qid, "malformed completion: {e}"),
+                    }
+                    let mut buf = wc.buf;
+                    buf.resize(nvme_proto::cqe::CQE_LEN, 0);
+                    if self.qp.post_recv(RecvWr::new(wc.wr_id, buf)).is_err() {
+                        break "device closed";
+                    }
+                }
+                ev = events.recv() => match ev {
+                    Some(DeviceEvent::Disconnected { .. }) => break "target disconnected",
+                    Some(DeviceEvent::QpFatal { .. }) => break "queue pair fatal",
+                    Some(DeviceEvent::PortError) => break "link down",
+                    Some(DeviceEvent::AddrChange { present: false }) => break "address removed",
+                    Some(DeviceEvent::DeviceRemoval | DeviceEvent::DeviceFatal { .. }) => break "device lost",
+                    Some(_) => {}
+                    None => break "device closed",
+                },
+            }
+        };
+        tracing::debug!(qid = self.qid, depth = self.depth, "queue lost: {reason}");
+        self.alive.store(false, Ordering::Relaxed);
+        // Fail what is outstanding and what still arrives; closing the semaphore wakes waiting submitters.
+        self.slots.close();
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(HostError::QueueLost(reason)));
+        }
+        submissions.close();
+        while let Some(sub) = submissions.recv().await {
+            let _ = sub.reply.send(Err(HostError::QueueLost(reason)));
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The target's shared core: subsystems, the controller table, the listeners the discovery log advertises,
+//! and the hook to the transport binding's queues. Transport-agnostic: queues are [`QueueRef`]s, and the
+//! binding is reached only through [`QueueControl`] messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use nvme_proto::Uuid;
+use nvme_proto::aer::AsyncEvent;
+
+use crate::backend::{BackendError, BackendSpec};
+use crate::controller::{Controller, ControllerId, ControllerKind, QueueRef};
+use crate::subsystem::{Namespace, Subsystem, namespace_uuid};
+
+/// How the core asks the transport binding to act on a queue it does not own. Both are messages to the
+/// queue's owner; a queue that is gone ignores them.
+pub trait QueueControl: Send + Sync {
+    /// Tear the queue down (disconnect, drain, destroy).
+    fn close(&self, queue: QueueRef, reason: &'static str);
+    /// Controller state the queue waits on changed (an asynchronous event is ready).
+    fn poke(&self, queue: QueueRef);
+}
+
+/// Limits the target offers hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetLimits {
+    /// Deepest I/O queue, in commands (CAP.MQES + 1).
+    pub max_queue_depth: u16,
+    /// Deepest admin queue (Linux hosts ask for 32).
+    pub max_admin_depth: u16,
+    pub max_io_queues: u16,
+    /// In-capsule data a command may carry (IOCCSZ = (64 + this) / 16).
+    pub in_capsule_data_size: u32,
+    /// Largest transfer of one command (MDTS); a power of two, at least 4 KiB.
+    pub max_io_size: u32,
+}
+
+impl Default for TargetLimits {
+    fn default() -> Self {
+        TargetLimits {
+            max_queue_depth: 128,
+            max_admin_depth: 32,
+            max_io_queues: 16,
+            in_capsule_data_size: 4096,
+            max_io_size: 128 * 1024,
+        }
+    }
+}
+
+impl TargetLimits {
+    /// MDTS in units of the 4 KiB minimum page.
+    pub fn mdts(&self) -> u8 {
+        (self.max_io_size / 4096).trailing_zeros() as u8
+    }
+}
+
+/// A listener as the discovery log shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortInfo {
+    pub portid: u16,
+    pub addr: IpAddr,
+    pub trsvcid: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigureError {
+    #[error("subsystem {0} already exists")]
+    DuplicateSubsystem(String),
+    #[error("no subsystem {0}")]
+    UnknownSubsystem(String),
+    #[error("subsystem {subnqn}: namespace {nsid} already exists or is not a valid NSID")]
+    DuplicateNamespace { subnqn: String, nsid: u32 },
+    #[error("subsystem {subnqn}: no namespace {nsid}")]
+    UnknownNamespace { subnqn: String, nsid: u32 },
+    #[error("subsystem {subnqn} namespace {nsid}: {source}")]
+    Backend { subnqn: String, nsid: u32, source: BackendError },
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ControllerTable {
+    pub(crate) controllers: HashMap<u16, Controller>,
+    next_cntlid: u16,
+    next_generation: u64,
+}
+
+impl ControllerTable {
+    /// A free controller id (1..=0xFFEF) and a fresh generation.
+    pub(crate) fn allocate(&mut self) -> Option<ControllerId> {
+        for _ in 0..0xffef {
+            self.next_cntlid = if self.next_cntlid >= 0xffef { 1 } else { self.next_cntlid + 1 };
+            if !self.controllers.contains_key(&self.next_cntlid) {
+                self.next_generation += 1;
+                return Some(ControllerId { cntlid: self.next_cntlid, generation: self.next_generation });
+            }
+        }
+        None
+    }
+
+    pub(crate) fn get_mut(&mut self, id: ControllerId) -> Option<&mut Controller> {
+        self.controllers.get_mut(&id.cntlid).filter(|c| c.id == id)
+    }
+}
+
+/// Counts for stats.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ControllerStats {
+    pub cntlid: u16,
+    pub kind: &'static str,
+    pub subnqn: String,
+    pub hostnqn: String,
+    pub io_queues: usize,
+    pub read_commands: u64,
+    pub write_commands: u64,
+    pub other_io_commands: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+pub struct Target {
+    pub limits: TargetLimits,
+    subsystems: RwLock<BTreeMap<String, Arc<Subsystem>>>,
+    ports: RwLock<Vec<PortInfo>>,
+    /// Discovery log generation counter: bumped on every change the log shows.
+    genctr: AtomicU64,
+    controllers: Mutex<ControllerTable>,
+    queues: Arc<dyn QueueControl>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    pub fn new(limits: TargetLimits, queues: Arc<dyn QueueControl>) -> Target {
+        Target {
+            limits,
+            subsystems: RwLock::new(BTreeMap::new()),
+            ports: RwLock::new(Vec::new()),
+            genctr: AtomicU64::new(1),
+            controllers: Mutex::new(ControllerTable::default()),
+            queues,
+        }
+    }
+
+    pub(crate) fn table(&self) -> MutexGuard<'_, ControllerTable> {
+        self.controllers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn genctr(&self) -> u64 {
+        self.genctr.load(Ordering::Relaxed)
+    }
+
+    fn discovery_changed(&self) {
+        self.genctr.fetch_add(1, Ordering::Relaxed);
+        let mut table = self.table();
+        for c in table.controllers.values_mut() {
+            let enabled = c.async_event_config & nvme_proto::features::async_event_config::DISCOVERY_LOG_CHANGE != 0;
+            if c.kind == ControllerKind::Discovery && enabled {
+                c.pending_events.push_back(AsyncEvent::DISCOVERY_CHANGED);
+                self.queues.poke(c.admin_queue);
+            }
+        }
+    }
+
+    pub fn add_subsystem(&self, subsystem: Subsystem) -> Result<Arc<Subsystem>, ConfigureError> {
+        let mut map = self.subsystems.write().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&subsystem.nqn) || subsystem.nqn == nvme_proto::nqn::DISCOVERY_NQN {
+            return Err(ConfigureError::DuplicateSubsystem(subsystem.nqn));
+        }
+        let subsystem = Arc::new(subsystem);
+        map.insert(subsystem.nqn.clone(), subsystem.clone());
+        drop(map);
+        self.discovery_changed();
+        Ok(subsystem)
+    }
+
+    pub fn subsystem(&self, nqn: &str) -> Option<Arc<Subsystem>> {
+        self.subsystems.read().unwrap_or_else(|p| p.into_inner()).get(nqn).cloned()
+    }
+
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.subsystems.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Opens the backend and adds the namespace; connected controllers of the subsystem get a
+    /// namespace-changed notice.
+    pub fn add_namespace(&self, subnqn: &str, nsid: u32, spec: &BackendSpec) -> Result<(), ConfigureError> {
+        let subsystem = self.subsystem(subnqn).ok_or_else(|| ConfigureError::UnknownSubsystem(subnqn.into()))?;
+        let backend = spec.open().map_err(|source| ConfigureError::Backend { subnqn: subnqn.into(), nsid, source })?;
+        let uuid = namespace_uuid(subnqn, nsid);
+        let ns = Namespace { nsid, backend, uuid, nguid: *uuid.as_bytes() };
+        if !subsystem.insert(ns) {
+            return Err(ConfigureError::DuplicateNamespace { subnqn: subnqn.into(), nsid });
+        }
+        self.namespace_changed(subnqn, nsid);
+        Ok(())
+    }
+
+    pub fn remove_namespace(&self, subnqn: &str, nsid: u32) -> Result<(), ConfigureError> {
+        let subsystem = self.subsystem(subnqn).ok_or_else(|| ConfigureError::UnknownSubsystem(subnqn.into()))?;
+        subsystem.remove(nsid).ok_or_else(|| ConfigureError::UnknownNamespace { subnqn: subnqn.into(), nsid })?;
+        self.namespace_changed(subnqn, nsid);
+        Ok(())
+    }
+
+    fn namespace_changed(&self, subnqn: &str, nsid: u32) {
+        let mut table = self.table();
+        for c in table.controllers.values_mut().filter(|c| c.subnqn == subnqn) {
+            c.queue_namespace_notice(nsid);
+            self.queues.poke(c.admin_queue);
+        }
+    }
+
+    pub fn add_port(&self, port: PortInfo) {
+        self.ports.write().unwrap_or_else(|p| p.into_inner()).push(port);
+        self.discovery_changed();
+    }
+
+    pub fn ports(&self) -> Vec<PortInfo> {
+        self.ports.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Flushes every namespace of every subsystem (shutdown).
+    pub fn flush_all(&self) -> std::io::Result<()> {
+        let mut first_error = None;
+        for s in self.subsystems() {
+            for ns in s.namespaces() {
+                if let Err(e) = ns.backend.flush() {
+                    tracing::error!(subnqn = %s.nqn, nsid = ns.nsid, "flush: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// A queue went away. The admin queue takes its controller with it (and the controller's I/O queues are told
+    /// to close); an I/O queue just leaves its controller. Safe to call twice or for a stale controller.
+    pub fn queue_closed(&self, ctrl: ControllerId, queue: QueueRef) {
+        let mut table = self.table();
+        let Some(c) = table.get_mut(ctrl) else { return };
+        if c.admin_queue == queue {
+            let c = table.controllers.remove(&ctrl.cntlid).expect("present");
+            drop(table);
+            tracing::info!(cntlid = ctrl.cntlid, subnqn = %c.subnqn, hostnqn = %c.hostnqn, "controller removed");
+            for (_, q) in c.io_queue_refs {
+                self.queues.close(q, "controller removed");
+            }
+        } else {
+            c.io_queue_refs.retain(|(_, q)| *q != queue);
+        }
+    }
+
+    /// Tears a controller down: its admin queue closes, which removes it and closes the rest.
+    pub fn controller_fatal(&self, ctrl: ControllerId, reason: &'static str) {
+        let table = self.table();
+        let Some(c) = table.controllers.get(&ctrl.cntlid).filter(|c| c.id == ctrl) else { return };
+        tracing::warn!(cntlid = ctrl.cntlid, hostnqn = %c.hostnqn, "controller fatal: {reason}");
+        let admin = c.admin_queue;
+        drop(table);
+        self.queues.close(admin, reason);
+    }
+
+    pub fn controller_count(&self) -> usize {
+        self.table().controllers.len()
+    }
+
+    pub fn controller_stats(&self) -> Vec<ControllerStats> {
+        let table = self.table();
+        let mut out: Vec<ControllerStats> = table
+            .controllers
+            .values()
+            .map(|c| ControllerStats {
+                cntlid: c.id.cntlid,
+                kind: match c.kind {
+                    ControllerKind::Io => "io",
+                    ControllerKind::Discovery => "discovery",
+                },
+                subnqn: c.subnqn.clone(),
+                hostnqn: c.hostnqn.clone(),
+                io_queues: c.io_queue_refs.len(),
+                read_commands: c.counters.read_commands.load(Ordering::Relaxed),
+                write_commands: c.counters.write_commands.load(Ordering::Relaxed),
+                other_io_commands: c.counters.other_io_commands.load(Ordering::Relaxed),
+                bytes_read: c.counters.bytes_read.load(Ordering::Relaxed),
+                bytes_written: c.counters.bytes_written.load(Ordering::Relaxed),
+                errors: c.counters.errors.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by_key(|c| c.cntlid);
+        out
+    }
+
+    /// A subsystem's serial-number default: derived from its NQN.
+    pub fn default_serial(nqn: &str) -> String {
+        let u = namespace_uuid(nqn, 0);
+        u.as_bytes()[..10].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub(crate) fn host_id_of(data: &nvme_proto::fabrics::ConnectData) -> Uuid {
+        data.hostid
+    }
+}
