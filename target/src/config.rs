@@ -437,7 +437,7 @@ block_size = 4096
         assert_eq!((e.line, e.field.as_str()), (17, "subsystem.namespace.backend"), "{e}");
         let bad = GOOD.replace("nqn = \"nqn.2026-11.dev.nvmf-rs:a\"", "nqn = \"not an nqn\"");
         let e = TargetConfig::parse("t.toml", &bad).unwrap_err();
-        assert_eq!((e.line, e.field.as_str()), (11, "subsystem.nqn"), "{e}");
+        assert_eq!((e.line, e.field.as_str()), (12, "subsystem.nqn"), "{e}");
     }
 
     #[test]
