@@ -131,6 +131,7 @@ pub struct Controller {
     pub cap: Cap,
     pub identify: IdentifyController,
     options: ConnectOptions,
+    target: TargetAddr,
     namespaces: Mutex<HashMap<u32, NamespaceInfo>>,
     keep_alive: Option<JoinHandle<()>>,
     events: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<u32>>>,
@@ -234,12 +235,13 @@ impl Controller {
             cap: Cap(0),
             identify: IdentifyController::zeroed(),
             options,
+            target,
             namespaces: Mutex::new(HashMap::new()),
             keep_alive: None,
             events: Mutex::new(None),
             aer_task: None,
         };
-        match ctrl.bring_up(target).await {
+        match ctrl.bring_up().await {
             Ok(()) => Ok(ctrl),
             Err(e) => {
                 ctrl.close().await;
@@ -248,9 +250,9 @@ impl Controller {
         }
     }
 
-    async fn bring_up(&mut self, target: TargetAddr) -> Result<(), HostError> {
+    async fn bring_up(&mut self) -> Result<(), HostError> {
         let kato_ms = self.options.keep_alive_tmo.map_or(0, |d| d.as_millis() as u32);
-        self.cntlid = self.fabrics_connect(0, self.options.admin_queue_size, kato_ms, CNTLID_DYNAMIC).await?;
+        self.cntlid = self.connect_admin(kato_ms).await?;
         self.cap = Cap(self.property_get(Property::Cap).await?);
         let _vs = self.property_get(Property::Vs).await?;
         let cc = Cc(0).set_iosqes(6).and_then(|c| c.set_iocqes(4)).and_then(|c| c.set_en(1)).expect("fields fit");
@@ -288,18 +290,7 @@ impl Controller {
             self.set_features(Feature::AsyncEventConfig(async_event_config::NAMESPACE_ATTRIBUTE)).await?;
             let depth = self.options.queue_size.min(self.cap.mqes().saturating_add(1)).max(2);
             for qid in 1..=queues {
-                let q = HostQueue::connect(
-                    self.device.clone(),
-                    &self.pd,
-                    &self.router,
-                    target.udp,
-                    target.trsvcid,
-                    qid,
-                    depth,
-                )
-                .await?;
-                self.io.push(q);
-                self.fabrics_connect(qid, depth, 0, self.cntlid).await?;
+                self.add_io_queue(qid, depth).await?;
             }
             self.start_async_events();
         }
@@ -309,8 +300,35 @@ impl Controller {
         Ok(())
     }
 
-    async fn fabrics_connect(&self, qid: u16, depth: u16, kato: u32, cntlid: u16) -> Result<u16, HostError> {
-        let connect = Connect { recfmt: 0, qid, sqsize: depth - 1, cattr: 0, kato };
+    /// Connects I/O queue `qid` of `depth` entries (CM, then the Fabrics Connect naming our controller). On
+    /// success it serves I/O as queue `qid`; on failure it is closed again.
+    pub async fn add_io_queue(&mut self, qid: u16, depth: u16) -> Result<(), HostError> {
+        if qid == 0 || depth < 2 {
+            return Err(HostError::Invalid(format!("I/O queue {qid} of depth {depth}")));
+        }
+        let (udp, trsvcid) = (self.target.udp, self.target.trsvcid);
+        let q = HostQueue::connect(self.device.clone(), &self.pd, &self.router, udp, trsvcid, qid, depth).await?;
+        let connect = Connect { recfmt: 0, qid, sqsize: depth - 1, cattr: 0, kato: 0 };
+        let result = self.connect_on(&q, connect, self.cntlid, self.options.in_capsule_limit).await;
+        match result {
+            Ok(_) => {
+                self.io.push(q);
+                Ok(())
+            }
+            Err(e) => {
+                q.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect_on(
+        &self,
+        queue: &HostQueue,
+        connect: Connect,
+        cntlid: u16,
+        limit: usize,
+    ) -> Result<u16, HostError> {
         let data = ConnectData {
             hostid: self.options.hostid,
             cntlid,
@@ -319,12 +337,15 @@ impl Controller {
         };
         let bytes = data.to_bytes()?.to_vec();
         let command = Command::Fabrics(FabricsCommand::Connect(connect));
-        let queue = if qid == 0 { &self.admin } else { &self.io[qid as usize - 1] };
-        // The admin queue's Connect data goes by RDMA READ, the I/O queues' in the capsule, as Linux does.
-        let limit = if qid == 0 { 0 } else { self.options.in_capsule_limit };
         let (cqe, _) =
             transact(&self.device, &self.pd, queue, command, DataDir::ToController(bytes), limit, "Connect").await?;
         Ok(connect_result_cntlid(cqe.dw0.get()))
+    }
+
+    /// The admin queue's Connect: its data goes by RDMA READ (the I/O queues' in the capsule), as Linux does.
+    async fn connect_admin(&self, kato: u32) -> Result<u16, HostError> {
+        let connect = Connect { recfmt: 0, qid: 0, sqsize: self.options.admin_queue_size - 1, cattr: 0, kato };
+        self.connect_on(&self.admin, connect, CNTLID_DYNAMIC, 0).await
     }
 
     pub async fn property_get(&self, property: Property) -> Result<u64, HostError> {

@@ -180,6 +180,9 @@ impl QueueTask {
                 c = self.cq.next() => {
                     let wc = c.wc;
                     if wc.status != WcStatus::Success {
+                        if wc.status != WcStatus::WrFlush {
+                            tracing::warn!(qid = self.qid, status = ?wc.status, opcode = ?wc.opcode, "transport error");
+                        }
                         break if wc.status == WcStatus::WrFlush { "queue flushed" } else { "transport error" };
                     }
                     if wc.wr_id & RECV_TAG == 0 {

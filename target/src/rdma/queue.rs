@@ -532,7 +532,10 @@ impl Queue {
     ) -> Reply {
         let plan = match IoPlan::new(&binding.subsystem, &cmd, self.target.limits.max_io_size) {
             Ok(p) => p,
-            Err(status) => return Reply { nsid: io_nsid(&cmd), ..Reply::err(status) },
+            Err(status) => {
+                let (nsid, lba) = io_location(&cmd);
+                return Reply { nsid, lba, ..Reply::err(status) };
+            }
         };
         let (nsid, lba) = plan.location();
         let fail = |status| Reply { nsid, lba, ..Reply::err(status) };
@@ -668,11 +671,12 @@ impl Queue {
     }
 }
 
-fn io_nsid(cmd: &nvme_proto::IoCommand) -> u32 {
+/// NSID and starting LBA a command names, for the error log.
+fn io_location(cmd: &nvme_proto::IoCommand) -> (u32, u64) {
     use nvme_proto::IoCommand::*;
     match cmd {
-        Read(r) | Write(r) | WriteZeroes(r) => r.nsid,
-        Flush { nsid } => *nsid,
-        DatasetManagement(d) => d.nsid,
+        Read(r) | Write(r) | WriteZeroes(r) => (r.nsid, r.slba),
+        Flush { nsid } => (*nsid, 0),
+        DatasetManagement(d) => (d.nsid, 0),
     }
 }

@@ -88,8 +88,10 @@ impl Worker {
                 IpAddr::V4(v4) => u32::from(v4),
                 IpAddr::V6(v6) => v6.octets().iter().fold(0u32, |a, b| a.rotate_left(5) ^ *b as u32),
             });
+        // Communication ids must differ between devices that share an address (and across restarts), or a
+        // peer takes a new REQ for a duplicate of an old one: random, as Linux's CM makes them.
         let mut cm_config = config.cm;
-        cm_config.first_comm_id = (seed as u32).wrapping_mul(2_654_435_761) | 1;
+        cm_config.first_comm_id = (std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), seed) as u32) | 1;
         Worker {
             cm: Cm::new(cm_config),
             config,
