@@ -2,6 +2,8 @@
 //! host process — this test binary re-executed into its ignored `child_host` test — that runs verified I/O
 //! until it is killed or told to stop, reconnecting after failures.
 #![allow(dead_code)]
+// The child host talks to its parent through stdout.
+#![allow(clippy::print_stdout)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
