@@ -17,6 +17,7 @@ struct Args {
     trsvcid: u16,
     udp_port: u16,
     nqn: String,
+    local: Option<IpAddr>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -25,6 +26,7 @@ fn parse() -> Result<Args, String> {
         trsvcid: 4420,
         udp_port: 4791,
         nqn: "nqn.2026-11.dev.nvmf-rs:ram".into(),
+        local: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -34,7 +36,8 @@ fn parse() -> Result<Args, String> {
             "--trsvcid" | "-s" => args.trsvcid = value.parse().map_err(|e| format!("--trsvcid: {e}"))?,
             "--udp-port" => args.udp_port = value.parse().map_err(|e| format!("--udp-port: {e}"))?,
             "--nqn" | "-n" => args.nqn = value,
-            _ => return Err(format!("unknown flag {flag} (--traddr, --trsvcid, --udp-port, --nqn)")),
+            "--host-traddr" | "-w" => args.local = Some(value.parse().map_err(|e| format!("--host-traddr: {e}"))?),
+            _ => return Err(format!("unknown flag {flag} (--traddr, --trsvcid, --udp-port, --nqn, --host-traddr)")),
         }
     }
     Ok(args)
@@ -66,6 +69,7 @@ async fn run(args: Args) -> Result<(), initiator::HostError> {
     let target = TargetAddr { udp: SocketAddr::new(args.traddr, args.udp_port), trsvcid: args.trsvcid };
     let mut options = ConnectOptions::new(&args.nqn);
     options.nr_io_queues = 2;
+    options.local_addr = args.local;
     let ctrl = Controller::connect(target, options).await?;
     let id = &ctrl.identify;
     println!(

@@ -152,6 +152,33 @@ fn local_for(target: IpAddr) -> Option<IpAddr> {
     }
 }
 
+/// Opens our soft device. A RoCEv2 peer on UDP 4791 answers to port 4791 whatever port we send from, so then we
+/// bind 4791 too — on loopback (where the target holds 127.0.0.1:4791) at a free 127.x.y.z address when the
+/// caller did not pick one. A peer on another port (a test device) answers to our source port: any port will do.
+fn open_device(local: IpAddr, target_port: u16, pick_loopback: bool) -> Result<Device, HostError> {
+    let rocev2 = transport::soft::wire::ROCEV2_UDP_PORT;
+    if target_port != rocev2 {
+        let mut config = SoftConfig::new(local);
+        config.port = 0;
+        return Ok(Device::open(config)?);
+    }
+    if !(pick_loopback && local.is_loopback() && local.is_ipv4()) {
+        return Ok(Device::open(SoftConfig::new(local))?);
+    }
+    let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), std::process::id());
+    let mut last = None;
+    for i in 0..64u64 {
+        let n = (seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % (250 * 250)) as u32;
+        let addr = IpAddr::V4(Ipv4Addr::new(127, 1 + (n / 250) as u8, (n % 250) as u8, 2));
+        match Device::open(SoftConfig::new(addr)) {
+            Ok(d) => return Ok(d),
+            Err(e @ transport::DeviceError::Bind { .. }) => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map_or_else(|| HostError::Invalid("no free loopback address".into()), HostError::from))
+}
+
 fn capsule(command: Command, data: SglDescriptor) -> nvme_proto::Sqe {
     Capsule { command_id: 0, data, command }.to_sqe()
 }
@@ -215,9 +242,7 @@ impl Controller {
             .local_addr
             .or_else(|| local_for(target.udp.ip()))
             .ok_or_else(|| HostError::Invalid("a local address is needed for a non-loopback target".into()))?;
-        let mut config = SoftConfig::new(local);
-        config.port = 0;
-        let device = Arc::new(Device::open(config)?);
+        let device = Arc::new(open_device(local, target.udp.port(), options.local_addr.is_none())?);
         let pd = device.alloc_pd().await?;
         let router = EventRouter::start(device.clone());
         let admin = Arc::new(
@@ -637,8 +662,9 @@ impl Controller {
         self.admin.close().await;
         let device = self.device.clone();
         drop(self);
-        // The device closes (and joins its thread) when its last handle goes: do that off the runtime.
-        let _ = tokio::task::spawn_blocking(move || drop(device)).await;
+        // Close the device now (its event router may still hold a handle for a moment); joining its thread
+        // blocks, so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || device.close()).await;
     }
 
     pub fn options(&self) -> &ConnectOptions {

@@ -127,6 +127,7 @@ impl Worker {
 
     pub(super) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut buf = vec![0u8; 65536];
+        self.bind_mad_socket();
         let (netdev_tx, mut netdev_rx) = mpsc::unbounded_channel();
         if self.config.watch_netdev {
             match super::netdev::watch(self.local.ip(), netdev_tx).await {
@@ -637,6 +638,14 @@ impl Worker {
     fn destroy_qp(&mut self, qpn: u32) {
         self.flush_qp(qpn);
         let Some(slot) = self.qps.remove(&qpn) else { return };
+        // Each connection sends from its own source port: its socket goes with the last queue pair using it
+        // (QP1's stays), or every connection ever made would keep a file descriptor.
+        if let Some(port) = slot.source_port
+            && Some(port) != self.mad_source_port()
+            && !self.qps.values().any(|q| q.source_port == Some(port))
+        {
+            self.source_sockets.remove(&port);
+        }
         if let Some(conn) = slot.conn {
             let _ = self.cm.disconnect(Instant::now(), conn);
             if let Some(b) = self.conns.get_mut(&conn) {
@@ -706,13 +715,28 @@ impl Worker {
         }
     }
 
+    /// The source port rxe sends MADs (QP1) from, on the standard port.
+    fn mad_source_port(&self) -> Option<u16> {
+        (self.config.port == ROCEV2_UDP_PORT).then(|| super::wire::udp_port::rxe_default(1))
+    }
+
+    /// Binds QP1's source-port socket now, so that the device's file descriptors do not change with traffic.
+    fn bind_mad_socket(&mut self) {
+        if let Some(port) = self.mad_source_port() {
+            let local = self.local;
+            self.source_sockets.entry(port).or_insert_with(|| {
+                bind(SocketAddr::new(local.ip(), port)).ok().and_then(|s| tokio::net::UdpSocket::from_std(s).ok())
+            });
+        }
+    }
+
     async fn flush_outputs(&mut self) {
         while let Some(event) = self.cm.poll_event() {
             self.on_cm_event(event);
         }
         // (destination, packet, source port rxe would use)
         let mut out: Vec<(SocketAddr, Vec<u8>, Option<u16>)> = Vec::new();
-        let mad_port = (self.config.port == ROCEV2_UDP_PORT).then(|| super::wire::udp_port::rxe_default(1));
+        let mad_port = self.mad_source_port();
         while let Some((dst, mad)) = self.cm.poll_transmit() {
             let port = self.peer_ports.get(&dst).copied().unwrap_or(ROCEV2_UDP_PORT);
             let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, self.mad_psn));
