@@ -306,3 +306,116 @@ impl Target {
         data.hostid
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The core without a transport: queues are refs, and a recording [`QueueControl`] shows what the core
+    //! asked the binding to do.
+    use std::sync::Mutex;
+
+    use nvme_proto::fabrics::{CNTLID_DYNAMIC, Connect, ConnectData};
+
+    use super::*;
+    use crate::backend::BackendSpec;
+
+    #[derive(Default)]
+    pub(crate) struct Recorder {
+        pub closed: Mutex<Vec<QueueRef>>,
+        pub poked: Mutex<Vec<QueueRef>>,
+    }
+
+    impl QueueControl for Recorder {
+        fn close(&self, queue: QueueRef, _reason: &'static str) {
+            self.closed.lock().unwrap().push(queue);
+        }
+        fn poke(&self, queue: QueueRef) {
+            self.poked.lock().unwrap().push(queue);
+        }
+    }
+
+    pub(crate) const NQN: &str = "nqn.2026-11.dev.nvmf-rs:unit";
+    pub(crate) const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-000000000001";
+
+    pub(crate) fn target() -> (Target, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let t = Target::new(TargetLimits::default(), recorder.clone());
+        t.add_subsystem(Subsystem::new(NQN.into(), "sn".into(), "mn".into(), false, vec![HOST.into()])).unwrap();
+        t.add_namespace(NQN, 1, &BackendSpec::Ram { size: 1 << 20, block_size: 512 }).unwrap();
+        (t, recorder)
+    }
+
+    pub(crate) fn data(subnqn: &str, hostnqn: &str, cntlid: u16) -> ConnectData {
+        ConnectData { hostid: Uuid::NIL, cntlid, subnqn: subnqn.into(), hostnqn: hostnqn.into() }
+    }
+
+    pub(crate) fn connect(qid: u16, sqsize: u16) -> Connect {
+        Connect { recfmt: 0, qid, sqsize, cattr: 0, kato: 5000 }
+    }
+
+    pub(crate) const ADMIN_Q: QueueRef = QueueRef { group: 0, key: 1 };
+
+    /// A ready controller (connected and enabled).
+    pub(crate) fn ready(t: &Target) -> ControllerId {
+        let b = t.connect_admin(&connect(0, 31), &data(NQN, HOST, CNTLID_DYNAMIC), ADMIN_Q, 32).unwrap();
+        t.property_set(b.ctrl, nvme_proto::property::Property::Cc, 0x0046_0001).unwrap();
+        b.ctrl
+    }
+
+    #[test]
+    fn admin_queue_loss_removes_the_controller_and_closes_its_io_queues_once() {
+        let (t, rec) = target();
+        let ctrl = ready(&t);
+        let io = [QueueRef { group: 1, key: 2 }, QueueRef { group: 0, key: 3 }];
+        for (i, q) in io.iter().enumerate() {
+            t.connect_io(&connect(i as u16 + 1, 31), &data(NQN, HOST, ctrl.cntlid), *q, 32).unwrap();
+        }
+        // An I/O queue leaving does not touch the controller.
+        t.queue_closed(ctrl, io[1]);
+        assert_eq!(t.controller_count(), 1);
+        t.queue_closed(ctrl, ADMIN_Q);
+        assert_eq!(t.controller_count(), 0);
+        assert_eq!(*rec.closed.lock().unwrap(), vec![io[0]]);
+        // Twice, or with a stale id: nothing more happens.
+        t.queue_closed(ctrl, ADMIN_Q);
+        t.controller_fatal(ctrl, "again");
+        assert_eq!(rec.closed.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_reused_cntlid_does_not_answer_to_a_stale_id() {
+        let (t, _) = target();
+        let old = ready(&t);
+        t.queue_closed(old, ADMIN_Q);
+        let new = ready(&t);
+        assert_ne!(old, new);
+        assert!(t.property_get(old, nvme_proto::property::Property::Csts).is_err());
+        assert!(t.property_get(new, nvme_proto::property::Property::Csts).is_ok());
+    }
+
+    #[test]
+    fn namespace_changes_poke_the_admin_queue_of_subscribed_controllers() {
+        let (t, rec) = target();
+        let ctrl = ready(&t);
+        let mut kato = None;
+        use nvme_proto::features::{Feature, async_event_config};
+        let set = nvme_proto::command::SetFeatures {
+            nsid: 0,
+            save: false,
+            feature: Feature::AsyncEventConfig(async_event_config::NAMESPACE_ATTRIBUTE),
+        };
+        t.admin_command(ctrl, 9, &nvme_proto::AdminCommand::SetFeatures(set), &mut kato);
+        assert_eq!(
+            t.admin_command(ctrl, 10, &nvme_proto::AdminCommand::AsyncEventRequest, &mut kato),
+            crate::admin::AdminOutcome::Deferred
+        );
+        assert_eq!(t.take_async_event(ctrl), None);
+        t.add_namespace(NQN, 2, &BackendSpec::Ram { size: 1 << 20, block_size: 512 }).unwrap();
+        t.add_namespace(NQN, 3, &BackendSpec::Ram { size: 1 << 20, block_size: 512 }).unwrap();
+        assert_eq!(*rec.poked.lock().unwrap(), vec![ADMIN_Q, ADMIN_Q]);
+        let (cid, dw0) = t.take_async_event(ctrl).expect("event for the waiting AER");
+        assert_eq!((cid, dw0), (10, nvme_proto::aer::AsyncEvent::NAMESPACE_CHANGED.to_dword()));
+        // One notice until the log is read, even for two changes.
+        t.admin_command(ctrl, 11, &nvme_proto::AdminCommand::AsyncEventRequest, &mut kato);
+        assert_eq!(t.take_async_event(ctrl), None);
+    }
+}

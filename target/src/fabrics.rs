@@ -227,3 +227,80 @@ impl Target {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nvme_proto::fabrics::{CNTLID_DYNAMIC, ConnectParameter, invalid_parameter_result};
+    use nvme_proto::property::{Csts, Property};
+    use nvme_proto::{Status, nqn};
+
+    use super::ConnectFailure;
+    use crate::controller::QueueRef;
+    use crate::core::tests::{ADMIN_Q, HOST, NQN, connect, data, ready, target};
+
+    fn invalid(p: ConnectParameter) -> ConnectFailure {
+        ConnectFailure { status: Status::CONNECT_INVALID_PARAMETERS.with_dnr(), result: invalid_parameter_result(p) }
+    }
+
+    #[test]
+    fn admin_connect_checks_like_nvmet() {
+        let (t, _) = target();
+        let ok = data(NQN, HOST, CNTLID_DYNAMIC);
+        let e = t.connect_admin(&connect(0, 0), &ok, ADMIN_Q, 32).unwrap_err();
+        assert_eq!(e, invalid(ConnectParameter::Command(44)));
+        let e = t.connect_admin(&connect(0, 32), &ok, ADMIN_Q, 32).unwrap_err();
+        assert_eq!(e, invalid(ConnectParameter::Command(44)));
+        let e = t.connect_admin(&connect(0, 31), &data(NQN, HOST, 5), ADMIN_Q, 32).unwrap_err();
+        assert_eq!(e, invalid(ConnectParameter::Data(16)));
+        let e = t.connect_admin(&connect(0, 31), &data("nqn.2026-11.x:nope", HOST, CNTLID_DYNAMIC), ADMIN_Q, 32);
+        assert_eq!(e.unwrap_err(), invalid(ConnectParameter::Data(256)));
+        let other = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-000000000002";
+        let e = t.connect_admin(&connect(0, 31), &data(NQN, other, CNTLID_DYNAMIC), ADMIN_Q, 32).unwrap_err();
+        assert_eq!(e.status, Status::CONNECT_INVALID_HOST.with_dnr());
+        // The discovery subsystem takes anyone, and has a default keep-alive.
+        let d = t.connect_admin(&connect(0, 31), &data(nqn::DISCOVERY_NQN, other, CNTLID_DYNAMIC), ADMIN_Q, 32);
+        let mut c = connect(0, 31);
+        c.kato = 0;
+        assert!(d.is_ok());
+        let d = t.connect_admin(&c, &data(nqn::DISCOVERY_NQN, other, CNTLID_DYNAMIC), ADMIN_Q, 32).unwrap();
+        assert_eq!(d.kato, Some(super::DISCOVERY_KATO));
+    }
+
+    #[test]
+    fn io_connect_needs_a_ready_matching_controller_and_a_granted_qid() {
+        let (t, _) = target();
+        let b = t.connect_admin(&connect(0, 31), &data(NQN, HOST, CNTLID_DYNAMIC), ADMIN_Q, 32).unwrap();
+        let q = QueueRef { group: 1, key: 9 };
+        // Not enabled yet.
+        let e = t.connect_io(&connect(1, 31), &data(NQN, HOST, b.ctrl.cntlid), q, 32).unwrap_err();
+        assert_eq!(e.status, Status::COMMAND_SEQUENCE_ERROR.with_dnr());
+        t.property_set(b.ctrl, Property::Cc, 0x0046_0001).unwrap();
+        let e = t.connect_io(&connect(17, 31), &data(NQN, HOST, b.ctrl.cntlid), q, 32).unwrap_err();
+        assert_eq!(e, invalid(ConnectParameter::Command(42)));
+        let e = t.connect_io(&connect(1, 31), &data(NQN, HOST, 999), q, 32).unwrap_err();
+        assert_eq!(e, invalid(ConnectParameter::Data(16)));
+        let other = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-000000000002";
+        let e = t.connect_io(&connect(1, 31), &data(NQN, other, b.ctrl.cntlid), q, 32).unwrap_err();
+        assert_eq!(e, invalid(ConnectParameter::Data(16)));
+        let e = t.connect_io(&connect(1, 32), &data(NQN, HOST, b.ctrl.cntlid), q, 32).unwrap_err();
+        assert_eq!(e, invalid(ConnectParameter::Command(44)));
+        t.connect_io(&connect(1, 31), &data(NQN, HOST, b.ctrl.cntlid), q, 32).unwrap();
+        let e = t.connect_io(&connect(1, 31), &data(NQN, HOST, b.ctrl.cntlid), q, 32).unwrap_err();
+        assert_eq!(e.status, Status::COMMAND_SEQUENCE_ERROR.with_dnr(), "the same qid twice");
+    }
+
+    #[test]
+    fn enable_with_unsupported_parameters_sets_cfs_and_shutdown_completes() {
+        let (t, _) = target();
+        let b = t.connect_admin(&connect(0, 31), &data(NQN, HOST, CNTLID_DYNAMIC), ADMIN_Q, 32).unwrap();
+        t.property_set(b.ctrl, Property::Cc, 0x0047_0001).unwrap(); // IOSQES 7
+        assert_eq!(Csts(t.property_get(b.ctrl, Property::Csts).unwrap() as u32).cfs(), 1);
+        let ctrl = ready(&t);
+        let csts = Csts(t.property_get(ctrl, Property::Csts).unwrap() as u32);
+        assert!(csts.ready());
+        t.property_set(ctrl, Property::Cc, 0x0046_4001).unwrap(); // SHN normal
+        let csts = Csts(t.property_get(ctrl, Property::Csts).unwrap() as u32);
+        assert_eq!(csts.shst(), 2);
+        assert_eq!(t.property_set(ctrl, Property::Cap, 0), Err(Status::INVALID_FIELD.with_dnr()));
+    }
+}
