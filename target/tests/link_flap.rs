@@ -35,25 +35,30 @@ struct Topology {
 }
 
 impl Topology {
-    fn new() -> Topology {
+    fn new(tag: &str, third_octet_offset: u32) -> Topology {
         let id = std::process::id();
-        let subnet = (id % 250) as u8 + 1;
+        let subnet = ((id + third_octet_offset) % 250) as u8 + 1;
         let t = Topology {
-            ns: [format!("nvmf-flap-t-{id}"), format!("nvmf-flap-h-{id}")],
-            veth: [format!("flt{id}"), format!("flh{id}")],
+            ns: [format!("nvmf-{tag}-t-{id}"), format!("nvmf-{tag}-h-{id}")],
+            veth: [format!("{tag}t{id}"), format!("{tag}h{id}")],
             addrs: [Ipv4Addr::new(198, 18, subnet, 1), Ipv4Addr::new(198, 18, subnet, 2)],
         };
         for ns in &t.ns {
             ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
-        ip(&["link", "add", &t.veth[0], "type", "veth", "peer", "name", &t.veth[1]]);
-        for i in 0..2 {
-            ip(&["link", "set", &t.veth[i], "netns", &t.ns[i]]);
-            ip(&["-n", &t.ns[i], "addr", "add", &format!("{}/24", t.addrs[i]), "dev", &t.veth[i]]);
-            ip(&["-n", &t.ns[i], "link", "set", &t.veth[i], "up"]);
-            ip(&["-n", &t.ns[i], "link", "set", "lo", "up"]);
-        }
+        t.wire();
         t
+    }
+
+    /// Creates the veth pair and its addresses (again, after it was deleted).
+    fn wire(&self) {
+        ip(&["link", "add", &self.veth[0], "type", "veth", "peer", "name", &self.veth[1]]);
+        for i in 0..2 {
+            ip(&["link", "set", &self.veth[i], "netns", &self.ns[i]]);
+            ip(&["-n", &self.ns[i], "addr", "add", &format!("{}/24", self.addrs[i]), "dev", &self.veth[i]]);
+            ip(&["-n", &self.ns[i], "link", "set", &self.veth[i], "up"]);
+        }
     }
 }
 
@@ -73,7 +78,7 @@ fn seed_flap_loop_on_the_target_link() {
         return;
     }
     let flaps: usize = std::env::var("NVMF_FLAPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let topo = Topology::new();
+    let topo = Topology::new("fl", 0);
     let target_ns = ["ip", "netns", "exec", topo.ns[0].as_str()];
     let host_ns = ["ip", "netns", "exec", topo.ns[1].as_str()];
     let mut target = TargetProcess::start(&target_ns, IpAddr::V4(topo.addrs[0]), 4791, "flap");
@@ -123,6 +128,83 @@ fn seed_flap_loop_on_the_target_link() {
     assert_eq!(end["listeners"][0]["state"], "listening");
     let repairs = end["listeners"][0]["repairs"].as_u64().expect("repairs");
     assert!(repairs >= flaps as u64, "the listener repaired {repairs} times for {flaps} flaps");
+    let status = target.terminate();
+    assert!(status.success(), "nvmf-target exit status {status:?}");
+}
+
+fn wait_for(target: &mut TargetProcess, what: &str, within: Duration, ok: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        assert!(target.alive(), "nvmf-target died waiting for {what}");
+        let s = target.stats();
+        if ok(&s) {
+            eprintln!("{what}: {}", s["listeners"][0]);
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {what} within {within:?}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The other two ways a port goes away: its address is removed (ADDR_CHANGE) and its netdev is deleted
+/// (DEVICE_REMOVAL). Each time the target closes the port's queues and repairs the listener — waiting for the
+/// address, or reopening the device once the netdev is back — and the host gets back in; its acknowledged
+/// writes are all there at the end.
+#[test]
+fn listener_repairs_after_address_loss_and_device_removal() {
+    if !nix::unistd::Uid::effective().is_root() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run this test as root");
+        eprintln!("SKIP listener_repairs_after_address_loss_and_device_removal: needs root for network namespaces");
+        return;
+    }
+    let topo = Topology::new("rp", 125);
+    let target_ns = ["ip", "netns", "exec", topo.ns[0].as_str()];
+    let host_ns = ["ip", "netns", "exec", topo.ns[1].as_str()];
+    let mut target = TargetProcess::start(&target_ns, IpAddr::V4(topo.addrs[0]), 4791, "repair");
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = target.stats();
+    let stop = std::env::temp_dir().join(format!("nvmf-repair-stop-{}", std::process::id()));
+    let _ = std::fs::remove_file(&stop);
+    let job = HostJob {
+        target: SocketAddr::new(IpAddr::V4(topo.addrs[0]), 4791),
+        local: IpAddr::V4(topo.addrs[1]),
+        stop_file: Some(stop.clone()),
+        fresh: true,
+    };
+    let (mut host, lines) = spawn_host("child_host", &host_ns, &job);
+    // Fully back: the controller and its admin + 4 I/O queues.
+    let connected =
+        |s: &serde_json::Value| s["controllers"] == 1 && s["qpairs"] == 5 && s["listeners"][0]["state"] == "listening";
+    wait_for(&mut target, "host connected", Duration::from_secs(10), connected);
+
+    let target_addr = format!("{}/24", topo.addrs[0]);
+    ip(&["-n", &topo.ns[0], "addr", "del", &target_addr, "dev", &topo.veth[0]]);
+    wait_for(&mut target, "address-gone repair", Duration::from_secs(10), |s| {
+        s["listeners"][0]["state"] == "repairing-address-gone" && s["qpairs"] == 0
+    });
+    ip(&["-n", &topo.ns[0], "addr", "add", &target_addr, "dev", &topo.veth[0]]);
+    wait_for(&mut target, "host back after the address", Duration::from_secs(30), connected);
+    std::thread::sleep(Duration::from_secs(1));
+
+    ip(&["-n", &topo.ns[0], "link", "del", &topo.veth[0]]);
+    wait_for(&mut target, "device-gone repair", Duration::from_secs(10), |s| {
+        s["listeners"][0]["state"] == "repairing-device-gone" && s["controllers"] == 0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    topo.wire();
+    wait_for(&mut target, "host back on the reopened device", Duration::from_secs(30), connected);
+    std::thread::sleep(Duration::from_secs(1));
+
+    std::fs::write(&stop, b"stop").expect("stop file");
+    let report = read_report(&lines, Duration::from_secs(60));
+    let status = host.wait().expect("host exit");
+    let _ = std::fs::remove_file(&stop);
+    eprintln!("{report:?}");
+    assert!(status.success(), "host process: {status:?}");
+    assert_eq!(report.mismatches, 0);
+    assert!(report.reconnects >= 2, "{report:?}");
+    let end = target.wait_baseline(&baseline, Duration::from_secs(30));
+    assert_eq!(end["listeners"][0]["repairs"], 2);
     let status = target.terminate();
     assert!(status.success(), "nvmf-target exit status {status:?}");
 }

@@ -245,6 +245,7 @@ pub async fn child_host_main() {
             first = false;
         } else {
             report.reconnects += 1;
+            eprintln!("child host: reconnected ({})", report.reconnects);
         }
         // Workers run until one fails or the stop file appears.
         let mut tasks = Vec::new();
@@ -331,8 +332,9 @@ async fn worker(
                     }
                     r.acknowledged_writes += 1;
                 }
-                Err(_) => {
+                Err(e) => {
                     r.io_errors += 1;
+                    eprintln!("child host: worker {w}: write: {e}");
                     break;
                 }
             }
@@ -349,7 +351,8 @@ async fn worker(
                     }
                     r.verified_reads += 1;
                 }
-                Err(_) => {
+                Err(e) => {
+                    eprintln!("child host: worker {w}: read: {e}");
                     r.io_errors += 1;
                     break;
                 }
