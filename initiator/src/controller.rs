@@ -427,6 +427,17 @@ impl Controller {
         }
     }
 
+    /// Sends a hand-built SQE (its command id is assigned) with optional in-capsule data on queue `qid`: for
+    /// tools and tests that need to send what the typed API would not.
+    pub async fn raw_sqe(&self, qid: u16, sqe: nvme_proto::Sqe, inline: Vec<u8>) -> Result<Cqe, HostError> {
+        let queue = if qid == 0 {
+            &*self.admin
+        } else {
+            self.io.get(qid as usize - 1).ok_or_else(|| HostError::Invalid(format!("no I/O queue {qid}")))?
+        };
+        queue.submit(sqe, inline).await
+    }
+
     pub async fn set_features(&self, feature: Feature) -> Result<Cqe, HostError> {
         let set = nvme_proto::command::SetFeatures { nsid: 0, save: false, feature };
         self.admin(AdminCommand::SetFeatures(set), "Set Features").await

@@ -362,15 +362,36 @@ async fn bad_requests_get_the_right_status_and_the_target_keeps_serving() {
     // An unsupported log page, a feature we do not have.
     let e = ctrl.get_log_page(0x7f, 0, 512, false).await.unwrap_err();
     assert_eq!(e.status().map(|s| s.code()), Some(Status::INVALID_LOG_PAGE), "{e}");
+    // Malformed capsules: unknown opcodes, an admin opcode on an I/O queue, PRP instead of SGL, fused, a
+    // second Connect.
+    let null = SglDescriptor::keyed(0, 0, 0, false).unwrap().to_bytes();
+    let sqe = |opcode: u8, flags: u8| nvme_proto::Sqe { opcode, flags, dptr: null, ..Default::default() };
+    for (qid, s, want) in [
+        (0, sqe(0x55, 0x40), Status::INVALID_OPCODE),
+        (1, sqe(0x55, 0x40), Status::INVALID_OPCODE),
+        (1, sqe(0x18, 0x40), Status::INVALID_OPCODE),
+        (1, sqe(0x02, 0x00), Status::INVALID_FIELD),
+        (1, sqe(0x02, 0x41), Status::INVALID_FIELD),
+    ] {
+        let cqe = ctrl.raw_sqe(qid, s, Vec::new()).await.unwrap();
+        assert_eq!(cqe.status().code(), want, "opcode {:#x} flags {:#x} on queue {qid}", s.opcode, s.flags);
+    }
+    let connect = nvme_proto::fabrics::Connect { recfmt: 0, qid: 0, sqsize: 31, cattr: 0, kato: 0 };
+    let again = Command::Fabrics(nvme_proto::FabricsCommand::Connect(connect));
+    let cqe = ctrl.raw(0, again, DataDir::None, Some(SglDescriptor::keyed(0, 0, 0, false).unwrap())).await.unwrap();
+    assert_eq!(cqe.status().code(), Status::COMMAND_SEQUENCE_ERROR);
     // Every failure is in the error log, newest first.
     let log = ctrl.get_log_page(lid::ERROR, 0, 64 * 64, false).await.unwrap();
     let entries = ErrorLogEntry::parse_list(&log).unwrap();
     let recorded: Vec<_> = entries.iter().filter(|e| e.error_count.get() != 0).collect();
-    assert_eq!(recorded.len(), 6, "{recorded:#?}");
-    assert_eq!(recorded[0].status().code(), Status::INVALID_LOG_PAGE);
-    assert_eq!(recorded[1].status().code(), Status::INVALID_NAMESPACE);
-    assert_eq!(recorded[2].status().code(), Status::LBA_OUT_OF_RANGE);
-    assert_eq!(recorded[2].lba.get(), (16 << 20) / 512 - 4);
+    assert_eq!(recorded.len(), 12, "{recorded:#?}");
+    assert_eq!(recorded[0].status().code(), Status::COMMAND_SEQUENCE_ERROR);
+    assert_eq!(recorded[1].status().code(), Status::INVALID_FIELD);
+    assert_eq!(recorded[1].param_error_location.get(), 1, "the flags byte");
+    assert_eq!(recorded[6].status().code(), Status::INVALID_LOG_PAGE);
+    assert_eq!(recorded[7].status().code(), Status::INVALID_NAMESPACE);
+    assert_eq!(recorded[8].status().code(), Status::LBA_OUT_OF_RANGE);
+    assert_eq!(recorded[8].lba.get(), (16 << 20) / 512 - 4);
 
     // Still serving: this controller and the bystander.
     ctrl.write(1, 8, block(8, 2, 512)).await.unwrap();

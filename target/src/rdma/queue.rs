@@ -339,16 +339,14 @@ impl Queue {
             Ok(SglDescriptor::Keyed { key, invalidate: true, .. }) => Some(key),
             _ => None,
         };
-        let reply = match Capsule::parse(&sqe, self.kind) {
+        let parsed = Capsule::parse(&sqe, self.kind);
+        let disconnect = matches!(&parsed, Ok(c) if c.command == Command::Fabrics(FabricsCommand::Disconnect));
+        let reply = match parsed {
             Ok(c) => self.execute(c, &capsule[64..]).await,
             Err(e) => Some(Reply { location: Some(e.offset as u16), ..Reply::err(e.status) }),
         };
         // Hand the receive buffer back before answering: the host may send its next command as soon as it has
         // our response.
-        let disconnect = matches!(
-            Capsule::parse(&sqe, self.kind).map(|c| c.command),
-            Ok(Command::Fabrics(FabricsCommand::Disconnect))
-        );
         recv.truncate(0);
         self.repost(slot, recv);
         if let Some(reply) = reply {
