@@ -1,6 +1,20 @@
-//! The testbed (binary `testbed`, to come): builds topologies (network namespaces with veth; QEMU microVMs with
-//! a stock Debian kernel for real rxe, bonding, nvme-rdma and nvmet-rdma), breaks them the way the seed
-//! incident did (link flaps on a bond under load), and reports what survived.
+//! The testbed: real Linux kernels in QEMU microVMs — rxe, bonding, nvme-rdma, nvmet-rdma — wired NIC-to-NIC,
+//! broken the way the seed was broken, with a report of what survived.
 //!
-//! Nothing is implemented yet: this crate is a placeholder in the workspace until the testbed issue lands.
+//! [`image`] builds the bootable image (a stock Debian kernel and an initramfs over the host's own userspace),
+//! [`vm`] runs VMs from a topology, [`guest`] is what runs inside them, [`scenario`] holds the scenarios
+//! (`kernel-smoke`, `kernel-flap`), each writing a JSON result and a one-screen summary.
 #![forbid(unsafe_code)]
+
+pub mod cpio;
+pub mod guest;
+pub mod image;
+pub mod scenario;
+pub mod vm;
+
+/// A number unique within this process (for names of runs and sockets).
+pub fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

@@ -1,0 +1,153 @@
+//! `testbed`: builds the VM image, runs VMs, runs scenarios. See the README's testbed section.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use testbed::image::{self, default_cache};
+use testbed::scenario::{self, Setup};
+use testbed::vm;
+
+#[derive(Debug, Parser)]
+#[command(name = "testbed", version, about = "Real kernels in QEMU microVMs, broken the way the seed was broken")]
+struct Args {
+    /// Image cache (default: $XDG_CACHE_HOME/nvmf-testbed or ~/.cache/nvmf-testbed).
+    #[arg(long, global = true)]
+    cache: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// VM image and ad-hoc runs.
+    Vm {
+        #[command(subcommand)]
+        command: VmCmd,
+    },
+    /// Run a scenario; writes DIR/result.json and prints a summary.
+    Scenario {
+        /// kernel-smoke | kernel-flap
+        name: String,
+        /// Run directory (scripts, consoles, logs, result.json).
+        #[arg(long, default_value = "build/testbed-run")]
+        dir: PathBuf,
+        /// Hard time limit, seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+        /// kernel-flap: number of flaps.
+        #[arg(long, default_value_t = 10)]
+        flaps: u32,
+        /// kernel-flap: whose bond flaps.
+        #[arg(long, default_value = "target")]
+        side: String,
+        /// kernel-flap: seconds without I/O progress that count as a stall.
+        #[arg(long, default_value_t = 60)]
+        stall: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCmd {
+    /// Download the kernel and busybox, build the initramfs (cached; idempotent).
+    Image,
+    /// Boot VMs (two NICs each, wired VM i ↔ VM i+1) and run a command in each.
+    Run {
+        /// Number of VMs (1..=4).
+        #[arg(long, default_value_t = 2)]
+        vms: usize,
+        /// Bond the two NICs (active-backup, miimon 100).
+        #[arg(long)]
+        bond: bool,
+        /// Add an rxe device on the bond (or eth0).
+        #[arg(long)]
+        rxe: bool,
+        #[arg(long, default_value = "build/testbed-run")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Shell command each VM runs (VM i has 198.18.0.(i+1)).
+        command: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("testbed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let cache = args.cache.unwrap_or_else(default_cache);
+    let image = image::build(&cache)?;
+    match args.command {
+        Cmd::Vm { command: VmCmd::Image } => {
+            println!("kernel {}\n  {}\n  {}", image.version, image.kernel.display(), image.initramfs.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vm { command: VmCmd::Run { vms, bond, rxe, dir, timeout, command } } => {
+            if !(1..=4).contains(&vms) {
+                return Err("--vms must be 1..=4".into());
+            }
+            let accel = vm::probe_accel(&image, &cache);
+            let specs: Vec<vm::VmSpec> = (0..vms)
+                .map(|i| vm::VmSpec {
+                    name: format!("vm{i}"),
+                    nics: 2,
+                    memory_mib: 1024,
+                    script: format!(
+                        "{}{}\n",
+                        testbed::guest::network(2, bond, &format!("198.18.0.{}", i + 1), rxe),
+                        command
+                    ),
+                })
+                .collect();
+            let cables: Vec<vm::Cable> =
+                (0..vms.saturating_sub(1)).flat_map(|i| [((i, 0), (i + 1, 0)), ((i, 1), (i + 1, 1))]).collect();
+            let mut run = vm::Run::start(&image, accel, &specs, &cables, &dir)?;
+            let outcomes = run.wait(Duration::from_secs(timeout));
+            let mut ok = true;
+            for o in &outcomes {
+                println!(
+                    "{}: exit {:?}{} boot {:?} s — log {}",
+                    o.name,
+                    o.exit,
+                    if o.timed_out { " (timed out)" } else { "" },
+                    o.boot_seconds,
+                    o.log.display()
+                );
+                ok &= o.exit == Some(0);
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Scenario { name, dir, timeout, flaps, side, stall } => {
+            let accel = vm::probe_accel(&image, &cache);
+            let setup = Setup { image, accel, dir: dir.clone() };
+            let timeout = Duration::from_secs(timeout);
+            let passed = match name.as_str() {
+                "kernel-smoke" => {
+                    let r = scenario::smoke::run(&setup, timeout)?;
+                    println!("{}", r.summary());
+                    r.passed
+                }
+                other => {
+                    let _ = (flaps, side, stall);
+                    return Err(format!("unknown scenario {other:?} (kernel-smoke, kernel-flap)").into());
+                }
+            };
+            println!("result: {}", dir.join("result.json").display());
+            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}

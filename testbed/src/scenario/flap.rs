@@ -1,0 +1,1 @@
+//! `kernel-flap` (filled in below in this session's next step).

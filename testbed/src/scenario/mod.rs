@@ -1,0 +1,80 @@
+//! Scenarios: each builds a topology and per-VM scripts, runs them, watches the shared directory, and returns
+//! a result that serialises to JSON and prints as a one-screen summary.
+
+pub mod flap;
+pub mod smoke;
+
+use std::path::{Path, PathBuf};
+
+use crate::image::Image;
+use crate::vm::{Accel, VmError, VmSpec};
+
+/// Addresses of the two hosts (198.18.0.0/15, the benchmarking range).
+pub const TARGET_ADDR: &str = "198.18.0.1";
+pub const HOST_ADDR: &str = "198.18.0.2";
+pub const NQN: &str = "nqn.2026-11.dev.nvmf-rs:testbed";
+/// nvme-cli needs a host NQN; VMs have no /etc/nvme of their own.
+pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:7e57bed0-0000-4000-8000-000000000002";
+
+/// Where a scenario runs and what it runs on.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub image: Image,
+    pub accel: Accel,
+    /// The run's shared directory (scripts, logs, results).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// The kernel NVMe-oF target on a RAM file: nvmet configured through configfs, listening on rdma.
+pub fn nvmet_target_setup(addr: &str) -> String {
+    format!(
+        r#"truncate -s 256M /tmp/ns1.img
+cd /sys/kernel/config/nvmet
+mkdir subsystems/{NQN}
+echo 1 > subsystems/{NQN}/attr_allow_any_host
+mkdir subsystems/{NQN}/namespaces/1
+echo /tmp/ns1.img > subsystems/{NQN}/namespaces/1/device_path
+# tmpfs has no O_DIRECT: nvmet must use the page cache for this file.
+echo 1 > subsystems/{NQN}/namespaces/1/buffered_io
+echo 1 > subsystems/{NQN}/namespaces/1/enable || {{ log "namespace enable failed"; exit 4; }}
+mkdir ports/1
+echo rdma > ports/1/addr_trtype
+echo ipv4 > ports/1/addr_adrfam
+echo {addr} > ports/1/addr_traddr
+echo 4420 > ports/1/addr_trsvcid
+ln -s /sys/kernel/config/nvmet/subsystems/{NQN} ports/1/subsystems/{NQN}
+cd /
+log "nvmet listening on {addr}:4420"
+"#
+    )
+}
+
+/// Two VMs, each with two NICs wired pairwise, bond0 + rxe0 on both.
+pub fn two_bonded_hosts(target_script: String, host_script: String) -> (Vec<VmSpec>, Vec<crate::vm::Cable>) {
+    let net = |addr| crate::guest::network(2, true, addr, true);
+    let vms = vec![
+        VmSpec {
+            name: "target".into(),
+            nics: 2,
+            memory_mib: 1024,
+            script: format!("{}{}", net(TARGET_ADDR), target_script),
+        },
+        VmSpec { name: "host".into(), nics: 2, memory_mib: 1024, script: format!("{}{}", net(HOST_ADDR), host_script) },
+    ];
+    (vms, vec![((0, 0), (1, 0)), ((0, 1), (1, 1))])
+}
+
+pub fn write_json(dir: &Path, name: &str, value: &impl serde::Serialize) -> Result<PathBuf, ScenarioError> {
+    let path = dir.join(name);
+    let text = serde_json::to_string_pretty(value).expect("serialisable");
+    std::fs::write(&path, text).map_err(|source| ScenarioError::Io { path: path.clone(), source })?;
+    Ok(path)
+}
