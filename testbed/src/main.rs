@@ -141,10 +141,17 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("{}", r.summary());
                     r.passed
                 }
-                other => {
-                    let _ = (flaps, side, stall);
-                    return Err(format!("unknown scenario {other:?} (kernel-smoke, kernel-flap)").into());
+                "kernel-flap" => {
+                    let side = match side.as_str() {
+                        "target" => scenario::flap::Side::Target,
+                        "initiator" => scenario::flap::Side::Initiator,
+                        other => return Err(format!("--side {other:?}: target or initiator").into()),
+                    };
+                    let r = scenario::flap::run(&setup, flaps, side, Duration::from_secs(stall), timeout)?;
+                    println!("{}", r.summary());
+                    r.flaps_toggled() && r.complete()
                 }
+                other => return Err(format!("unknown scenario {other:?} (kernel-smoke, kernel-flap)").into()),
             };
             println!("result: {}", dir.join("result.json").display());
             Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })

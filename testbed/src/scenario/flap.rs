@@ -1,1 +1,343 @@
-//! `kernel-flap` (filled in below in this session's next step).
+//! `kernel-flap`: the seed's loop — `ip link set bond0 down; sleep 1; ip link set bond0 up; sleep 10`, N times
+//! — on the target's bond (or, with `--side initiator`, the host's) while fio runs from the kernel host over
+//! nvme-rdma. The host VM reports I/O progress every second; this side watches it. The outcome is either
+//! *recovered* (I/O moves again after the last flap; with the time it took after each flap) or *stalled* (no
+//! progress for the stall time: the host VM is asked for evidence — controller state, the stacks of blocked
+//! tasks, dmesg — and the VMs are stopped), never a hang.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{HOSTNQN, NQN, ScenarioError, Setup, TARGET_ADDR, nvmet_target_setup, two_bonded_hosts, write_json};
+use crate::vm::{Accel, Run, VmOutcome};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Target,
+    Initiator,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// I/O moved again after the last flap.
+    Recovered,
+    /// No I/O progress for the stall time; evidence collected.
+    Stalled,
+    /// The run ended (time bound, VM exit) before either could be said.
+    Incomplete,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlapRecord {
+    pub flap: u32,
+    /// bond0's operstate right after `down`, and 1 s after `up`, as the flapping VM read it.
+    pub operstate_after_down: String,
+    pub operstate_after_up: String,
+    /// Seconds from this flap's `up` (seen here) to the next I/O progress; `None` if none came.
+    pub recovered_after: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Evidence {
+    pub controller_state: String,
+    pub blocked_tasks: String,
+    pub dmesg_tail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlapResult {
+    pub scenario: &'static str,
+    pub kernel: String,
+    pub accel: Accel,
+    pub side: Side,
+    pub flaps_requested: u32,
+    pub outcome: Outcome,
+    pub flaps: Vec<FlapRecord>,
+    /// Seconds after the last flap's `up` until I/O moved again.
+    pub time_to_recover: Option<f64>,
+    /// Longest time without I/O progress while fio ran.
+    pub longest_gap: f64,
+    pub reads_completed: u64,
+    pub writes_completed: u64,
+    /// fio's error count, and the kernel host's I/O error and reconnect lines.
+    pub fio_errors: Option<u64>,
+    pub host_io_error_lines: usize,
+    pub reconnects: usize,
+    pub host_kernel_errors: Vec<String>,
+    pub target_kernel_errors: Vec<String>,
+    pub evidence: Option<Evidence>,
+    pub seconds: f64,
+    pub time_bound: f64,
+    pub vms: Vec<VmOutcome>,
+}
+
+impl FlapResult {
+    /// Every flap toggled the bond (down, then back up), as seen in the VM.
+    pub fn flaps_toggled(&self) -> bool {
+        self.flaps.len() as u32 == self.flaps_requested
+            && self.flaps.iter().all(|f| f.operstate_after_down == "down" && f.operstate_after_up == "up")
+    }
+
+    /// The result says what happened: recovered with its time, or stalled with its evidence.
+    pub fn complete(&self) -> bool {
+        match self.outcome {
+            Outcome::Recovered => self.time_to_recover.is_some(),
+            Outcome::Stalled => self.evidence.as_ref().is_some_and(|e| !e.controller_state.is_empty()),
+            Outcome::Incomplete => false,
+        }
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "kernel-flap ({:?} side, {} flaps): {:?}\n  kernel {} under {:?}, {:.0} s (bound {:.0} s)\n",
+            self.side, self.flaps_requested, self.outcome, self.kernel, self.accel, self.seconds, self.time_bound
+        );
+        for f in &self.flaps {
+            s.push_str(&format!(
+                "  flap {}: bond0 {} → {}, I/O back after {}\n",
+                f.flap,
+                f.operstate_after_down,
+                f.operstate_after_up,
+                f.recovered_after.map_or("—".into(), |t| format!("{t:.1} s"))
+            ));
+        }
+        s.push_str(&format!(
+            "  I/O: {} reads, {} writes, longest gap {:.1} s, fio errors {:?}, kernel I/O error lines {}, reconnects {}\n",
+            self.reads_completed, self.writes_completed, self.longest_gap, self.fio_errors, self.host_io_error_lines, self.reconnects
+        ));
+        if let Some(e) = &self.evidence {
+            s.push_str(&format!("  stalled: controller {}\n", e.controller_state.trim()));
+            for line in e.blocked_tasks.lines().take(12) {
+                s.push_str(&format!("    {line}\n"));
+            }
+        }
+        for line in self.host_kernel_errors.iter().take(6) {
+            s.push_str(&format!("  host kernel: {line}\n"));
+        }
+        for line in self.target_kernel_errors.iter().take(6) {
+            s.push_str(&format!("  target kernel: {line}\n"));
+        }
+        s
+    }
+}
+
+/// The flapping loop, in whichever VM flaps.
+fn flap_loop(flaps: u32) -> String {
+    format!(
+        r#"wait_file $T/io-started 600 || exit 6
+for i in $(seq 1 {flaps}); do
+    ip link set bond0 down
+    echo "$i down $(cat /sys/class/net/bond0/operstate)" >> $T/flaps
+    sleep 1
+    ip link set bond0 up
+    echo "$i upcmd" >> $T/flaps
+    sleep 1
+    echo "$i up $(cat /sys/class/net/bond0/operstate)" >> $T/flaps
+    sleep 9
+done
+touch $T/flaps-done
+"#
+    )
+}
+
+/// The host: connect, fio in the background, progress every second; on `finish` or `evidence`, act.
+fn host_script(runtime: u64) -> String {
+    format!(
+        r#"wait_file $T/target-ready 300 || {{ log "target not ready"; exit 3; }}
+nvme connect -t rdma -a {TARGET_ADDR} -s 4420 -n {NQN} --hostnqn {HOSTNQN} --reconnect-delay=2 --ctrl-loss-tmo=60
+n=0; until [ -b /dev/nvme0n1 ]; do sleep 0.2; n=$((n+1)); [ $n -gt 150 ] && break; done
+[ -b /dev/nvme0n1 ] || {{ log "no /dev/nvme0n1"; exit 5; }}
+fio --name=flap --filename=/dev/nvme0n1 --rw=randrw --bs=4k --size=64m --ioengine=libaio --iodepth=4 --direct=1 \
+    --time_based --runtime={runtime} --continue_on_error=io --output-format=json --output=$T/fio.json &
+fio_pid=$!
+touch $T/io-started
+grep nvme /proc/diskstats > $T/diskstats.start
+while true; do
+    # Completed reads and writes of every nvme disk, path devices included (the multipath head counts none).
+    echo "$(now) $(awk '$3 ~ /^nvme/ {{r += $4; w += $8}} END {{print r + 0, w + 0}}' /proc/diskstats) $(cat /sys/class/nvme/nvme0/state 2>/dev/null || echo gone)" >> $T/progress
+    if [ -e $T/evidence ]; then
+        cat /sys/class/nvme/nvme0/state > $T/evidence.state 2>&1
+        for p in /proc/[0-9]*; do
+            if grep -q '^State:.*D' $p/status 2>/dev/null; then
+                echo "== $(cat $p/comm) (pid ${{p#/proc/}})"; cat $p/stack 2>/dev/null
+            fi
+        done > $T/evidence.stacks
+        echo w > /proc/sysrq-trigger
+        sleep 1
+        dmesg > $T/host.dmesg
+        touch $T/evidence-done
+        exit 0
+    fi
+    if [ -e $T/finish ] || ! kill -0 $fio_pid 2>/dev/null; then
+        kill $fio_pid 2>/dev/null
+        wait $fio_pid
+        dmesg > $T/host.dmesg
+        touch $T/host-done
+        (nvme disconnect -n {NQN} >/dev/null 2>&1 &)
+        sleep 2
+        exit 0
+    fi
+    sleep 1
+done
+"#
+    )
+}
+
+fn kernel_errors(dmesg: &str) -> Vec<String> {
+    let keys = ["error", "fail", "fatal", "timeout", "reconnect", "not free", "stuck", "blocked for more"];
+    dmesg
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            keys.iter().any(|k| l.contains(k)) && !l.contains("sysrq") && !l.contains("tsc:")
+        })
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+pub fn run(
+    setup: &Setup,
+    flaps: u32,
+    side: Side,
+    stall: Duration,
+    timeout: Duration,
+) -> Result<FlapResult, ScenarioError> {
+    // fio runs through the flaps and a little after; the bound covers boots, the flaps and the stall limit.
+    let flapping = flaps as u64 * 11;
+    let runtime = flapping + 40;
+    let time_bound = Duration::from_secs(60 + flapping + stall.as_secs() + 60).min(timeout);
+    let mut target = format!("{}touch $T/target-ready\n", nvmet_target_setup(TARGET_ADDR));
+    let mut host = String::new();
+    match side {
+        Side::Target => target.push_str(&flap_loop(flaps)),
+        Side::Initiator => host.push_str(&format!("( {} ) &\n", flap_loop(flaps).replace('\n', "\n  "))),
+    }
+    target.push_str(&format!("wait_file $T/host-done {} ; dmesg > $T/target.dmesg\n", time_bound.as_secs()));
+    host.push_str(&host_script(runtime));
+    let (vms, cables) = two_bonded_hosts(target, host);
+    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &setup.dir)?;
+
+    let started = Instant::now();
+    let mut last_counts: Option<(u64, u64)> = None;
+    let mut last_progress = Instant::now();
+    let mut longest_gap = 0.0f64;
+    let mut io_started = false;
+    let mut up_seen: Vec<Instant> = Vec::new();
+    let mut recovered_after: Vec<Option<f64>> = Vec::new();
+    let mut outcome = Outcome::Incomplete;
+    let mut evidence = None;
+    let mut counts = (0, 0);
+    while started.elapsed() < time_bound && !vm_run.finished() {
+        std::thread::sleep(Duration::from_millis(250));
+        if !io_started {
+            io_started = vm_run.read("io-started").is_some();
+            last_progress = Instant::now();
+            continue;
+        }
+        // Flaps seen so far (times taken here, when the "upcmd" line appears).
+        let flap_text = vm_run.read("flaps").unwrap_or_default();
+        let ups = flap_text.lines().filter(|l| l.ends_with("upcmd")).count();
+        while up_seen.len() < ups {
+            up_seen.push(Instant::now());
+            recovered_after.push(None);
+        }
+        if let Some(line) = vm_run.read("progress").and_then(|p| p.lines().last().map(str::to_string)) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(r), Some(w)) = (f.get(1).and_then(|v| v.parse().ok()), f.get(2).and_then(|v| v.parse().ok())) {
+                counts = (r, w);
+                if last_counts != Some((r, w)) {
+                    // Growth is progress; a drop (a path device went away) only resets the baseline.
+                    let grew = last_counts.is_some_and(|(lr, lw)| r + w > lr + lw);
+                    if grew {
+                        longest_gap = longest_gap.max(last_progress.elapsed().as_secs_f64());
+                        last_progress = Instant::now();
+                        for (i, up) in up_seen.iter().enumerate() {
+                            if recovered_after[i].is_none() && last_progress > *up {
+                                recovered_after[i] = Some((last_progress - *up).as_secs_f64());
+                            }
+                        }
+                    }
+                    last_counts = Some((r, w));
+                }
+            }
+        }
+        let flaps_done = vm_run.read("flaps-done").is_some();
+        if flaps_done && recovered_after.last().is_some_and(|r| r.is_some()) {
+            outcome = Outcome::Recovered;
+            vm_run.touch("finish");
+            break;
+        }
+        if last_progress.elapsed() >= stall {
+            longest_gap = longest_gap.max(last_progress.elapsed().as_secs_f64());
+            outcome = Outcome::Stalled;
+            vm_run.touch("evidence");
+            let asked = Instant::now();
+            while vm_run.read("evidence-done").is_none() && asked.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            let dmesg = vm_run.read("host.dmesg").unwrap_or_default();
+            let tail: Vec<&str> = dmesg.lines().rev().take(80).collect();
+            evidence = Some(Evidence {
+                controller_state: vm_run.read("evidence.state").unwrap_or_default(),
+                blocked_tasks: vm_run.read("evidence.stacks").unwrap_or_default(),
+                dmesg_tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            });
+            break;
+        }
+    }
+    // Let the host write its logs (a stalled host may never: the VMs are stopped regardless).
+    let outcomes = vm_run.wait(Duration::from_secs(if outcome == Outcome::Recovered { 30 } else { 5 }));
+    let flap_text = vm_run.read("flaps").unwrap_or_default();
+    let state = |n: u32, what: &str| {
+        flap_text
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 3 && f[0] == n.to_string() && f[1] == what).then(|| f[2].to_string())
+            })
+            .unwrap_or_default()
+    };
+    let done = flap_text.lines().filter(|l| l.ends_with("upcmd")).count() as u32;
+    let records: Vec<FlapRecord> = (1..=done)
+        .map(|n| FlapRecord {
+            flap: n,
+            operstate_after_down: state(n, "down"),
+            operstate_after_up: state(n, "up"),
+            recovered_after: recovered_after.get(n as usize - 1).copied().flatten(),
+        })
+        .collect();
+    let fio: Option<serde_json::Value> = vm_run.read("fio.json").and_then(|t| serde_json::from_str(&t).ok());
+    let host_dmesg = vm_run.read("host.dmesg").unwrap_or_default();
+    let target_dmesg = vm_run.read("target.dmesg").unwrap_or_default();
+    let result = FlapResult {
+        scenario: "kernel-flap",
+        kernel: setup.image.version.clone(),
+        accel: setup.accel,
+        side,
+        flaps_requested: flaps,
+        outcome,
+        time_to_recover: if outcome == Outcome::Recovered {
+            records.last().and_then(|r| r.recovered_after)
+        } else {
+            None
+        },
+        flaps: records,
+        longest_gap,
+        reads_completed: counts.0,
+        writes_completed: counts.1,
+        fio_errors: fio.as_ref().and_then(|f| f["jobs"][0]["total_err"].as_u64()),
+        host_io_error_lines: host_dmesg.lines().filter(|l| l.contains("I/O error")).count(),
+        reconnects: host_dmesg.lines().filter(|l| l.contains("Successfully reconnected")).count(),
+        host_kernel_errors: kernel_errors(&host_dmesg),
+        target_kernel_errors: kernel_errors(&target_dmesg),
+        evidence,
+        seconds: started.elapsed().as_secs_f64(),
+        time_bound: time_bound.as_secs_f64(),
+        vms: outcomes,
+    };
+    write_json(&setup.dir, "result.json", &result)?;
+    Ok(result)
+}

@@ -1,0 +1,65 @@
+//! The kernel scenarios end to end, in real VMs (QEMU, TCG here): `kernel-smoke` must pass fio's verify, and
+//! `kernel-flap` with 3 flaps (`TESTBED_FLAPS=10` for the long mode) must show the bond toggling in the VM and
+//! end complete — recovered with its time, or stalled with its evidence — within its own time bound.
+//!
+//! Needs qemu-system-x86, nvme-cli, fio and kmod on the host (scripts/test-all installs them) and root (the VMs'
+//! 9p share of `/`); without them the tests skip with a message, except under `CI=true`, where they must run.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use testbed::image;
+use testbed::scenario::{Setup, flap, smoke};
+use testbed::vm;
+
+/// At most two single-vCPU VMs at once on two cores: one scenario at a time.
+static VMS: Mutex<()> = Mutex::new(());
+
+fn setup(name: &str) -> Option<Setup> {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let mut missing: Vec<&str> = ["qemu-system-x86_64", "nvme", "fio", "depmod"]
+        .into_iter()
+        .filter(|t| image::require(t, "").is_err())
+        .collect();
+    if !nix::unistd::Uid::effective().is_root() {
+        missing.push("root");
+    }
+    if !missing.is_empty() {
+        assert!(!ci, "CI must run {name}: missing {missing:?}");
+        eprintln!("SKIP {name}: needs {missing:?}");
+        return None;
+    }
+    let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/testbed-cache");
+    let image = image::build(&cache).expect("VM image");
+    let accel = vm::probe_accel(&image, &cache);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../build/testbed-test-{name}"));
+    Some(Setup { image, accel, dir })
+}
+
+#[test]
+fn kernel_smoke_passes_fio_verify() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup("kernel-smoke") else { return };
+    let r = smoke::run(&setup, Duration::from_secs(600)).expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert!(r.discovered.iter().any(|s| s == testbed::scenario::NQN), "{r:#?}");
+    assert!(r.connected);
+    assert!(r.fio_verify_passed, "{r:#?}");
+    assert!(r.passed, "{:?}", r.problems);
+    assert!(setup.dir.join("result.json").is_file());
+}
+
+#[test]
+fn kernel_flap_result_is_complete_within_its_bound() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup("kernel-flap") else { return };
+    let flaps = std::env::var("TESTBED_FLAPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let r = flap::run(&setup, flaps, flap::Side::Target, Duration::from_secs(45), Duration::from_secs(1200))
+        .expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert!(r.flaps_toggled(), "every flap must take bond0 down and up, as seen in the VM: {:#?}", r.flaps);
+    assert!(r.complete(), "recovered with its time or stalled with its evidence: {r:#?}");
+    assert!(r.seconds <= r.time_bound + 5.0, "{} s beyond the bound {}", r.seconds, r.time_bound);
+    assert!(setup.dir.join("result.json").is_file());
+}
