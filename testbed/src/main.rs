@@ -29,7 +29,7 @@ enum Cmd {
     },
     /// Run a scenario; writes DIR/result.json and prints a summary.
     Scenario {
-        /// kernel-smoke | kernel-flap
+        /// kernel-smoke | kernel-flap | capture
         name: String,
         /// Run directory (scripts, consoles, logs, result.json).
         #[arg(long, default_value = "build/testbed-run")]
@@ -151,7 +151,12 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("{}", r.summary());
                     r.flaps_toggled() && r.complete()
                 }
-                other => return Err(format!("unknown scenario {other:?} (kernel-smoke, kernel-flap)").into()),
+                "capture" => {
+                    let r = scenario::capture::run(&setup, timeout)?;
+                    println!("{}", r.summary());
+                    r.passed
+                }
+                other => return Err(format!("unknown scenario {other:?} (kernel-smoke, kernel-flap, capture)").into()),
             };
             println!("result: {}", dir.join("result.json").display());
             Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use testbed::image;
-use testbed::scenario::{Setup, flap, smoke};
+use testbed::scenario::{Setup, capture, flap, smoke};
 use testbed::vm;
 
 /// At most two single-vCPU VMs at once on two cores: one scenario at a time.
@@ -62,4 +62,25 @@ fn kernel_flap_result_is_complete_within_its_bound() {
     assert!(r.complete(), "recovered with its time or stalled with its evidence: {r:#?}");
     assert!(r.seconds <= r.time_bound + 5.0, "{} s beyond the bound {}", r.seconds, r.time_bound);
     assert!(setup.dir.join("result.json").is_file());
+}
+
+/// The capture's packets are test vectors: every one must decode with our wire codecs and its ICRC verify.
+#[test]
+fn capture_yields_packets_our_codecs_accept() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup("capture") else { return };
+    let r = capture::run(&setup, Duration::from_secs(600)).expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert!(r.passed, "{r:#?}");
+    for pcap in [&r.host_pcap, &r.target_pcap] {
+        let bytes = std::fs::read(pcap).expect("pcap");
+        let datagrams = transport::soft::pcap::read_rocev2(&bytes).expect("pcap parses");
+        assert!(datagrams.len() > 100, "{}: {} RoCEv2 datagrams", pcap.display(), datagrams.len());
+        for d in &datagrams {
+            transport::soft::wire::PacketRepr::parse(&d.payload)
+                .unwrap_or_else(|e| panic!("{} #{}: {e}", pcap.display(), d.record));
+            transport::soft::wire::icrc::verify(&d.ip, d.udp_src, &d.payload)
+                .unwrap_or_else(|e| panic!("{} #{}: ICRC: {e}", pcap.display(), d.record));
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Scenarios: each builds a topology and per-VM scripts, runs them, watches the shared directory, and returns
 //! a result that serialises to JSON and prints as a one-screen summary.
 
+pub mod capture;
 pub mod flap;
 pub mod smoke;
 
