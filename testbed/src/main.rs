@@ -115,7 +115,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 .collect();
             let cables: Vec<vm::Cable> =
                 (0..vms.saturating_sub(1)).flat_map(|i| [((i, 0), (i + 1, 0)), ((i, 1), (i + 1, 1))]).collect();
-            let mut run = vm::Run::start(&image, accel, &specs, &cables, &dir)?;
+            let mut run = vm::Run::start(&image, accel, &specs, &cables, &[], &dir)?;
             let outcomes = run.wait(Duration::from_secs(timeout));
             let mut ok = true;
             for o in &outcomes {

@@ -24,6 +24,16 @@ pub struct VmSpec {
 /// A cable between NIC `a.1` of VM `a.0` and NIC `b.1` of VM `b.0`.
 pub type Cable = ((usize, usize), (usize, usize));
 
+/// NIC `nic` of VM `vm` attached to a tap device inside a network namespace the run creates, the tap holding
+/// `host_addr` (with its prefix, e.g. `198.18.1.254/24`): a host process run in [`Run::netns`] talks to the VM
+/// directly (our soft provider against the VM's kernel rxe, later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tap {
+    pub vm: usize,
+    pub nic: usize,
+    pub host_addr: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
@@ -63,6 +73,7 @@ pub struct VmOutcome {
 /// A set of running VMs.
 pub struct Run {
     pub shared: PathBuf,
+    netns: Option<String>,
     sockets: PathBuf,
     vms: Vec<(VmSpec, Child)>,
     started: Instant,
@@ -73,6 +84,7 @@ fn mac(vm: usize, nic: usize) -> String {
     format!("52:54:00:18:{vm:02x}:{nic:02x}")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn qemu_args(
     image: &Image,
     accel: Accel,
@@ -81,6 +93,7 @@ fn qemu_args(
     shared: &Path,
     sockets: &Path,
     cables: &[Cable],
+    taps: &[(Tap, String)],
 ) -> Result<Vec<String>, VmError> {
     let accel_args: &[&str] = match accel {
         Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
@@ -136,18 +149,22 @@ fn qemu_args(
             }
         });
         let local = sockets.join(format!("{index}-{nic}.sock"));
-        let netdev = match peer {
-            Some((pv, pn)) => format!(
-                "dgram,id=n{nic},local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                local.display(),
-                sockets.join(format!("{pv}-{pn}.sock")).display()
-            ),
-            // An unwired NIC: a socket nobody talks to (the link is up, nothing arrives).
-            None => format!(
-                "dgram,id=n{nic},local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                local.display(),
-                sockets.join(format!("{index}-{nic}.void")).display()
-            ),
+        let tap = taps.iter().find(|(t, _)| t.vm == index && t.nic == nic);
+        let netdev = match (tap, peer) {
+            (Some((_, ifname)), _) => format!("tap,id=n{nic},ifname={ifname},script=no,downscript=no"),
+            (None, peer) => match peer {
+                Some((pv, pn)) => format!(
+                    "dgram,id=n{nic},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    local.display(),
+                    sockets.join(format!("{pv}-{pn}.sock")).display()
+                ),
+                // An unwired NIC: a socket nobody talks to (the link is up, nothing arrives).
+                None => format!(
+                    "dgram,id=n{nic},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    local.display(),
+                    sockets.join(format!("{index}-{nic}.void")).display()
+                ),
+            },
         };
         args.extend([
             "-netdev".into(),
@@ -172,7 +189,7 @@ pub fn probe_accel(image: &Image, cache: &Path) -> Accel {
     let accel = if Path::new("/dev/kvm").exists() {
         let spec = VmSpec { name: "probe".into(), nics: 0, memory_mib: 256, script: "exit 0\n".into() };
         let dir = std::env::temp_dir().join(format!("testbed-probe-{}", std::process::id()));
-        let ok = Run::start(image, Accel::Kvm, &[spec], &[], &dir)
+        let ok = Run::start(image, Accel::Kvm, &[spec], &[], &[], &dir)
             .map(|mut run| run.wait(Duration::from_secs(20)).first().is_some_and(|o| o.exit == Some(0)))
             .unwrap_or(false);
         let _ = std::fs::remove_dir_all(&dir);
@@ -187,7 +204,14 @@ pub fn probe_accel(image: &Image, cache: &Path) -> Accel {
 
 impl Run {
     /// Writes the scripts into `shared` (created, emptied) and launches every VM.
-    pub fn start(image: &Image, accel: Accel, vms: &[VmSpec], cables: &[Cable], shared: &Path) -> Result<Run, VmError> {
+    pub fn start(
+        image: &Image,
+        accel: Accel,
+        vms: &[VmSpec],
+        cables: &[Cable],
+        taps: &[Tap],
+        shared: &Path,
+    ) -> Result<Run, VmError> {
         require("qemu-system-x86_64", "apt-get install qemu-system-x86")?;
         if vms.is_empty() || vms.len() > 4 {
             return Err(VmError::Topology(format!("{} VMs (1..=4)", vms.len())));
@@ -203,19 +227,41 @@ impl Run {
         // Unix socket paths must stay short (108 bytes).
         let sockets = std::env::temp_dir().join(format!("tb-{}-{}", std::process::id(), crate::unique()));
         std::fs::create_dir_all(&sockets).map_err(io(&sockets))?;
+        let id = crate::unique();
+        // Tap NICs live in a namespace of the run's own; QEMU opens them there, so every VM runs inside it.
+        let netns = (!taps.is_empty()).then(|| format!("tb-{}-{id}", std::process::id()));
+        let tap_names: Vec<(Tap, String)> = taps
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), format!("tbt{}x{id}x{i}", std::process::id() % 10000)))
+            .collect();
         let mut run = Run {
             shared: shared.to_owned(),
+            netns: netns.clone(),
             sockets: sockets.clone(),
             vms: Vec::new(),
             started: Instant::now(),
             boot_seen: vec![None; vms.len()],
         };
+        if let Some(ns) = &netns {
+            require("ip", "apt-get install iproute2")?;
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
         for (i, spec) in vms.iter().enumerate() {
             let script = shared.join(format!("{}.sh", spec.name));
             std::fs::write(&script, format!("{}\n{}", crate::guest::PRELUDE, spec.script)).map_err(io(&script))?;
-            let args = qemu_args(image, accel, spec, i, shared, &sockets, cables)?;
+            let args = qemu_args(image, accel, spec, i, shared, &sockets, cables, &tap_names)?;
             let stderr = std::fs::File::create(shared.join(format!("{}.qemu", spec.name))).map_err(io(shared))?;
-            let child = Command::new("qemu-system-x86_64")
+            let mut command = match &netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                    c
+                }
+                None => Command::new("qemu-system-x86_64"),
+            };
+            let child = command
                 .args(&args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -224,7 +270,26 @@ impl Run {
                 .map_err(VmError::Spawn)?;
             run.vms.push((spec.clone(), child));
         }
+        if let Some(ns) = &netns {
+            for (tap, name) in &tap_names {
+                // QEMU creates the tap as it starts: wait for it, then give it its address.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while ip(&["-n", ns, "link", "show", name]).is_err() {
+                    if Instant::now() > deadline {
+                        return Err(VmError::Topology(format!("tap {name} never appeared in {ns}")));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                ip(&["-n", ns, "addr", "add", &tap.host_addr, "dev", name])?;
+                ip(&["-n", ns, "link", "set", name, "up"])?;
+            }
+        }
         Ok(run)
+    }
+
+    /// The network namespace holding the run's tap devices, if it has any.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -296,5 +361,17 @@ impl Drop for Run {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.sockets);
+        if let Some(ns) = &self.netns {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), VmError> {
+    let out = Command::new("ip").args(args).output().map_err(|e| VmError::Topology(format!("ip: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(VmError::Topology(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
     }
 }

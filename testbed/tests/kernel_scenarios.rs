@@ -84,3 +84,40 @@ fn capture_yields_packets_our_codecs_accept() {
         }
     }
 }
+
+/// A host process in the run's namespace reaches a VM through its tap NIC: UDP to a VM-side echo, answered.
+#[test]
+fn tap_attachment_reaches_the_vm() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup("tap") else { return };
+    let script = format!(
+        "{}python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('198.18.1.1', 5000)); s.settimeout(120); d, a = s.recvfrom(100); s.sendto(d, a)\"\n",
+        testbed::guest::network(1, false, "198.18.1.1", false)
+    );
+    let spec = vm::VmSpec { name: "tapvm".into(), nics: 1, memory_mib: 512, script };
+    let tap = vm::Tap { vm: 0, nic: 0, host_addr: "198.18.1.254/24".into() };
+    let mut run = vm::Run::start(&setup.image, setup.accel, &[spec], &[], &[tap], &setup.dir).expect("VM");
+    let ns = format!("/var/run/netns/{}", run.netns().expect("a namespace for the tap"));
+    let answer = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).expect("namespace");
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let socket = std::net::UdpSocket::bind("198.18.1.254:0").expect("bind on the tap's address");
+        socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        let mut buf = [0u8; 100];
+        while std::time::Instant::now() < deadline {
+            let _ = socket.send_to(b"testbed tap", "198.18.1.1:5000");
+            if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                return Some((buf[..n].to_vec(), from));
+            }
+        }
+        None
+    })
+    .join()
+    .expect("thread");
+    let outcomes = run.wait(Duration::from_secs(30));
+    let (data, from) = answer.expect("the VM answered through the tap");
+    assert_eq!(data, b"testbed tap");
+    assert_eq!(from, "198.18.1.1:5000".parse().unwrap());
+    assert_eq!(outcomes[0].exit, Some(0), "{outcomes:?}");
+}

@@ -95,7 +95,7 @@ nvme disconnect -n {NQN}
         start = capture("host"),
     );
     let (vms, cables) = two_bonded_hosts(target, host);
-    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &setup.dir)?;
+    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
     let vms = vm_run.wait(timeout);
     let count = |name: &str| std::fs::read(setup.dir.join(name)).map(|b| pcap_records(&b)).unwrap_or(0);
     let (target_packets, host_packets) = (count("target.pcap"), count("host.pcap"));

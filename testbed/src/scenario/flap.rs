@@ -218,7 +218,7 @@ pub fn run(
     target.push_str(&format!("wait_file $T/host-done {} ; dmesg > $T/target.dmesg\n", time_bound.as_secs()));
     host.push_str(&host_script(runtime));
     let (vms, cables) = two_bonded_hosts(target, host);
-    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &setup.dir)?;
+    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
 
     let started = Instant::now();
     let mut last_counts: Option<(u64, u64)> = None;

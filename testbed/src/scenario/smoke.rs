@@ -73,7 +73,7 @@ touch $T/host-done
         secs = timeout.as_secs()
     );
     let (vms, cables) = two_bonded_hosts(target, host);
-    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &setup.dir)?;
+    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
     let outcomes = vm_run.wait(timeout);
     let seconds = vm_run.elapsed().as_secs_f64();
     let mut problems = Vec::new();
