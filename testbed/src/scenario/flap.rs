@@ -160,11 +160,19 @@ while true; do
     echo "$(now) $(awk '$3 ~ /^nvme/ {{r += $4; w += $8}} END {{print r + 0, w + 0}}' /proc/diskstats) $(cat /sys/class/nvme/nvme0/state 2>/dev/null || echo gone)" >> $T/progress
     if [ -e $T/evidence ]; then
         cat /sys/class/nvme/nvme0/state > $T/evidence.state 2>&1
-        for p in /proc/[0-9]*; do
-            if grep -q '^State:.*D' $p/status 2>/dev/null; then
-                echo "== $(cat $p/comm) (pid ${{p#/proc/}})"; cat $p/stack 2>/dev/null
-            fi
-        done > $T/evidence.stacks
+        # Blocked tasks, and any task whose kernel stack is in the NVMe or RDMA code (a reconnect worker waiting
+        # in nvme_rdma_alloc_queue sleeps, it is not blocked).
+        {{
+            for pid in $(pidof fio); do
+                echo "== fio (pid $pid) $(grep '^State:' /proc/$pid/status)"; cat /proc/$pid/stack
+            done
+            for p in /proc/[0-9]*; do
+                st=$(cat $p/stack 2>/dev/null)
+                if grep -q '^State:.*D' $p/status 2>/dev/null || echo "$st" | grep -qE 'nvme|rdma|rxe|ib_'; then
+                    echo "== $(cat $p/comm) (pid ${{p#/proc/}}) $(grep '^State:' $p/status)"; echo "$st"
+                fi
+            done
+        }} > $T/evidence.stacks 2>&1
         echo w > /proc/sysrq-trigger
         sleep 1
         dmesg > $T/host.dmesg
@@ -340,4 +348,24 @@ pub fn run(
     };
     write_json(&setup.dir, "result.json", &result)?;
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scripts the VMs run are valid shell (checked by the host's sh, the same one the VMs use).
+    #[test]
+    fn generated_scripts_parse() {
+        let both = [
+            format!("{}{}", crate::guest::PRELUDE, host_script(60)),
+            format!("{}{}", crate::guest::PRELUDE, flap_loop(3)),
+            format!("{}{}", crate::guest::PRELUDE, crate::scenario::nvmet_target_setup(TARGET_ADDR)),
+            crate::guest::network(2, true, "198.18.0.1", true),
+        ];
+        for script in both {
+            let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().expect("sh");
+            assert!(out.status.success(), "{}\n{script}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
 }
