@@ -49,21 +49,31 @@ wait_file() { n=0; while [ ! -e "$1" ]; do sleep 0.2; n=$((n+1)); [ $n -ge $(($2
 /// Network setup: `nics` NICs (eth0..), a bond over all of them when `bond`, the address on the bond (or eth0),
 /// and an rxe device on it when `rxe`.
 pub fn network(nics: usize, bond: bool, addr: &str, rxe: bool) -> String {
+    let members: Vec<usize> = if bond { (0..nics).collect() } else { Vec::new() };
+    network_with(nics, &members, Some(addr), rxe)
+}
+
+/// Network setup: every NIC up; bond0 (active-backup, miimon 100) over `bond_members` when there are any; the
+/// address (/24) on bond0, else eth0; rxe0 on that netdev when `rxe`.
+pub fn network_with(nics: usize, bond_members: &[usize], addr: Option<&str>, rxe: bool) -> String {
     let mut s = String::from("ip link set lo up\n");
-    let dev = if bond {
+    let dev = if bond_members.is_empty() { "eth0" } else { "bond0" };
+    if !bond_members.is_empty() {
         s.push_str("ip link add bond0 type bond mode active-backup miimon 100\n");
-        for i in 0..nics {
+        for i in bond_members {
             s.push_str(&format!("ip link set eth{i} down\nip link set eth{i} master bond0\n"));
         }
         s.push_str("ip link set bond0 up\n");
-        "bond0"
-    } else {
-        for i in 0..nics {
-            s.push_str(&format!("ip link set eth{i} up\n"));
-        }
-        "eth0"
-    };
-    s.push_str(&format!("ip addr add {addr}/24 dev {dev}\n"));
+    }
+    for i in (0..nics).filter(|i| !bond_members.contains(i)) {
+        s.push_str(&format!("ip link set eth{i} up\n"));
+    }
+    if nics == 0 {
+        return s;
+    }
+    if let Some(addr) = addr {
+        s.push_str(&format!("ip addr add {addr}/24 dev {dev}\n"));
+    }
     if rxe {
         s.push_str(&format!("rdma link add rxe0 type rxe netdev {dev} || log 'rdma link add failed'\n"));
     }

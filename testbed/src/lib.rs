@@ -10,6 +10,7 @@ pub mod cpio;
 pub mod guest;
 pub mod image;
 pub mod scenario;
+pub mod topology;
 pub mod vm;
 
 /// A number unique within this process (for names of runs and sockets).

@@ -53,8 +53,11 @@ enum Cmd {
 enum VmCmd {
     /// Download the kernel and busybox, build the initramfs (cached; idempotent).
     Image,
-    /// Boot VMs (two NICs each, wired VM i ↔ VM i+1) and run a command in each.
+    /// Boot VMs from a topology file, or a chain (two NICs each, wired VM i ↔ VM i+1) running one command.
     Run {
+        /// Topology file (TOML: [[vm]] name, nics, bond, address, rxe, command, tap; [[cable]] a, b).
+        #[arg(long, conflicts_with_all = ["vms", "bond", "rxe", "command"])]
+        topology: Option<PathBuf>,
         /// Number of VMs (1..=4).
         #[arg(long, default_value_t = 2)]
         vms: usize,
@@ -68,8 +71,9 @@ enum VmCmd {
         dir: PathBuf,
         #[arg(long, default_value_t = 300)]
         timeout: u64,
-        /// Shell command each VM runs (VM i has 198.18.0.(i+1)).
-        command: String,
+        /// Shell command each VM of the chain runs (VM i has 198.18.0.(i+1)).
+        #[arg(required_unless_present = "topology")]
+        command: Option<String>,
     },
 }
 
@@ -96,26 +100,19 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             println!("kernel {}\n  {}\n  {}", image.version, image.kernel.display(), image.initramfs.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Vm { command: VmCmd::Run { vms, bond, rxe, dir, timeout, command } } => {
-            if !(1..=4).contains(&vms) {
-                return Err("--vms must be 1..=4".into());
-            }
+        Cmd::Vm { command: VmCmd::Run { topology, vms, bond, rxe, dir, timeout, command } } => {
+            let topology = match topology {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    testbed::topology::Topology::parse(&path.display().to_string(), &text)?
+                }
+                None => chain(vms, bond, rxe, command.as_deref().unwrap_or("true"))?,
+            };
             let accel = vm::probe_accel(&image, &cache);
-            let specs: Vec<vm::VmSpec> = (0..vms)
-                .map(|i| vm::VmSpec {
-                    name: format!("vm{i}"),
-                    nics: 2,
-                    memory_mib: 1024,
-                    script: format!(
-                        "{}{}\n",
-                        testbed::guest::network(2, bond, &format!("198.18.0.{}", i + 1), rxe),
-                        command
-                    ),
-                })
-                .collect();
-            let cables: Vec<vm::Cable> =
-                (0..vms.saturating_sub(1)).flat_map(|i| [((i, 0), (i + 1, 0)), ((i, 1), (i + 1, 1))]).collect();
-            let mut run = vm::Run::start(&image, accel, &specs, &cables, &[], &dir)?;
+            let mut run = vm::Run::start(&image, accel, &topology.vms, &topology.cables, &topology.taps, &dir)?;
+            if let Some(ns) = run.netns() {
+                println!("tap devices are in network namespace {ns} (ip netns exec {ns} …) while the VMs run");
+            }
             let outcomes = run.wait(Duration::from_secs(timeout));
             let mut ok = true;
             for o in &outcomes {
@@ -162,4 +159,21 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
+}
+
+/// The chain topology of `vm run` without a file: VM i ↔ VM i+1 on both NICs, 198.18.0.(i+1).
+fn chain(vms: usize, bond: bool, rxe: bool, command: &str) -> Result<testbed::topology::Topology, String> {
+    if !(1..=4).contains(&vms) {
+        return Err("--vms must be 1..=4".into());
+    }
+    let specs = (0..vms)
+        .map(|i| vm::VmSpec {
+            name: format!("vm{i}"),
+            nics: 2,
+            memory_mib: 1024,
+            script: format!("{}{command}\n", testbed::guest::network(2, bond, &format!("198.18.0.{}", i + 1), rxe)),
+        })
+        .collect();
+    let cables = (0..vms.saturating_sub(1)).flat_map(|i| [((i, 0), (i + 1, 0)), ((i, 1), (i + 1, 1))]).collect();
+    Ok(testbed::topology::Topology { vms: specs, cables, taps: Vec::new() })
 }
