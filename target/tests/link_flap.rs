@@ -70,30 +70,52 @@ impl Drop for Topology {
     }
 }
 
+/// What both tests start with: the topology, `nvmf-target` in the first namespace (its stats baseline taken
+/// before any host), and the verifying host process in the second, told to stop when `stop` appears.
+struct Run {
+    topo: Topology,
+    target: TargetProcess,
+    baseline: serde_json::Value,
+    stop: std::path::PathBuf,
+    host: std::process::Child,
+    lines: support::process::Lines,
+}
+
+impl Run {
+    /// `None` (after saying why) when not root; under CI=true that is a failure.
+    fn start(test: &str, tag: &str, subnet_offset: u32) -> Option<Run> {
+        if !nix::unistd::Uid::effective().is_root() {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run {test} as root");
+            eprintln!("SKIP {test}: needs root for network namespaces");
+            return None;
+        }
+        let topo = Topology::new(tag, subnet_offset);
+        let target_ns = ["ip", "netns", "exec", topo.ns[0].as_str()];
+        let host_ns = ["ip", "netns", "exec", topo.ns[1].as_str()];
+        let target = TargetProcess::start(&target_ns, IpAddr::V4(topo.addrs[0]), 4791, tag);
+        std::thread::sleep(Duration::from_millis(300));
+        let baseline = target.stats();
+        let stop = std::env::temp_dir().join(format!("nvmf-{tag}-stop-{}", std::process::id()));
+        let _ = std::fs::remove_file(&stop);
+        let job = HostJob {
+            target: SocketAddr::new(IpAddr::V4(topo.addrs[0]), 4791),
+            local: IpAddr::V4(topo.addrs[1]),
+            stop_file: Some(stop.clone()),
+            fresh: true,
+        };
+        let (host, lines) = spawn_host("child_host", &host_ns, &job);
+        Some(Run { topo, target, baseline, stop, host, lines })
+    }
+}
+
 #[test]
 fn seed_flap_loop_on_the_target_link() {
-    if !nix::unistd::Uid::effective().is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run the flap test as root");
-        eprintln!("SKIP seed_flap_loop_on_the_target_link: needs root for network namespaces");
+    let Some(Run { topo, mut target, baseline, stop, mut host, lines }) =
+        Run::start("seed_flap_loop_on_the_target_link", "fl", 0)
+    else {
         return;
-    }
-    let flaps: usize = std::env::var("NVMF_FLAPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let topo = Topology::new("fl", 0);
-    let target_ns = ["ip", "netns", "exec", topo.ns[0].as_str()];
-    let host_ns = ["ip", "netns", "exec", topo.ns[1].as_str()];
-    let mut target = TargetProcess::start(&target_ns, IpAddr::V4(topo.addrs[0]), 4791, "flap");
-    std::thread::sleep(Duration::from_millis(300));
-    let baseline = target.stats();
-
-    let stop = std::env::temp_dir().join(format!("nvmf-flap-stop-{}", std::process::id()));
-    let _ = std::fs::remove_file(&stop);
-    let job = HostJob {
-        target: SocketAddr::new(IpAddr::V4(topo.addrs[0]), 4791),
-        local: IpAddr::V4(topo.addrs[1]),
-        stop_file: Some(stop.clone()),
-        fresh: true,
     };
-    let (mut host, lines) = spawn_host("child_host", &host_ns, &job);
+    let flaps: usize = std::env::var("NVMF_FLAPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(target.stats()["controllers"], 1, "the host is connected before the first flap");
 
@@ -152,26 +174,11 @@ fn wait_for(target: &mut TargetProcess, what: &str, within: Duration, ok: impl F
 /// writes are all there at the end.
 #[test]
 fn listener_repairs_after_address_loss_and_device_removal() {
-    if !nix::unistd::Uid::effective().is_root() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run this test as root");
-        eprintln!("SKIP listener_repairs_after_address_loss_and_device_removal: needs root for network namespaces");
+    let Some(Run { topo, mut target, baseline, stop, mut host, lines }) =
+        Run::start("listener_repairs_after_address_loss_and_device_removal", "rp", 125)
+    else {
         return;
-    }
-    let topo = Topology::new("rp", 125);
-    let target_ns = ["ip", "netns", "exec", topo.ns[0].as_str()];
-    let host_ns = ["ip", "netns", "exec", topo.ns[1].as_str()];
-    let mut target = TargetProcess::start(&target_ns, IpAddr::V4(topo.addrs[0]), 4791, "repair");
-    std::thread::sleep(Duration::from_millis(300));
-    let baseline = target.stats();
-    let stop = std::env::temp_dir().join(format!("nvmf-repair-stop-{}", std::process::id()));
-    let _ = std::fs::remove_file(&stop);
-    let job = HostJob {
-        target: SocketAddr::new(IpAddr::V4(topo.addrs[0]), 4791),
-        local: IpAddr::V4(topo.addrs[1]),
-        stop_file: Some(stop.clone()),
-        fresh: true,
     };
-    let (mut host, lines) = spawn_host("child_host", &host_ns, &job);
     // Fully back: the controller and its admin + 4 I/O queues.
     let connected =
         |s: &serde_json::Value| s["controllers"] == 1 && s["qpairs"] == 5 && s["listeners"][0]["state"] == "listening";
