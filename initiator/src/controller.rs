@@ -223,11 +223,7 @@ fn check(name: &'static str, cqe: Cqe) -> Result<Cqe, HostError> {
     if cqe.status().is_success() {
         Ok(cqe)
     } else {
-        Err(HostError::Nvme {
-            command: name,
-            status: cqe.status(),
-            result: cqe.dw0.get() as u64 | (cqe.dw1.get() as u64) << 32,
-        })
+        Err(HostError::Nvme { command: name, status: cqe.status(), result: result(&cqe) })
     }
 }
 

@@ -225,15 +225,10 @@ impl Target {
 
     fn get_log_page(&self, c: &mut Controller, get: &GetLogPage) -> AdminOutcome {
         let full: Vec<u8> = match (c.kind, get.lid) {
-            (ControllerKind::Discovery, lid::DISCOVERY) => {
-                if get.rae {
-                    // Nothing to retain: discovery notices are re-armed by reading the log anyway.
-                }
-                match self.discovery_log(&c.hostnqn).to_bytes() {
-                    Ok(b) => b,
-                    Err(e) => return AdminOutcome::status(e.status),
-                }
-            }
+            (ControllerKind::Discovery, lid::DISCOVERY) => match self.discovery_log(&c.hostnqn).to_bytes() {
+                Ok(b) => b,
+                Err(e) => return AdminOutcome::status(e.status),
+            },
             (_, lid::ERROR) => {
                 let mut out = Vec::with_capacity(ERROR_LOG_ENTRIES * 64);
                 for e in c.counters.error_log() {

@@ -7,7 +7,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use nvme_proto::Uuid;
 use nvme_proto::aer::AsyncEvent;
 
 use crate::backend::{BackendError, BackendSpec};
@@ -301,10 +300,6 @@ impl Target {
         let u = namespace_uuid(nqn, 0);
         u.as_bytes()[..10].iter().map(|b| format!("{b:02x}")).collect()
     }
-
-    pub(crate) fn host_id_of(data: &nvme_proto::fabrics::ConnectData) -> Uuid {
-        data.hostid
-    }
 }
 
 #[cfg(test)]
@@ -313,6 +308,7 @@ pub(crate) mod tests {
     //! asked the binding to do.
     use std::sync::Mutex;
 
+    use nvme_proto::Uuid;
     use nvme_proto::fabrics::{CNTLID_DYNAMIC, Connect, ConnectData};
 
     use super::*;

@@ -110,7 +110,7 @@ impl Target {
             subsystem,
             subnqn: data.subnqn.clone(),
             hostnqn: data.hostnqn.clone(),
-            hostid: Target::host_id_of(data),
+            hostid: data.hostid,
             cc: Cc(0),
             csts: Csts(0),
             kato,

@@ -55,12 +55,13 @@ impl BlockBackend {
         Ok(BlockBackend { file, size, block_size })
     }
 
+    /// O_DIRECT also needs whole blocks.
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
-        let aligned = offset % self.block_size as u64 == 0 && len % self.block_size as u64 == 0;
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size && aligned => Ok(()),
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "unaligned or beyond the end of the device")),
+        super::check_extent(offset, len, self.size)?;
+        if offset % self.block_size as u64 != 0 || len % self.block_size as u64 != 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not whole blocks"));
         }
+        Ok(())
     }
 }
 

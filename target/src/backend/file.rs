@@ -41,10 +41,7 @@ impl FileBackend {
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "beyond the end of the namespace")),
-        }
+        super::check_extent(offset, len, self.size)
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {

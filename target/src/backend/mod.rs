@@ -72,6 +72,14 @@ pub enum BackendError {
     NotBlockDevice(PathBuf),
 }
 
+/// Refuses a byte range that does not lie within `size` (or whose end overflows).
+pub(crate) fn check_extent(offset: u64, len: u64, size: u64) -> std::io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "beyond the end of the namespace")),
+    }
+}
+
 pub fn check_geometry(size: u64, block_size: u32) -> Result<(), BackendError> {
     if !block_size.is_power_of_two() || !(512..=4096).contains(&block_size) {
         return Err(BackendError::BlockSize(block_size));

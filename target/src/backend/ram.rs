@@ -42,10 +42,7 @@ impl RamBackend {
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "beyond the end of the namespace")),
-        }
+        super::check_extent(offset, len, self.size)
     }
 
     fn lock(&self, index: usize) -> std::sync::MutexGuard<'_, Option<Box<[u8]>>> {

@@ -134,7 +134,7 @@ impl RdmaTarget {
                         .await;
                         match opened {
                             Ok((listener, rx, status)) => {
-                                let _ = reply.send(Ok((listener_sender(&listener), status)));
+                                let _ = reply.send(Ok((listener.sender(), status)));
                                 running.spawn(listener.run(rx));
                             }
                             Err(e) => {
@@ -226,10 +226,6 @@ impl RdmaTarget {
         })
         .await;
     }
-}
-
-fn listener_sender(listener: &Listener) -> mpsc::UnboundedSender<ListenerMsg> {
-    listener.sender()
 }
 
 /// Takes stats snapshots of a running target; cheap to clone.
