@@ -234,6 +234,17 @@ fn result(cqe: &Cqe) -> u64 {
 impl Controller {
     /// Connects to `subnqn` at `target` and brings the controller up.
     pub async fn connect(target: TargetAddr, options: ConnectOptions) -> Result<Controller, HostError> {
+        // Bad options are the caller's error, said before anything is opened (a zero-sized queue or keep-alive
+        // period would otherwise underflow or spin).
+        if options.admin_queue_size < 2 || options.queue_size < 2 {
+            return Err(HostError::Invalid(format!(
+                "queue sizes must be at least 2 (admin {}, I/O {})",
+                options.admin_queue_size, options.queue_size
+            )));
+        }
+        if options.keep_alive_tmo.is_some_and(|k| k < Duration::from_millis(100)) {
+            return Err(HostError::Invalid("keep-alive timeout below 100 ms (use None for none)".into()));
+        }
         let local = options
             .local_addr
             .or_else(|| local_for(target.udp.ip()))
@@ -699,4 +710,25 @@ pub async fn discover(target: TargetAddr, mut options: ConnectOptions) -> Result
     let log = ctrl.discovery_log().await;
     ctrl.close().await;
     log
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bad_options_are_refused_before_connecting() {
+        // Nothing listens here: an option error must come first.
+        let target = TargetAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4420);
+        for change in [
+            |o: &mut ConnectOptions| o.admin_queue_size = 0,
+            |o: &mut ConnectOptions| o.queue_size = 1,
+            |o: &mut ConnectOptions| o.keep_alive_tmo = Some(Duration::ZERO),
+        ] {
+            let mut o = ConnectOptions::new("nqn.2026-11.dev.nvmf-rs:x");
+            change(&mut o);
+            let e = Controller::connect(target, o).await.unwrap_err();
+            assert!(matches!(e, HostError::Invalid(_)), "{e}");
+        }
+    }
 }
