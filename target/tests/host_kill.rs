@@ -18,7 +18,7 @@ async fn child_host() {
 
 #[test]
 fn host_killed_mid_io_twenty_times() {
-    let mut target = TargetProcess::start(&[], LOOPBACK, 0, "kill");
+    let mut target = TargetProcess::start(&[], &[LOOPBACK], 0, "kill");
     std::thread::sleep(Duration::from_millis(300));
     let baseline = target.stats();
     assert_eq!(baseline["qpairs"], 0);

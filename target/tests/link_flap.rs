@@ -9,10 +9,10 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::Command;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use support::netns::{Topology, ip, root_or_skip};
 use support::process::{HostJob, TargetProcess, child_host_main, read_report, spawn_host};
 
 /// The host process of the flap test; not a test of its own.
@@ -20,54 +20,6 @@ use support::process::{HostJob, TargetProcess, child_host_main, read_report, spa
 #[ignore = "the host process of seed_flap_loop_on_the_target_link; runs only as its child"]
 async fn child_host() {
     child_host_main().await;
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-}
-
-/// Two namespaces joined by a veth pair, in 198.18.0.0/15; removed when dropped.
-struct Topology {
-    ns: [String; 2],
-    veth: [String; 2],
-    addrs: [Ipv4Addr; 2],
-}
-
-impl Topology {
-    fn new(tag: &str, third_octet_offset: u32) -> Topology {
-        let id = std::process::id();
-        let subnet = ((id + third_octet_offset) % 250) as u8 + 1;
-        let t = Topology {
-            ns: [format!("nvmf-{tag}-t-{id}"), format!("nvmf-{tag}-h-{id}")],
-            veth: [format!("{tag}t{id}"), format!("{tag}h{id}")],
-            addrs: [Ipv4Addr::new(198, 18, subnet, 1), Ipv4Addr::new(198, 18, subnet, 2)],
-        };
-        for ns in &t.ns {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        t.wire();
-        t
-    }
-
-    /// Creates the veth pair and its addresses (again, after it was deleted).
-    fn wire(&self) {
-        ip(&["link", "add", &self.veth[0], "type", "veth", "peer", "name", &self.veth[1]]);
-        for i in 0..2 {
-            ip(&["link", "set", &self.veth[i], "netns", &self.ns[i]]);
-            ip(&["-n", &self.ns[i], "addr", "add", &format!("{}/24", self.addrs[i]), "dev", &self.veth[i]]);
-            ip(&["-n", &self.ns[i], "link", "set", &self.veth[i], "up"]);
-        }
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
 }
 
 /// What both tests start with: the topology, `nvmf-target` in the first namespace (its stats baseline taken
@@ -84,22 +36,20 @@ struct Run {
 impl Run {
     /// `None` (after saying why) when not root; under CI=true that is a failure.
     fn start(test: &str, tag: &str, subnet_offset: u32) -> Option<Run> {
-        if !nix::unistd::Uid::effective().is_root() {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run {test} as root");
-            eprintln!("SKIP {test}: needs root for network namespaces");
+        if !root_or_skip(test) {
             return None;
         }
-        let topo = Topology::new(tag, subnet_offset);
-        let target_ns = ["ip", "netns", "exec", topo.ns[0].as_str()];
-        let host_ns = ["ip", "netns", "exec", topo.ns[1].as_str()];
-        let target = TargetProcess::start(&target_ns, IpAddr::V4(topo.addrs[0]), 4791, tag);
+        let topo = Topology::new(tag, subnet_offset, 1);
+        let target_ns = topo.exec(0);
+        let host_ns = topo.exec(1);
+        let target = TargetProcess::start(&target_ns, &[IpAddr::V4(topo.links[0].addrs[0])], 4791, tag);
         std::thread::sleep(Duration::from_millis(300));
         let baseline = target.stats();
         let stop = std::env::temp_dir().join(format!("nvmf-{tag}-stop-{}", std::process::id()));
         let _ = std::fs::remove_file(&stop);
         let job = HostJob {
-            target: SocketAddr::new(IpAddr::V4(topo.addrs[0]), 4791),
-            local: IpAddr::V4(topo.addrs[1]),
+            target: SocketAddr::new(IpAddr::V4(topo.links[0].addrs[0]), 4791),
+            local: IpAddr::V4(topo.links[0].addrs[1]),
             stop_file: Some(stop.clone()),
             fresh: true,
         };
@@ -122,9 +72,9 @@ fn seed_flap_loop_on_the_target_link() {
     let started = Instant::now();
     for flap in 0..flaps {
         // The seed's loop: ifdown; sleep 1; ifup; sleep 10.
-        ip(&["-n", &topo.ns[0], "link", "set", &topo.veth[0], "down"]);
+        topo.set_target_link(0, false);
         std::thread::sleep(Duration::from_secs(1));
-        ip(&["-n", &topo.ns[0], "link", "set", &topo.veth[0], "up"]);
+        topo.set_target_link(0, true);
         std::thread::sleep(Duration::from_secs(10));
         assert!(target.alive(), "nvmf-target died in flap {flap}");
         let s = target.stats();
@@ -184,21 +134,21 @@ fn listener_repairs_after_address_loss_and_device_removal() {
         |s: &serde_json::Value| s["controllers"] == 1 && s["qpairs"] == 5 && s["listeners"][0]["state"] == "listening";
     wait_for(&mut target, "host connected", Duration::from_secs(10), connected);
 
-    let target_addr = format!("{}/24", topo.addrs[0]);
-    ip(&["-n", &topo.ns[0], "addr", "del", &target_addr, "dev", &topo.veth[0]]);
+    let target_addr = format!("{}/24", topo.links[0].addrs[0]);
+    ip(&["-n", &topo.ns[0], "addr", "del", &target_addr, "dev", &topo.links[0].veth[0]]);
     wait_for(&mut target, "address-gone repair", Duration::from_secs(10), |s| {
         s["listeners"][0]["state"] == "repairing-address-gone" && s["qpairs"] == 0
     });
-    ip(&["-n", &topo.ns[0], "addr", "add", &target_addr, "dev", &topo.veth[0]]);
+    ip(&["-n", &topo.ns[0], "addr", "add", &target_addr, "dev", &topo.links[0].veth[0]]);
     wait_for(&mut target, "host back after the address", Duration::from_secs(30), connected);
     std::thread::sleep(Duration::from_secs(1));
 
-    ip(&["-n", &topo.ns[0], "link", "del", &topo.veth[0]]);
+    ip(&["-n", &topo.ns[0], "link", "del", &topo.links[0].veth[0]]);
     wait_for(&mut target, "device-gone repair", Duration::from_secs(10), |s| {
         s["listeners"][0]["state"] == "repairing-device-gone" && s["controllers"] == 0
     });
     std::thread::sleep(Duration::from_secs(2));
-    topo.wire();
+    topo.wire(0);
     wait_for(&mut target, "host back on the reopened device", Duration::from_secs(30), connected);
     std::thread::sleep(Duration::from_secs(1));
 

@@ -53,6 +53,14 @@ pub enum ListenerState {
     RepairingDeviceGone,
 }
 
+/// Queues name the device they run on by this id, so that closing "every queue of a device" reaches exactly
+/// that device's: unique across every listener of the process, never reused (a listener's first device and
+/// another listener's must differ — they once did not, and one link's flap closed the other link's queues).
+fn new_device_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// What the stats show of a listener.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ListenerStatus {
@@ -134,7 +142,7 @@ impl Listener {
             next_group: 0,
             next_key,
             device: Some(device),
-            device_id: 1,
+            device_id: new_device_id(),
             pd: Some(pd),
             state: ListenerState::Listening,
             routes_by_conn: HashMap::new(),
@@ -286,7 +294,7 @@ impl Listener {
                 Ok((device, pd)) => {
                     self.device = Some(device);
                     self.pd = Some(pd);
-                    self.device_id += 1;
+                    self.device_id = new_device_id();
                     self.set_state(ListenerState::Listening);
                 }
                 Err(e) => tracing::debug!(addr = %self.spec.addr, "reopening the device: {e}"),

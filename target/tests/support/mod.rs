@@ -2,6 +2,7 @@
 //! parallel), data patterns that name their block and generation, and a seeded generator.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod process;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -28,16 +28,18 @@ pub struct TargetProcess {
 }
 
 impl TargetProcess {
-    /// Starts the binary (through `prefix`, e.g. `ip netns exec NS`), with a 64 MiB RAM namespace.
-    pub fn start(prefix: &[&str], listen: IpAddr, udp_port: u16, tag: &str) -> TargetProcess {
+    /// Starts the binary (through `prefix`, e.g. `ip netns exec NS`) listening on every address of `listen`,
+    /// with a 64 MiB RAM namespace.
+    pub fn start(prefix: &[&str], listen: &[IpAddr], udp_port: u16, tag: &str) -> TargetProcess {
         let control = std::env::temp_dir().join(format!("nvmf-target-{}-{tag}.sock", std::process::id()));
         let bin = env!("CARGO_BIN_EXE_nvmf-target");
         let mut args: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         args.push(bin.into());
+        for addr in listen {
+            args.extend(["--listen".to_string(), addr.to_string()]);
+        }
         args.extend(
             [
-                "--listen",
-                &listen.to_string(),
                 "--udp-port",
                 &udp_port.to_string(),
                 "--ram-size",
