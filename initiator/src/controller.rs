@@ -24,6 +24,7 @@ use transport::{Access, Device, ProtectionDomain, SoftConfig};
 
 use crate::error::HostError;
 use crate::events::EventRouter;
+use crate::loss::LossSignal;
 use crate::queue::HostQueue;
 
 /// Where a target listens.
@@ -56,11 +57,13 @@ pub struct ConnectOptions {
     pub keep_alive_tmo: Option<Duration>,
     /// Send Keep Alive every KATO/2 (turn off only to test a target's keep-alive expiry).
     pub send_keep_alive: bool,
-    /// Our address (the soft device binds it with an ephemeral UDP port); by default the loopback address for
-    /// a loopback target, else required.
+    /// Our address; by default the loopback address for a loopback target, else the source address the
+    /// kernel's routing table picks for the target.
     pub local_addr: Option<IpAddr>,
     /// Writes up to this many bytes travel in the capsule on I/O queues (capped by the target's IOCCSZ).
     pub in_capsule_limit: usize,
+    /// An I/O command not completed within this is taken as the association's loss (Linux: io_timeout 30 s).
+    pub io_timeout: Duration,
 }
 
 impl ConnectOptions {
@@ -77,6 +80,7 @@ impl ConnectOptions {
             send_keep_alive: true,
             local_addr: None,
             in_capsule_limit: 4096,
+            io_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -124,6 +128,7 @@ pub struct Controller {
     device: Arc<Device>,
     pd: ProtectionDomain,
     router: EventRouter,
+    loss: Arc<LossSignal>,
     admin: Arc<HostQueue>,
     io: Vec<HostQueue>,
     next_io: AtomicUsize,
@@ -144,12 +149,18 @@ impl std::fmt::Debug for Controller {
     }
 }
 
-fn local_for(target: IpAddr) -> Option<IpAddr> {
-    match target {
-        IpAddr::V4(a) if a.is_loopback() => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        IpAddr::V6(a) if a.is_loopback() => Some(target),
-        _ => None,
+/// Our address towards `target`: loopback for a loopback target, else the source address the kernel's routing
+/// picks (a connected UDP socket learns it; nothing is sent).
+fn local_for(target: SocketAddr) -> Option<IpAddr> {
+    match target.ip() {
+        IpAddr::V4(a) if a.is_loopback() => return Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        IpAddr::V6(a) if a.is_loopback() => return Some(target.ip()),
+        _ => {}
     }
+    let any: SocketAddr = if target.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { "[::]:0".parse().ok()? };
+    let probe = std::net::UdpSocket::bind(any).ok()?;
+    probe.connect(target).ok()?;
+    probe.local_addr().ok().map(|a| a.ip())
 }
 
 /// Opens our soft device. A RoCEv2 peer on UDP 4791 answers to port 4791 whatever port we send from, so then we
@@ -187,8 +198,54 @@ fn null_sgl() -> SglDescriptor {
     SglDescriptor::Keyed { address: 0, length: nvme_proto::sgl::U24::ZERO, key: 0, invalidate: false }
 }
 
+/// One command's outcome and the caller's buffer back (filled for controller → host transfers) whenever it
+/// could be recovered — so that a write that failed on one association can be sent again on another.
+pub(crate) type Exchange = (Result<Cqe, HostError>, Option<Vec<u8>>);
+
 /// Sends one command with its data on `queue`: registers a region for keyed data, or puts small writes in the
-/// capsule; returns the completion and the host buffer (filled for controller → host transfers).
+/// capsule.
+async fn exchange(
+    device: &Device,
+    pd: &ProtectionDomain,
+    queue: &HostQueue,
+    command: Command,
+    data: DataDir,
+    in_capsule_limit: usize,
+    name: &'static str,
+) -> Exchange {
+    let (access, buf) = match data {
+        DataDir::None => {
+            let result = queue.submit(capsule(command, null_sgl()), &[]).await;
+            return (result.and_then(|c| check(name, c)), Some(Vec::new()));
+        }
+        DataDir::ToController(buf) if buf.len() <= in_capsule_limit => {
+            let sgl = SglDescriptor::in_capsule(0, buf.len() as u32);
+            let result = queue.submit(capsule(command, sgl), &buf).await;
+            return (result.and_then(|c| check(name, c)), Some(buf));
+        }
+        DataDir::ToController(buf) => (Access::REMOTE_READ, buf),
+        DataDir::ToHost(len) => (Access::REMOTE_WRITE, vec![0u8; len]),
+    };
+    let len = buf.len() as u32;
+    let mr = match device.register(pd, buf, access).await {
+        Ok(mr) => mr,
+        Err(e) => return (Err(e.into()), None),
+    };
+    let sgl = match SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, true) {
+        Ok(sgl) => sgl,
+        Err(e) => {
+            let buf = device.deregister(mr).await.ok();
+            return (Err(e.into()), buf);
+        }
+    };
+    let result = queue.submit(capsule(command, sgl), &[]).await;
+    match device.deregister(mr).await {
+        Ok(buf) => (result.and_then(|c| check(name, c)), Some(buf)),
+        Err(e) => (result.and(Err(e.into())), None),
+    }
+}
+
+/// [`exchange`] for callers that do not send data again.
 async fn transact(
     device: &Device,
     pd: &ProtectionDomain,
@@ -198,25 +255,8 @@ async fn transact(
     in_capsule_limit: usize,
     name: &'static str,
 ) -> Result<(Cqe, Vec<u8>), HostError> {
-    let (access, buf) = match data {
-        DataDir::None => {
-            let cqe = queue.submit(capsule(command, null_sgl()), Vec::new()).await?;
-            return check(name, cqe).map(|c| (c, Vec::new()));
-        }
-        DataDir::ToController(buf) if buf.len() <= in_capsule_limit => {
-            let sgl = SglDescriptor::in_capsule(0, buf.len() as u32);
-            let cqe = queue.submit(capsule(command, sgl), buf).await?;
-            return check(name, cqe).map(|c| (c, Vec::new()));
-        }
-        DataDir::ToController(buf) => (Access::REMOTE_READ, buf),
-        DataDir::ToHost(len) => (Access::REMOTE_WRITE, vec![0u8; len]),
-    };
-    let len = buf.len() as u32;
-    let mr = device.register(pd, buf, access).await?;
-    let sgl = SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, true)?;
-    let result = queue.submit(capsule(command, sgl), Vec::new()).await;
-    let buf = device.deregister(mr).await?;
-    check(name, result?).map(|c| (c, buf))
+    let (result, buf) = exchange(device, pd, queue, command, data, in_capsule_limit, name).await;
+    result.map(|c| (c, buf.unwrap_or_default()))
 }
 
 fn check(name: &'static str, cqe: Cqe) -> Result<Cqe, HostError> {
@@ -247,19 +287,27 @@ impl Controller {
         }
         let local = options
             .local_addr
-            .or_else(|| local_for(target.udp.ip()))
-            .ok_or_else(|| HostError::Invalid("a local address is needed for a non-loopback target".into()))?;
+            .or_else(|| local_for(target.udp))
+            .ok_or_else(|| HostError::Invalid(format!("no route to {} (give a local address)", target.udp.ip())))?;
         let device = Arc::new(open_device(local, target.udp.port(), options.local_addr.is_none())?);
         let pd = device.alloc_pd().await?;
         let router = EventRouter::start(device.clone());
-        let admin = Arc::new(
-            HostQueue::connect(device.clone(), &pd, &router, target.udp, target.trsvcid, 0, options.admin_queue_size)
-                .await?,
-        );
+        let loss = Arc::new(LossSignal::default());
+        let admin =
+            HostQueue::connect(device.clone(), &pd, &router, target, 0, options.admin_queue_size, loss.clone()).await;
+        let admin = match admin {
+            Ok(q) => Arc::new(q),
+            Err(e) => {
+                drop(router);
+                let _ = tokio::task::spawn_blocking(move || device.close()).await;
+                return Err(e);
+            }
+        };
         let mut ctrl = Controller {
             device,
             pd,
             router,
+            loss,
             admin,
             io: Vec::new(),
             next_io: AtomicUsize::new(0),
@@ -338,8 +386,8 @@ impl Controller {
         if qid == 0 || depth < 2 {
             return Err(HostError::Invalid(format!("I/O queue {qid} of depth {depth}")));
         }
-        let (udp, trsvcid) = (self.target.udp, self.target.trsvcid);
-        let q = HostQueue::connect(self.device.clone(), &self.pd, &self.router, udp, trsvcid, qid, depth).await?;
+        let loss = self.loss.clone();
+        let q = HostQueue::connect(self.device.clone(), &self.pd, &self.router, self.target, qid, depth, loss).await?;
         let connect = Connect { recfmt: 0, qid, sqsize: depth - 1, cattr: 0, kato: 0 };
         let result = self.connect_on(&q, connect, self.cntlid, self.options.in_capsule_limit).await;
         match result {
@@ -422,7 +470,7 @@ impl Controller {
             self.io.get(qid as usize - 1).ok_or_else(|| HostError::Invalid(format!("no I/O queue {qid}")))?
         };
         match sgl {
-            Some(sgl) => queue.submit(capsule(command, sgl), Vec::new()).await,
+            Some(sgl) => queue.submit(capsule(command, sgl), &[]).await,
             None => {
                 let limit = if qid == 0 { 0 } else { self.options.in_capsule_limit };
                 match transact(&self.device, &self.pd, queue, command, data, limit, "command").await {
@@ -442,7 +490,7 @@ impl Controller {
         } else {
             self.io.get(qid as usize - 1).ok_or_else(|| HostError::Invalid(format!("no I/O queue {qid}")))?
         };
-        queue.submit(sqe, inline).await
+        queue.submit(sqe, &inline).await
     }
 
     pub async fn set_features(&self, feature: Feature) -> Result<Cqe, HostError> {
@@ -539,6 +587,25 @@ impl Controller {
         data: DataDir,
     ) -> Result<(Cqe, Vec<u8>), HostError> {
         let queue = self.pick_queue(qid)?;
+        let (result, buf) = self.exchange_on(queue, command, data).await;
+        result.map(|c| (c, buf.unwrap_or_default()))
+    }
+
+    /// An I/O command on the queue `lane` maps to (round robin without one), with the caller's buffer back
+    /// whatever happened when it could be recovered. A command not completed within the I/O timeout marks
+    /// the association lost.
+    pub async fn io_exchange(&self, lane: Option<usize>, command: IoCommand, data: DataDir) -> Exchange {
+        let queue = match lane {
+            Some(l) if !self.io.is_empty() => &self.io[l % self.io.len()],
+            _ => match self.pick_queue(None) {
+                Ok(q) => q,
+                Err(e) => return (Err(e), data_back(data)),
+            },
+        };
+        self.exchange_on(queue, command, data).await
+    }
+
+    async fn exchange_on(&self, queue: &HostQueue, command: IoCommand, data: DataDir) -> Exchange {
         let name = match command {
             IoCommand::Read(_) => "Read",
             IoCommand::Write(_) => "Write",
@@ -546,7 +613,16 @@ impl Controller {
             IoCommand::WriteZeroes(_) => "Write Zeroes",
             IoCommand::DatasetManagement(_) => "Dataset Management",
         };
-        transact(&self.device, &self.pd, queue, Command::Io(command), data, self.in_capsule_limit(), name).await
+        let limit = self.in_capsule_limit();
+        let work = exchange(&self.device, &self.pd, queue, Command::Io(command), data, limit, name);
+        match tokio::time::timeout(self.options.io_timeout, work).await {
+            Ok(done) => done,
+            Err(_) => {
+                // The buffer stays registered with a device that is about to be torn down.
+                self.loss.raise("I/O timeout");
+                (Err(HostError::Timeout("I/O")), None)
+            }
+        }
     }
 
     fn rw(&self, nsid: u32, slba: u64, blocks: u64) -> Result<ReadWrite, HostError> {
@@ -595,8 +671,11 @@ impl Controller {
         self.io_command(None, IoCommand::DatasetManagement(dsm), DataDir::ToController(data)).await.map(|_| ())
     }
 
+    /// Keep Alive every KATO/2; one that fails or is not answered within KATO marks the association lost
+    /// (the target has, or will have, dropped it).
     fn start_keep_alive(&mut self, kato: Duration) {
         let admin = self.admin_handle();
+        let loss = self.loss.clone();
         self.keep_alive = Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(kato / 2);
             tick.tick().await;
@@ -604,14 +683,47 @@ impl Controller {
                 tick.tick().await;
                 let Some((device, pd, queue)) = admin.upgrade() else { break };
                 let command = Command::Admin(AdminCommand::KeepAlive);
-                if let Err(e) = transact(&device, &pd, &queue, command, DataDir::None, 0, "Keep Alive").await {
-                    tracing::warn!("keep alive: {e}");
-                    if !queue.is_alive() {
+                let sent = transact(&device, &pd, &queue, command, DataDir::None, 0, "Keep Alive");
+                match tokio::time::timeout(kato, sent).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!("keep alive: {e}");
+                        loss.raise("keep-alive failed");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!("keep alive: no answer within {kato:?}");
+                        loss.raise("keep-alive timeout");
                         break;
                     }
                 }
             }
         }));
+    }
+
+    /// Why the association was lost, if it was.
+    pub fn loss_reason(&self) -> Option<&'static str> {
+        self.loss.reason()
+    }
+
+    /// Waits until the association is lost (a queue ended, keep-alive failed, an I/O timed out); returns why.
+    pub async fn lost(&self) -> &'static str {
+        self.loss.lost().await
+    }
+
+    /// Marks the association lost (its owner tears it down).
+    pub fn fail(&self, reason: &'static str) {
+        self.loss.raise(reason);
+    }
+
+    /// Stops every queue now (idempotent): outstanding commands fail with `QueueLost` and hand their buffers
+    /// back while the device is still open. [`Controller::close`] finishes the teardown.
+    pub async fn abort(&self, reason: &'static str) {
+        self.loss.raise(reason);
+        for q in &self.io {
+            q.close().await;
+        }
+        self.admin.close().await;
     }
 
     /// Asynchronous events as they arrive (their completion DW0); keeps one AER outstanding.
@@ -687,6 +799,18 @@ impl Controller {
 
     pub fn options(&self) -> &ConnectOptions {
         &self.options
+    }
+
+    pub fn target(&self) -> TargetAddr {
+        self.target
+    }
+}
+
+/// The data of a command that was never sent, back to its caller.
+fn data_back(data: DataDir) -> Option<Vec<u8>> {
+    match data {
+        DataDir::ToController(buf) => Some(buf),
+        DataDir::None | DataDir::ToHost(_) => Some(Vec::new()),
     }
 }
 

@@ -23,6 +23,8 @@ pub enum HostError {
     Decode(#[from] nvme_proto::DecodeError),
     #[error("{0}")]
     Invalid(String),
+    #[error("no path to the subsystem: {0}")]
+    PathsLost(String),
 }
 
 impl HostError {

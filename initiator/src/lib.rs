@@ -17,8 +17,16 @@
 mod controller;
 mod error;
 mod events;
+mod loss;
+mod path;
+pub mod perf;
 mod queue;
+mod reconnect;
+mod session;
 
 pub use controller::{ConnectOptions, Controller, DataDir, NamespaceInfo, TargetAddr, default_hostid, discover};
 pub use error::HostError;
+pub use path::{Path, PathState};
 pub use queue::{CONNECT_TIMEOUT, HostQueue};
+pub use reconnect::{NextStep, ReconnectPolicy};
+pub use session::Session;

@@ -4,7 +4,6 @@
 //! the queue's task alone; callers talk to it by messages.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -17,16 +16,18 @@ use transport::{
     SendWr, WcStatus,
 };
 
+use crate::controller::TargetAddr;
 use crate::error::HostError;
 use crate::events::EventRouter;
+use crate::loss::LossSignal;
 
 const RECV_TAG: u64 = 1 << 63;
 /// How long the CM exchange may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Submission {
-    sqe: Sqe,
-    inline: Vec<u8>,
+    /// The SQE and its in-capsule data; the command id (bytes 2..4) is set by the queue task.
+    capsule: Vec<u8>,
     reply: oneshot::Sender<Result<Cqe, HostError>>,
 }
 
@@ -52,10 +53,10 @@ impl HostQueue {
         device: Arc<Device>,
         pd: &ProtectionDomain,
         router: &EventRouter,
-        target: SocketAddr,
-        trsvcid: u16,
+        target: TargetAddr,
         qid: u16,
         depth: u16,
+        loss: Arc<LossSignal>,
     ) -> Result<HostQueue, HostError> {
         let cq = CompletionQueue::new();
         let qp = device.create_qp(pd, &cq, &cq).await?;
@@ -63,7 +64,10 @@ impl HostQueue {
             qp.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; nvme_proto::cqe::CQE_LEN]))?;
         }
         let request = CmRequest { recfmt: RECORD_FORMAT_1_0, qid, hrqsize: depth, hsqsize: depth - 1, cntlid: 0 };
-        let conn = match device.connect(&qp, target, trsvcid, ConnectionOptions::default(), &request.to_bytes()).await {
+        let conn = match device
+            .connect(&qp, target.udp, target.trsvcid, ConnectionOptions::default(), &request.to_bytes())
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 let _ = device.destroy_qp(&qp).await;
@@ -81,7 +85,7 @@ impl HostQueue {
                             Err(_) => HostError::RejectedRaw { reason },
                         });
                     }
-                    Some(DeviceEvent::Unreachable { .. }) => return Err(HostError::Unreachable(target)),
+                    Some(DeviceEvent::Unreachable { .. }) => return Err(HostError::Unreachable(target.udp)),
                     Some(DeviceEvent::PortError | DeviceEvent::DeviceRemoval | DeviceEvent::DeviceFatal { .. }) => {
                         return Err(HostError::QueueLost("device event during connect"));
                     }
@@ -113,6 +117,7 @@ impl HostQueue {
             free_cids: (0..depth).rev().collect(),
             alive: alive.clone(),
             slots: slots.clone(),
+            loss,
         };
         tokio::spawn(task.run(rx, events));
         Ok(HostQueue { qid, depth, conn, submissions, slots, alive, device, qp })
@@ -122,13 +127,16 @@ impl HostQueue {
         self.alive.load(Ordering::Relaxed)
     }
 
-    /// Sends a command (its command id is assigned here) with optional in-capsule data and waits for its
-    /// completion.
-    pub async fn submit(&self, sqe: Sqe, inline: Vec<u8>) -> Result<Cqe, HostError> {
+    /// Sends a command (its command id is assigned by the queue) with optional in-capsule data and waits for
+    /// its completion. The caller keeps its data, so that it can send it again elsewhere.
+    pub async fn submit(&self, sqe: Sqe, inline: &[u8]) -> Result<Cqe, HostError> {
         let permit = self.slots.acquire().await.map_err(|_| HostError::QueueLost("queue closed"))?;
         permit.forget(); // the queue task gives the slot back when the completion arrives
         let (reply, rx) = oneshot::channel();
-        if self.submissions.send(Submission { sqe, inline, reply }).is_err() {
+        let mut capsule = Vec::with_capacity(nvme_proto::sqe::SQE_LEN + inline.len());
+        capsule.extend_from_slice(&sqe.to_array());
+        capsule.extend_from_slice(inline);
+        if self.submissions.send(Submission { capsule, reply }).is_err() {
             return Err(HostError::QueueLost("queue closed"));
         }
         rx.await.map_err(|_| HostError::QueueLost("queue closed"))?
@@ -151,6 +159,7 @@ struct QueueTask {
     free_cids: Vec<u16>,
     alive: Arc<AtomicBool>,
     slots: Arc<Semaphore>,
+    loss: Arc<LossSignal>,
 }
 
 impl QueueTask {
@@ -168,12 +177,10 @@ impl QueueTask {
                         let _ = sub.reply.send(Err(HostError::QueueLost("no free command id")));
                         continue;
                     };
-                    sub.sqe.command_id = cid.into();
-                    let mut capsule = sub.sqe.to_array().to_vec();
-                    capsule.extend_from_slice(&sub.inline);
+                    sub.capsule[2..4].copy_from_slice(&cid.to_le_bytes());
                     self.pending.insert(cid, sub.reply);
                     next_wr += 1;
-                    if self.qp.post_send(SendWr::new(next_wr, SendOp::Send, capsule)).is_err() {
+                    if self.qp.post_send(SendWr::new(next_wr, SendOp::Send, sub.capsule)).is_err() {
                         break "device closed";
                     }
                 }
@@ -220,6 +227,7 @@ impl QueueTask {
         };
         tracing::debug!(qid = self.qid, depth = self.depth, "queue lost: {reason}");
         self.alive.store(false, Ordering::Relaxed);
+        self.loss.raise(reason);
         // Fail what is outstanding and what still arrives; closing the semaphore wakes waiting submitters.
         self.slots.close();
         for (_, reply) in self.pending.drain() {
