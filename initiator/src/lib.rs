@@ -2,6 +2,11 @@
 //! Flush / Write Zeroes / Deallocate with keyed SGLs (and in-capsule data for small writes), keep-alive,
 //! asynchronous events and a clean shutdown — an async API over the `transport` crate's soft provider.
 //!
+//! [`Controller`] is one association. [`Session`] is what a user holds: one supervised [`Path`] per target
+//! address, each reconnecting by its [`ReconnectPolicy`] (nvme-cli's reconnect-delay, ctrl-loss-tmo,
+//! fast-io-fail-tmo); I/O fails over between paths and is sent again after a reconnection. [`perf`] is the
+//! engine of `nvmf perf`; the `nvmf` binary is the CLI.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), initiator::HostError> {
 //! use initiator::{ConnectOptions, Controller, TargetAddr};

@@ -60,10 +60,11 @@ impl Session {
             paths.into_iter().map(|(a, o)| tokio::spawn(Path::open(a, o, policy, changed.clone()))).collect();
         let mut paths = Vec::new();
         let mut first_error = None;
+        let mut failed = Vec::new();
         for opened in opening {
             let (path, error) = opened.await.map_err(|e| HostError::Invalid(format!("path task: {e}")))?;
             if let Some(e) = error {
-                tracing::warn!(target = %path.addr().udp.ip(), "path not connected: {e}");
+                failed.push(format!("{}: {e}", path.addr().udp.ip()));
                 first_error.get_or_insert(e);
             }
             paths.push(path);
@@ -73,6 +74,9 @@ impl Session {
             let error = first_error.unwrap_or_else(|| HostError::Invalid("no path connected".into()));
             let _ = session.shutdown().await;
             return Err(error);
+        }
+        for f in failed {
+            tracing::warn!("path not connected yet, retrying in the background: {f}");
         }
         Ok(session)
     }

@@ -255,10 +255,12 @@ fn note_verify_errors(v: &mut VerifyReport, data: &[u8], first_lba: u64, span: S
     ok
 }
 
-/// Runs `job` on `session`, calling `tick` about once a second.
+/// Runs `job` on `session`, calling `tick` about once a second; `stop` set ends the run early (the report
+/// covers what ran, and the verify read-back still happens).
 pub async fn run(
     session: Arc<Session>,
     job: PerfJob,
+    stop: Arc<AtomicBool>,
     mut tick: impl FnMut(Tick) + Send,
 ) -> Result<PerfReport, HostError> {
     let ns = session.namespace(job.nsid).await?;
@@ -283,7 +285,9 @@ pub async fn run(
         workers.spawn(worker(session.clone(), job.clone(), span, w, run_id, shared.clone()));
     }
     let mut results = Vec::new();
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    // Ticks each second; checks `stop` ten times as often.
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let mut ticks = 0u64;
     ticker.tick().await;
     loop {
         tokio::select! {
@@ -291,14 +295,22 @@ pub async fn run(
                 Some(r) => results.push(r.map_err(|e| HostError::Invalid(format!("perf worker: {e}")))?),
                 None => break,
             },
-            _ = ticker.tick() => tick(Tick {
+            _ = ticker.tick() => {
+                if stop.load(Ordering::Relaxed) {
+                    shared.stop.store(true, Ordering::Relaxed);
+                }
+                ticks += 1;
+                if ticks % 10 != 0 {
+                    continue;
+                }
+                tick(Tick {
                 elapsed: start.elapsed(),
                 ios: shared.ios.load(Ordering::Relaxed),
                 bytes: shared.bytes.load(Ordering::Relaxed),
                 errors: shared.errors.load(Ordering::Relaxed),
                 reconnects: session.reconnects() - reconnects_before,
                 live_paths: session.paths().iter().filter(|p| p.live().is_some()).count(),
-            }),
+            })},
         }
     }
     let elapsed = start.elapsed().max(Duration::from_millis(1));

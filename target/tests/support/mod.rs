@@ -45,6 +45,17 @@ impl TestTarget {
         limits: TargetLimits,
         repair_interval: Duration,
     ) -> TestTarget {
+        TestTarget::start_on(subsystems, trsvcids, limits, repair_interval, 0).await
+    }
+
+    /// On UDP port `udp_port` (0: any free one) — to come back where a stopped target was.
+    pub async fn start_on(
+        subsystems: Vec<SubsystemSpec>,
+        trsvcids: &[u16],
+        limits: TargetLimits,
+        repair_interval: Duration,
+        udp_port: u16,
+    ) -> TestTarget {
         let options = RdmaOptions { poll_groups: 2, pool_buffers: 64, repair_interval };
         let mut rdma = RdmaTarget::start(limits, options).await.expect("start target");
         for s in subsystems {
@@ -60,7 +71,7 @@ impl TestTarget {
                 rdma.target().add_namespace(s.nqn, nsid, &spec).expect("add namespace");
             }
         }
-        let spec = ListenSpec { addr: LOOPBACK, trsvcids: trsvcids.to_vec(), udp_port: 0 };
+        let spec = ListenSpec { addr: LOOPBACK, trsvcids: trsvcids.to_vec(), udp_port };
         let udp = rdma.listen(spec).await.expect("listen");
         TestTarget { rdma, addr: TargetAddr { udp: SocketAddr::new(LOOPBACK, udp), trsvcid: trsvcids[0] } }
     }

@@ -396,7 +396,18 @@ async fn perf(p: Perf) -> Result<ExitCode, Failure> {
             t.live_paths
         );
     };
-    let report = initiator::perf::run(s.clone(), job.clone(), progress).await;
+    // Ctrl-C ends the run early and still reports (and verifies), as fio does.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_interrupt = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let report = initiator::perf::run(s.clone(), job.clone(), stop, progress).await;
+    on_interrupt.abort();
     if live {
         eprintln!();
     }
