@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nvme_proto::rdma_cm::{CmReject, CmRequest, RECORD_FORMAT_1_0};
 use nvme_proto::{Cqe, Sqe};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use transport::{
     CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, RecvWr, SendOp,
     SendWr, WcStatus,
@@ -42,6 +42,8 @@ pub struct HostQueue {
     /// One permit per command the queue may hold (depth - 1).
     slots: Arc<Semaphore>,
     alive: Arc<AtomicBool>,
+    /// Tells the queue's task to stop (a destroyed queue pair need not complete what it held).
+    closing: Arc<Notify>,
     device: Arc<Device>,
     qp: QueuePair,
 }
@@ -107,6 +109,7 @@ impl HostQueue {
         }
         let (submissions, rx) = mpsc::unbounded_channel();
         let alive = Arc::new(AtomicBool::new(true));
+        let closing = Arc::new(Notify::new());
         let slots = Arc::new(Semaphore::new(depth as usize - 1));
         let task = QueueTask {
             qid,
@@ -116,11 +119,12 @@ impl HostQueue {
             pending: HashMap::new(),
             free_cids: (0..depth).rev().collect(),
             alive: alive.clone(),
+            closing: closing.clone(),
             slots: slots.clone(),
             loss,
         };
         tokio::spawn(task.run(rx, events));
-        Ok(HostQueue { qid, depth, conn, submissions, slots, alive, device, qp })
+        Ok(HostQueue { qid, depth, conn, submissions, slots, alive, closing, device, qp })
     }
 
     pub fn is_alive(&self) -> bool {
@@ -142,9 +146,10 @@ impl HostQueue {
         rx.await.map_err(|_| HostError::QueueLost("queue closed"))?
     }
 
-    /// Disconnects and destroys the queue pair; outstanding commands fail.
+    /// Disconnects and destroys the queue pair; outstanding commands fail (idempotent).
     pub async fn close(&self) {
         self.alive.store(false, Ordering::Relaxed);
+        self.closing.notify_one();
         let _ = self.device.disconnect(self.conn).await;
         let _ = self.device.destroy_qp(&self.qp).await;
     }
@@ -158,6 +163,7 @@ struct QueueTask {
     pending: HashMap<u16, oneshot::Sender<Result<Cqe, HostError>>>,
     free_cids: Vec<u16>,
     alive: Arc<AtomicBool>,
+    closing: Arc<Notify>,
     slots: Arc<Semaphore>,
     loss: Arc<LossSignal>,
 }
@@ -214,6 +220,7 @@ impl QueueTask {
                         break "device closed";
                     }
                 }
+                _ = self.closing.notified() => break "closed by the host",
                 ev = events.recv() => match ev {
                     Some(DeviceEvent::Disconnected { .. }) => break "target disconnected",
                     Some(DeviceEvent::QpFatal { .. }) => break "queue pair fatal",

@@ -210,9 +210,10 @@ struct PerfRun {
 }
 
 impl PerfRun {
-    fn start(topo: &Topology, targets: &[Ipv4Addr], runtime: u64) -> PerfRun {
+    /// Verifying random reads and writes on 2 queues × 16 (reconnect every second, keep-alive `kato` s).
+    fn start(prefix: &[&str], targets: &[Ipv4Addr], runtime: u64, kato: u32) -> PerfRun {
         let bin = nvmf_binary();
-        let mut args: Vec<String> = topo.exec(1).iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         args.push(bin.to_str().expect("utf-8").into());
         args.push("perf".into());
         for t in targets {
@@ -239,14 +240,12 @@ impl PerfRun {
                 "1",
                 "--ctrl-loss-tmo",
                 "120",
-                "--keep-alive-tmo",
-                "2",
                 "-o",
                 "json",
             ]
             .map(String::from),
         );
-        args.extend(["--runtime".into(), runtime.to_string()]);
+        args.extend(["--runtime".into(), runtime.to_string(), "--keep-alive-tmo".into(), kato.to_string()]);
         let child = Command::new(&args[0])
             .args(&args[1..])
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -295,7 +294,7 @@ fn perf_verify_rides_through_the_seed_loop() {
     let baseline = target.stats();
     let flaps = flaps();
     let runtime = flaps as u64 * 11 + 5;
-    let perf = PerfRun::start(&topo, &[target_addr], runtime);
+    let perf = PerfRun::start(&topo.exec(1), &[target_addr], runtime, 2);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(target.stats()["controllers"], 1, "perf is connected before the first flap");
     for flap in 0..flaps {
@@ -338,7 +337,7 @@ fn two_paths_one_flapping_keeps_io_going() {
     let baseline = target.stats();
     let flaps = 3;
     let runtime = flaps as u64 * 6 + 6;
-    let perf = PerfRun::start(&topo, &addrs, runtime);
+    let perf = PerfRun::start(&topo.exec(1), &addrs, runtime, 2);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(target.stats()["controllers"], 2, "one controller per path");
     for flap in 0..flaps {
@@ -361,6 +360,35 @@ fn two_paths_one_flapping_keeps_io_going() {
     assert!(paths.iter().all(|p| p["completions"].as_u64().is_some_and(|n| n > 0)), "{paths:?}");
     assert!(paths[0]["reconnects"].as_u64().is_some_and(|n| n >= 1), "the flapping path reconnected: {paths:?}");
     assert_eq!(paths[1]["reconnects"], 0, "flapping the first link must not touch the second path: {paths:?}");
+    target.wait_baseline(&baseline, Duration::from_secs(30));
+    assert!(target.terminate().success());
+}
+
+/// A target that stops answering without closing anything (SIGSTOP for 4 s): no disconnect, no link event —
+/// the host learns it from the RC retry limit or its keep-alive timeout (1 s), whichever comes first, tears the
+/// association down, reconnects once the target runs again, and finishes with every block verified.
+#[test]
+fn perf_rides_through_a_frozen_target() {
+    use nix::sys::signal::{Signal, kill};
+    let addr = Ipv4Addr::new(127, 0, 0, 5);
+    let mut target = TargetProcess::start(&[], &[IpAddr::V4(addr)], 4791, "frz");
+    let baseline = target.stats();
+    let pid = nix::unistd::Pid::from_raw(target.child.id() as i32);
+    let perf = PerfRun::start(&[], &[addr], 14, 1);
+    std::thread::sleep(Duration::from_secs(3));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    std::thread::sleep(Duration::from_secs(4));
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let report = perf.report(Duration::from_secs(120));
+    eprintln!(
+        "frozen 4 s: {} reconnects, longest gap {} ms, {}",
+        report["reconnects"], report["longest_gap_ms"], report["verify"]
+    );
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["verify"]["errors"], 0, "{report}");
+    assert!(report["reconnects"].as_u64().is_some_and(|n| n >= 1), "keep-alive timeout → reconnect: {report}");
+    assert!(report["longest_gap_ms"].as_u64().is_some_and(|g| g >= 3000), "the freeze shows as a gap: {report}");
+    // The target's side of the old association expires by its own keep-alive timer.
     target.wait_baseline(&baseline, Duration::from_secs(30));
     assert!(target.terminate().success());
 }
