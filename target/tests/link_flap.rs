@@ -1,107 +1,24 @@
-//! The seed's failure, reproduced: the target's link goes down for 1 s and comes back for 10 s, 5 times (set
-//! `NVMF_FLAPS` for more), while a host process runs verified I/O and reconnects. Root only (network
-//! namespaces joined by a veth pair); under `CI=true` it must run, never skip.
+//! The seed's failure and its relatives, with `nvmf perf --verify` as the host: the target's link goes down
+//! for 1 s and comes back for 10 s, 5 times (`NVMF_FLAPS` for more); one of two paths flaps; the target's
+//! address is removed and its netdev deleted; the target freezes. Root for the namespace tests (network
+//! namespaces joined by veth pairs); under `CI=true` they must run, never skip.
 //!
-//! The `nvmf-target` process must never die; its listener must repair itself after every flap; once the host
-//! disconnects, its stats must be back to the baseline taken before the host came (no controller, queue pair,
-//! poller or pool buffer; same threads and file descriptors); and every write the host saw acknowledged must
-//! read back identical at the end (a write in flight when the link died may hold either version).
+//! Every time: the `nvmf-target` process never dies; its listener repairs itself; perf reconnects, sends again
+//! what was lost, and finds every block it wrote intact during the run and in the read-back after it (a write
+//! lost with the connection may hold either version until it is sent again); once perf leaves, the target's
+//! stats are back to the baseline taken before it came (no controller, queue pair, poller or pool buffer;
+//! same threads and file descriptors).
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use support::netns::{Topology, ip, root_or_skip};
-use support::process::{HostJob, TargetProcess, child_host_main, read_report, spawn_host};
+use support::process::{PerfRun, TargetProcess, assert_clean};
 
-/// The host process of the flap test; not a test of its own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the host process of seed_flap_loop_on_the_target_link; runs only as its child"]
-async fn child_host() {
-    child_host_main().await;
-}
-
-/// What both tests start with: the topology, `nvmf-target` in the first namespace (its stats baseline taken
-/// before any host), and the verifying host process in the second, told to stop when `stop` appears.
-struct Run {
-    topo: Topology,
-    target: TargetProcess,
-    baseline: serde_json::Value,
-    stop: std::path::PathBuf,
-    host: std::process::Child,
-    lines: support::process::Lines,
-}
-
-impl Run {
-    /// `None` (after saying why) when not root; under CI=true that is a failure.
-    fn start(test: &str, tag: &str, subnet_offset: u32) -> Option<Run> {
-        if !root_or_skip(test) {
-            return None;
-        }
-        let topo = Topology::new(tag, subnet_offset, 1);
-        let target_ns = topo.exec(0);
-        let host_ns = topo.exec(1);
-        let target = TargetProcess::start(&target_ns, &[IpAddr::V4(topo.links[0].addrs[0])], 4791, tag);
-        std::thread::sleep(Duration::from_millis(300));
-        let baseline = target.stats();
-        let stop = std::env::temp_dir().join(format!("nvmf-{tag}-stop-{}", std::process::id()));
-        let _ = std::fs::remove_file(&stop);
-        let job = HostJob {
-            target: SocketAddr::new(IpAddr::V4(topo.links[0].addrs[0]), 4791),
-            local: IpAddr::V4(topo.links[0].addrs[1]),
-            stop_file: Some(stop.clone()),
-            fresh: true,
-        };
-        let (host, lines) = spawn_host("child_host", &host_ns, &job);
-        Some(Run { topo, target, baseline, stop, host, lines })
-    }
-}
-
-#[test]
-fn seed_flap_loop_on_the_target_link() {
-    let Some(Run { topo, mut target, baseline, stop, mut host, lines }) =
-        Run::start("seed_flap_loop_on_the_target_link", "fl", 0)
-    else {
-        return;
-    };
-    let flaps: usize = std::env::var("NVMF_FLAPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(target.stats()["controllers"], 1, "the host is connected before the first flap");
-
-    let started = Instant::now();
-    for flap in 0..flaps {
-        // The seed's loop: ifdown; sleep 1; ifup; sleep 10.
-        topo.set_target_link(0, false);
-        std::thread::sleep(Duration::from_secs(1));
-        topo.set_target_link(0, true);
-        std::thread::sleep(Duration::from_secs(10));
-        assert!(target.alive(), "nvmf-target died in flap {flap}");
-        let s = target.stats();
-        eprintln!(
-            "flap {flap}: listener {} (repairs {}), controllers {}, qpairs {}",
-            s["listeners"][0]["state"], s["listeners"][0]["repairs"], s["controllers"], s["qpairs"]
-        );
-    }
-    let flapping = started.elapsed();
-
-    std::fs::write(&stop, b"stop").expect("stop file");
-    let report = read_report(&lines, Duration::from_secs(120));
-    let status = host.wait().expect("host exit");
-    let _ = std::fs::remove_file(&stop);
-    eprintln!("after {flaps} flaps in {flapping:?}: {report:?}");
-    assert!(status.success(), "host process: {status:?}");
-    assert_eq!(report.mismatches, 0, "acknowledged writes must read back identical");
-    assert!(report.acknowledged_writes > 0 && report.verified_reads > 0, "{report:?}");
-    assert!(report.reconnects >= 1, "the flaps must have broken the host's connection: {report:?}");
-    assert_eq!(report.final_blocks_checked, 8 * 2048);
-
-    let end = target.wait_baseline(&baseline, Duration::from_secs(30));
-    assert_eq!(end["listeners"][0]["state"], "listening");
-    let repairs = end["listeners"][0]["repairs"].as_u64().expect("repairs");
-    assert!(repairs >= flaps as u64, "the listener repaired {repairs} times for {flaps} flaps");
-    let status = target.terminate();
-    assert!(status.success(), "nvmf-target exit status {status:?}");
+fn flaps() -> usize {
+    std::env::var("NVMF_FLAPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
 }
 
 fn wait_for(target: &mut TargetProcess, what: &str, within: Duration, ok: impl Fn(&serde_json::Value) -> bool) {
@@ -118,50 +35,169 @@ fn wait_for(target: &mut TargetProcess, what: &str, within: Duration, ok: impl F
     }
 }
 
+/// The controller and its admin + 4 I/O queues, per path.
+fn connected(paths: usize) -> impl Fn(&serde_json::Value) -> bool {
+    move |s| s["controllers"] == paths && s["qpairs"] == 5 * paths
+}
+
+/// The seed's loop (`ifdown; sleep 1; ifup; sleep 10`) on the target's only link.
+#[test]
+fn seed_flap_loop_on_the_target_link() {
+    if !root_or_skip("seed_flap_loop_on_the_target_link") {
+        return;
+    }
+    let topo = Topology::new("fl", 0, 1);
+    let target_addr = IpAddr::V4(topo.links[0].addrs[0]);
+    let mut target = TargetProcess::start(&topo.exec(0), &[target_addr], 4791, "fl");
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = target.stats();
+    let flaps = flaps();
+    let runtime = flaps as u64 * 11 + 5;
+    let perf = PerfRun::start(&topo.exec(1), &[target_addr], 4791, runtime, 2);
+    wait_for(&mut target, "perf connected", Duration::from_secs(10), connected(1));
+    for flap in 0..flaps {
+        topo.set_target_link(0, false);
+        std::thread::sleep(Duration::from_secs(1));
+        topo.set_target_link(0, true);
+        std::thread::sleep(Duration::from_secs(10));
+        assert!(target.alive(), "nvmf-target died in flap {flap}");
+        let s = target.stats();
+        eprintln!(
+            "flap {flap}: listener {}, controllers {}, qpairs {}",
+            s["listeners"][0], s["controllers"], s["qpairs"]
+        );
+    }
+    let report = perf.report(Duration::from_secs(runtime + 120));
+    eprintln!(
+        "seed loop × {flaps}: {} I/Os ({:.0} IOPS), {} reconnects, longest gap {} ms, verify {}",
+        report["ios"],
+        report["iops"].as_f64().unwrap_or(0.0),
+        report["reconnects"],
+        report["longest_gap_ms"],
+        report["verify"]
+    );
+    assert_clean(&report);
+    assert!(report["verify"]["checked_blocks"].as_u64().is_some_and(|n| n > 0), "{report}");
+    assert!(report["reconnects"].as_u64().is_some_and(|n| n >= 1), "the flaps broke the connection: {report}");
+    let end = target.wait_baseline(&baseline, Duration::from_secs(30));
+    assert_eq!(end["listeners"][0]["state"], "listening");
+    let repairs = end["listeners"][0]["repairs"].as_u64().expect("repairs");
+    assert!(repairs >= flaps as u64, "the listener repaired {repairs} times for {flaps} flaps");
+    assert!(target.terminate().success());
+}
+
+/// Two paths (two links, a listener on each); the first link flaps (down 1 s, up 5 s): I/O moves to the second
+/// path at once — never 2 s without a completion — and back to the first once it reconnects. The second path is
+/// never disturbed.
+#[test]
+fn two_paths_one_flapping_keeps_io_going() {
+    if !root_or_skip("two_paths_one_flapping_keeps_io_going") {
+        return;
+    }
+    let topo = Topology::new("mp", 40, 2);
+    let addrs = [topo.links[0].addrs[0], topo.links[1].addrs[0]].map(IpAddr::V4);
+    let mut target = TargetProcess::start(&topo.exec(0), &addrs, 4791, "mp");
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = target.stats();
+    let flaps = 3;
+    let runtime = flaps as u64 * 6 + 6;
+    let perf = PerfRun::start(&topo.exec(1), &addrs, 4791, runtime, 2);
+    wait_for(&mut target, "both paths connected", Duration::from_secs(10), connected(2));
+    for flap in 0..flaps {
+        topo.set_target_link(0, false);
+        std::thread::sleep(Duration::from_secs(1));
+        topo.set_target_link(0, true);
+        std::thread::sleep(Duration::from_secs(5));
+        assert!(target.alive(), "nvmf-target died in flap {flap}");
+    }
+    let report = perf.report(Duration::from_secs(runtime + 120));
+    eprintln!(
+        "two paths, {flaps} flaps of the first: {} I/Os, longest gap {} ms, paths {}",
+        report["ios"], report["longest_gap_ms"], report["paths"]
+    );
+    assert_clean(&report);
+    let gap = report["longest_gap_ms"].as_u64().expect("gap");
+    assert!(gap <= 2000, "I/O stopped for {gap} ms although the second path was up: {report}");
+    let paths = report["paths"].as_array().expect("paths");
+    assert!(paths.iter().all(|p| p["completions"].as_u64().is_some_and(|n| n > 0)), "{paths:?}");
+    assert!(paths[0]["reconnects"].as_u64().is_some_and(|n| n >= 1), "the flapping path reconnected: {paths:?}");
+    assert_eq!(paths[1]["reconnects"], 0, "flapping the first link must not touch the second path: {paths:?}");
+    target.wait_baseline(&baseline, Duration::from_secs(30));
+    assert!(target.terminate().success());
+}
+
 /// The other two ways a port goes away: its address is removed (ADDR_CHANGE) and its netdev is deleted
 /// (DEVICE_REMOVAL). Each time the target closes the port's queues and repairs the listener — waiting for the
-/// address, or reopening the device once the netdev is back — and the host gets back in; its acknowledged
-/// writes are all there at the end.
+/// address, or reopening the device once the netdev is back — and perf gets back in. Interrupted at the end,
+/// perf reads everything back.
 #[test]
 fn listener_repairs_after_address_loss_and_device_removal() {
-    let Some(Run { topo, mut target, baseline, stop, mut host, lines }) =
-        Run::start("listener_repairs_after_address_loss_and_device_removal", "rp", 125)
-    else {
+    if !root_or_skip("listener_repairs_after_address_loss_and_device_removal") {
         return;
-    };
-    // Fully back: the controller and its admin + 4 I/O queues.
-    let connected =
-        |s: &serde_json::Value| s["controllers"] == 1 && s["qpairs"] == 5 && s["listeners"][0]["state"] == "listening";
-    wait_for(&mut target, "host connected", Duration::from_secs(10), connected);
+    }
+    let topo = Topology::new("rp", 125, 1);
+    let target_addr = IpAddr::V4(topo.links[0].addrs[0]);
+    let mut target = TargetProcess::start(&topo.exec(0), &[target_addr], 4791, "rp");
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = target.stats();
+    let perf = PerfRun::start(&topo.exec(1), &[target_addr], 4791, 600, 2);
+    let back = |s: &serde_json::Value| connected(1)(s) && s["listeners"][0]["state"] == "listening";
+    wait_for(&mut target, "perf connected", Duration::from_secs(10), back);
 
-    let target_addr = format!("{}/24", topo.links[0].addrs[0]);
-    ip(&["-n", &topo.ns[0], "addr", "del", &target_addr, "dev", &topo.links[0].veth[0]]);
+    let (ns, veth) = (&topo.ns[0], &topo.links[0].veth[0]);
+    let cidr = format!("{}/24", topo.links[0].addrs[0]);
+    ip(&["-n", ns, "addr", "del", &cidr, "dev", veth]);
     wait_for(&mut target, "address-gone repair", Duration::from_secs(10), |s| {
         s["listeners"][0]["state"] == "repairing-address-gone" && s["qpairs"] == 0
     });
-    ip(&["-n", &topo.ns[0], "addr", "add", &target_addr, "dev", &topo.links[0].veth[0]]);
-    wait_for(&mut target, "host back after the address", Duration::from_secs(30), connected);
+    ip(&["-n", ns, "addr", "add", &cidr, "dev", veth]);
+    wait_for(&mut target, "perf back after the address", Duration::from_secs(30), back);
     std::thread::sleep(Duration::from_secs(1));
 
-    ip(&["-n", &topo.ns[0], "link", "del", &topo.links[0].veth[0]]);
+    ip(&["-n", ns, "link", "del", veth]);
     wait_for(&mut target, "device-gone repair", Duration::from_secs(10), |s| {
         s["listeners"][0]["state"] == "repairing-device-gone" && s["controllers"] == 0
     });
     std::thread::sleep(Duration::from_secs(2));
     topo.wire(0);
-    wait_for(&mut target, "host back on the reopened device", Duration::from_secs(30), connected);
+    wait_for(&mut target, "perf back on the reopened device", Duration::from_secs(30), back);
     std::thread::sleep(Duration::from_secs(1));
 
-    std::fs::write(&stop, b"stop").expect("stop file");
-    let report = read_report(&lines, Duration::from_secs(60));
-    let status = host.wait().expect("host exit");
-    let _ = std::fs::remove_file(&stop);
-    eprintln!("{report:?}");
-    assert!(status.success(), "host process: {status:?}");
-    assert_eq!(report.mismatches, 0);
-    assert!(report.reconnects >= 2, "{report:?}");
+    perf.interrupt();
+    let report = perf.report(Duration::from_secs(60));
+    eprintln!("address and device loss: {} reconnects, verify {}", report["reconnects"], report["verify"]);
+    assert_clean(&report);
+    assert!(report["reconnects"].as_u64().is_some_and(|n| n >= 2), "{report}");
     let end = target.wait_baseline(&baseline, Duration::from_secs(30));
     assert_eq!(end["listeners"][0]["repairs"], 2);
-    let status = target.terminate();
-    assert!(status.success(), "nvmf-target exit status {status:?}");
+    assert!(target.terminate().success());
+}
+
+/// A target that stops answering without closing anything (SIGSTOP for 4 s; loopback, no root): no disconnect,
+/// no link event — the host learns it from the RC retry limit or its keep-alive timeout (1 s), whichever comes
+/// first, tears the association down, and reconnects once the target runs again.
+#[test]
+fn perf_rides_through_a_frozen_target() {
+    use nix::sys::signal::{Signal, kill};
+    let addr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+    let mut target = TargetProcess::start(&[], &[addr], 4791, "frz");
+    let baseline = target.stats();
+    let pid = nix::unistd::Pid::from_raw(target.child.id() as i32);
+    let perf = PerfRun::start(&[], &[addr], 4791, 14, 1);
+    wait_for(&mut target, "perf connected", Duration::from_secs(10), connected(1));
+    std::thread::sleep(Duration::from_secs(2));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    std::thread::sleep(Duration::from_secs(4));
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let report = perf.report(Duration::from_secs(120));
+    eprintln!(
+        "frozen 4 s: {} reconnects, longest gap {} ms, {}",
+        report["reconnects"], report["longest_gap_ms"], report["verify"]
+    );
+    assert_clean(&report);
+    assert!(report["reconnects"].as_u64().is_some_and(|n| n >= 1), "the freeze broke the connection: {report}");
+    assert!(report["longest_gap_ms"].as_u64().is_some_and(|g| g >= 3000), "the freeze shows as a gap: {report}");
+    // The target's side of the old association expires by its own keep-alive timer.
+    target.wait_baseline(&baseline, Duration::from_secs(30));
+    assert!(target.terminate().success());
 }
