@@ -35,6 +35,40 @@ fn wait_for(target: &mut TargetProcess, what: &str, within: Duration, ok: impl F
     }
 }
 
+/// Root check, the topology, `nvmf-target` on the target's end of every link, and its stats before any host.
+fn start(
+    test: &str,
+    tag: &str,
+    subnet_offset: u32,
+    links: usize,
+) -> Option<(Topology, TargetProcess, serde_json::Value)> {
+    if !root_or_skip(test) {
+        return None;
+    }
+    let topo = Topology::new(tag, subnet_offset, links);
+    let addrs: Vec<IpAddr> = topo.links.iter().map(|l| IpAddr::V4(l.addrs[0])).collect();
+    let target = TargetProcess::start(&topo.exec(0), &addrs, 4791, tag);
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = target.stats();
+    Some((topo, target, baseline))
+}
+
+/// The seed's loop on the target's end of `link`, `times` times: down for 1 s, up for `up`.
+fn flap(topo: &Topology, target: &mut TargetProcess, link: usize, times: usize, up: Duration) {
+    for flap in 0..times {
+        topo.set_target_link(link, false);
+        std::thread::sleep(Duration::from_secs(1));
+        topo.set_target_link(link, true);
+        std::thread::sleep(up);
+        assert!(target.alive(), "nvmf-target died in flap {flap}");
+        let s = target.stats();
+        eprintln!(
+            "flap {flap}: listener {}, controllers {}, qpairs {}",
+            s["listeners"][link], s["controllers"], s["qpairs"]
+        );
+    }
+}
+
 /// The controller and its admin + 4 I/O queues, per path.
 fn connected(paths: usize) -> impl Fn(&serde_json::Value) -> bool {
     move |s| s["controllers"] == paths && s["qpairs"] == 5 * paths
@@ -43,30 +77,13 @@ fn connected(paths: usize) -> impl Fn(&serde_json::Value) -> bool {
 /// The seed's loop (`ifdown; sleep 1; ifup; sleep 10`) on the target's only link.
 #[test]
 fn seed_flap_loop_on_the_target_link() {
-    if !root_or_skip("seed_flap_loop_on_the_target_link") {
-        return;
-    }
-    let topo = Topology::new("fl", 0, 1);
+    let Some((topo, mut target, baseline)) = start("seed_flap_loop_on_the_target_link", "fl", 0, 1) else { return };
     let target_addr = IpAddr::V4(topo.links[0].addrs[0]);
-    let mut target = TargetProcess::start(&topo.exec(0), &[target_addr], 4791, "fl");
-    std::thread::sleep(Duration::from_millis(300));
-    let baseline = target.stats();
     let flaps = flaps();
     let runtime = flaps as u64 * 11 + 5;
     let perf = PerfRun::start(&topo.exec(1), &[target_addr], 4791, runtime, 2);
     wait_for(&mut target, "perf connected", Duration::from_secs(10), connected(1));
-    for flap in 0..flaps {
-        topo.set_target_link(0, false);
-        std::thread::sleep(Duration::from_secs(1));
-        topo.set_target_link(0, true);
-        std::thread::sleep(Duration::from_secs(10));
-        assert!(target.alive(), "nvmf-target died in flap {flap}");
-        let s = target.stats();
-        eprintln!(
-            "flap {flap}: listener {}, controllers {}, qpairs {}",
-            s["listeners"][0], s["controllers"], s["qpairs"]
-        );
-    }
+    flap(&topo, &mut target, 0, flaps, Duration::from_secs(10));
     let report = perf.report(Duration::from_secs(runtime + 120));
     eprintln!(
         "seed loop × {flaps}: {} I/Os ({:.0} IOPS), {} reconnects, longest gap {} ms, verify {}",
@@ -91,25 +108,15 @@ fn seed_flap_loop_on_the_target_link() {
 /// never disturbed.
 #[test]
 fn two_paths_one_flapping_keeps_io_going() {
-    if !root_or_skip("two_paths_one_flapping_keeps_io_going") {
+    let Some((topo, mut target, baseline)) = start("two_paths_one_flapping_keeps_io_going", "mp", 40, 2) else {
         return;
-    }
-    let topo = Topology::new("mp", 40, 2);
+    };
     let addrs = [topo.links[0].addrs[0], topo.links[1].addrs[0]].map(IpAddr::V4);
-    let mut target = TargetProcess::start(&topo.exec(0), &addrs, 4791, "mp");
-    std::thread::sleep(Duration::from_millis(300));
-    let baseline = target.stats();
     let flaps = 3;
     let runtime = flaps as u64 * 6 + 6;
     let perf = PerfRun::start(&topo.exec(1), &addrs, 4791, runtime, 2);
     wait_for(&mut target, "both paths connected", Duration::from_secs(10), connected(2));
-    for flap in 0..flaps {
-        topo.set_target_link(0, false);
-        std::thread::sleep(Duration::from_secs(1));
-        topo.set_target_link(0, true);
-        std::thread::sleep(Duration::from_secs(5));
-        assert!(target.alive(), "nvmf-target died in flap {flap}");
-    }
+    flap(&topo, &mut target, 0, flaps, Duration::from_secs(5));
     let report = perf.report(Duration::from_secs(runtime + 120));
     eprintln!(
         "two paths, {flaps} flaps of the first: {} I/Os, longest gap {} ms, paths {}",
@@ -132,14 +139,9 @@ fn two_paths_one_flapping_keeps_io_going() {
 /// perf reads everything back.
 #[test]
 fn listener_repairs_after_address_loss_and_device_removal() {
-    if !root_or_skip("listener_repairs_after_address_loss_and_device_removal") {
-        return;
-    }
-    let topo = Topology::new("rp", 125, 1);
+    let test = "listener_repairs_after_address_loss_and_device_removal";
+    let Some((topo, mut target, baseline)) = start(test, "rp", 125, 1) else { return };
     let target_addr = IpAddr::V4(topo.links[0].addrs[0]);
-    let mut target = TargetProcess::start(&topo.exec(0), &[target_addr], 4791, "rp");
-    std::thread::sleep(Duration::from_millis(300));
-    let baseline = target.stats();
     let perf = PerfRun::start(&topo.exec(1), &[target_addr], 4791, 600, 2);
     let back = |s: &serde_json::Value| connected(1)(s) && s["listeners"][0]["state"] == "listening";
     wait_for(&mut target, "perf connected", Duration::from_secs(10), back);
