@@ -70,6 +70,7 @@ fn every_verb_against_the_target() {
     let subsystems: Vec<_> = records.iter().filter(|r| r["subtype"] == "nvme subsystem").collect();
     assert_eq!(subsystems.len(), 2, "one record per listener: {log}");
     assert!(subsystems.iter().all(|r| r["subnqn"] == NQN && r["trsvcid"] == "4420" && r["trtype"] == "rdma"));
+    assert!(subsystems.iter().all(|r| r["rdma_qptype"] == "connected" && r["rdma_cms"] == "rdma-cm"), "{log}");
     let addrs: Vec<_> = subsystems.iter().map(|r| r["traddr"].as_str().unwrap_or("")).collect();
     assert!(addrs.contains(&"127.0.0.3") && addrs.contains(&"127.0.0.4"), "{addrs:?}");
 
@@ -176,9 +177,12 @@ fn every_verb_against_the_target() {
         paths.iter().all(|p| p["completions"].as_u64().is_some_and(|n| n > 0) && p["state"] == "live"),
         "{paths:?}"
     );
-    let text =
-        String::from_utf8_lossy(&nvmf(&[], &cmd("perf", &c, &["-q", "4", "--runtime", "1"]), b"").stdout).to_string();
+    let text = String::from_utf8_lossy(
+        &nvmf(&[], &cmd("perf", &c, &["-q", "4", "-w", "randrw", "--runtime", "1"]), b"").stdout,
+    )
+    .to_string();
     assert!(text.contains("IOPS") && text.contains("p99.99"), "{text}");
+    assert!(text.contains("read latency (µs)") && text.contains("write latency (µs)"), "{text}");
     let status = target.terminate();
     assert!(status.success());
 }

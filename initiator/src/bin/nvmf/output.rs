@@ -2,7 +2,7 @@
 //! JSON with nvme-cli's key names where it has them.
 
 use initiator::perf::{Histogram, PerfJob, PerfReport};
-use nvme_proto::discovery::{DiscoveryLog, DiscoveryLogEntry, adrfam, subtype, trtype};
+use nvme_proto::discovery::{DiscoveryLog, DiscoveryLogEntry, adrfam, rdma, subtype, treq, trtype};
 use nvme_proto::identify::{IdentifyController, IdentifyNamespace};
 use serde_json::{Value, json};
 
@@ -126,12 +126,48 @@ fn subtype_name(s: u8) -> &'static str {
     }
 }
 
+fn treq_name(t: u8) -> String {
+    let secure = match t & treq::SECURE_CHANNEL_MASK {
+        treq::REQUIRED => "required",
+        treq::NOT_REQUIRED => "not required",
+        _ => "not specified",
+    };
+    if t & treq::DISABLE_SQ_FLOW_CONTROL != 0 {
+        format!("{secure}, sq flow control disable supported")
+    } else {
+        secure.to_string()
+    }
+}
+
+fn prtype_name(p: u8) -> &'static str {
+    match p {
+        rdma::PRTYPE_NOT_SPECIFIED => "not specified",
+        rdma::PRTYPE_IB => "infiniband",
+        rdma::PRTYPE_ROCE => "roce",
+        rdma::PRTYPE_ROCEV2 => "roce-v2",
+        rdma::PRTYPE_IWARP => "iwarp",
+        _ => "unrecognized",
+    }
+}
+
+fn qptype_name(q: u8) -> &'static str {
+    match q {
+        rdma::QPTYPE_CONNECTED => "connected",
+        rdma::QPTYPE_DATAGRAM => "datagram",
+        _ => "unrecognized",
+    }
+}
+
+fn cms_name(c: u8) -> &'static str {
+    if c == rdma::CMS_RDMA_CM { "rdma-cm" } else { "unrecognized" }
+}
+
 fn entry_json(e: &DiscoveryLogEntry) -> Value {
     let mut v = json!({
         "trtype": trtype_name(e.trtype),
         "adrfam": adrfam_name(e.adrfam),
         "subtype": subtype_name(e.subtype),
-        "treq": e.treq,
+        "treq": treq_name(e.treq),
         "portid": e.portid,
         "trsvcid": e.trsvcid,
         "subnqn": e.subnqn,
@@ -139,9 +175,9 @@ fn entry_json(e: &DiscoveryLogEntry) -> Value {
         "eflags": e.eflags,
     });
     if let Some(r) = e.rdma {
-        v["rdma_prtype"] = json!(r.prtype);
-        v["rdma_qptype"] = json!(r.qptype);
-        v["rdma_cms"] = json!(r.cms);
+        v["rdma_prtype"] = json!(prtype_name(r.prtype));
+        v["rdma_qptype"] = json!(qptype_name(r.qptype));
+        v["rdma_cms"] = json!(cms_name(r.cms));
         v["rdma_pkey"] = json!(format!("{:#06x}", r.pkey));
     }
     v
@@ -162,13 +198,20 @@ pub fn discovery_text(log: &DiscoveryLog) -> String {
             subtype_name(e.subtype)
         );
         out += &format!(
-            "treq:    {:#x}\nportid:  {}\ntrsvcid: {}\nsubnqn:  {}\ntraddr:  {}\n",
-            e.treq, e.portid, e.trsvcid, e.subnqn, e.traddr
+            "treq:    {}\nportid:  {}\ntrsvcid: {}\nsubnqn:  {}\ntraddr:  {}\n",
+            treq_name(e.treq),
+            e.portid,
+            e.trsvcid,
+            e.subnqn,
+            e.traddr
         );
         if let Some(r) = e.rdma {
             out += &format!(
                 "rdma_prtype: {}\nrdma_qptype: {}\nrdma_cms:    {}\nrdma_pkey: {:#06x}\n",
-                r.prtype, r.qptype, r.cms, r.pkey
+                prtype_name(r.prtype),
+                qptype_name(r.qptype),
+                cms_name(r.cms),
+                r.pkey
             );
         }
     }
@@ -226,8 +269,6 @@ pub fn perf_json(job: &PerfJob, r: &PerfReport) -> Value {
 }
 
 pub fn perf_text(job: &PerfJob, r: &PerfReport) -> String {
-    let l = latency_json(&r.latency);
-    let f = |k: &str| l[k].as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
     let mut out = format!(
         "{} bs={} iodepth={} io_queues={} runtime={:.1}s nsid={}{}\n",
         job.mode.name(),
@@ -246,15 +287,23 @@ pub fn perf_text(job: &PerfJob, r: &PerfReport) -> String {
         r.writes,
         r.errors
     );
-    out += &format!("  latency (µs): min {} avg {} max {}\n", f("min"), f("avg"), f("max"));
-    out += &format!(
-        "    p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}\n",
-        f("p50"),
-        f("p90"),
-        f("p99"),
-        f("p99.9"),
-        f("p99.99")
-    );
+    let mut histograms = vec![("latency", &r.latency)];
+    if r.reads > 0 && r.writes > 0 {
+        histograms.extend([("read latency", &r.read_latency), ("write latency", &r.write_latency)]);
+    }
+    for (name, h) in histograms {
+        let l = latency_json(h);
+        let f = |k: &str| l[k].as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
+        out += &format!("  {name} (µs): min {} avg {} max {}\n", f("min"), f("avg"), f("max"));
+        out += &format!(
+            "    p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}\n",
+            f("p50"),
+            f("p90"),
+            f("p99"),
+            f("p99.9"),
+            f("p99.99")
+        );
+    }
     out +=
         &format!("  reconnects {}, longest gap without completions {} ms\n", r.reconnects, r.longest_gap.as_millis());
     for p in &r.paths {
