@@ -42,18 +42,20 @@ fn lba(x: &mut u64) -> u64 {
     (*x % (BLOCKS / 8)) * 8
 }
 
-/// IOPS of `DEPTH` workers reading through the controller directly.
-async fn direct(addr: TargetAddr, secs: u64) -> f64 {
-    let ctrl = Arc::new(Controller::connect(addr, options()).await.expect("connect"));
+/// IOPS of `DEPTH` workers, each reading random 4 KiB blocks through `read` for `secs` seconds.
+async fn readers<F, Fut>(secs: u64, read: F) -> f64
+where
+    F: Fn(ReadWrite) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let deadline = Instant::now() + Duration::from_secs(secs);
     let workers: Vec<_> = (0..DEPTH as u64)
         .map(|w| {
-            let ctrl = ctrl.clone();
+            let read = read.clone();
             tokio::spawn(async move {
                 let (mut x, mut n) = (w * 0x9e37_79b9 + 1, 0u64);
                 while Instant::now() < deadline {
-                    let rw = ReadWrite::new(1, lba(&mut x), 8).expect("valid");
-                    ctrl.io_command(Some(1), IoCommand::Read(rw), DataDir::ToHost(4096)).await.expect("read");
+                    read(ReadWrite::new(1, lba(&mut x), 8).expect("valid")).await;
                     n += 1;
                 }
                 n
@@ -64,38 +66,41 @@ async fn direct(addr: TargetAddr, secs: u64) -> f64 {
     for w in workers {
         total += w.await.expect("worker");
     }
-    Arc::into_inner(ctrl).expect("workers done").shutdown().await.expect("shutdown");
     total as f64 / secs as f64
+}
+
+/// Through the controller directly.
+async fn direct(addr: TargetAddr, secs: u64) -> f64 {
+    let ctrl = Arc::new(Controller::connect(addr, options()).await.expect("connect"));
+    let c = ctrl.clone();
+    let iops = readers(secs, move |rw| {
+        let c = c.clone();
+        async move {
+            c.io_command(Some(1), IoCommand::Read(rw), DataDir::ToHost(4096)).await.expect("read");
+        }
+    })
+    .await;
+    Arc::into_inner(ctrl).expect("workers done").shutdown().await.expect("shutdown");
+    iops
 }
 
 async fn session(addr: TargetAddr) -> Arc<Session> {
     Arc::new(Session::connect(vec![(addr, options())], ReconnectPolicy::default()).await.expect("connect"))
 }
 
-/// IOPS of `DEPTH` workers reading through a session.
+/// Through a session.
 async fn via_session(addr: TargetAddr, secs: u64) -> f64 {
     let s = session(addr).await;
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let workers: Vec<_> = (0..DEPTH as u64)
-        .map(|w| {
-            let s = s.clone();
-            tokio::spawn(async move {
-                let (mut x, mut n) = (w * 0x9e37_79b9 + 1, 0u64);
-                while Instant::now() < deadline {
-                    let rw = ReadWrite::new(1, lba(&mut x), 8).expect("valid");
-                    s.io(Some(0), IoCommand::Read(rw), DataDir::ToHost(4096)).await.expect("read");
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for w in workers {
-        total += w.await.expect("worker");
-    }
+    let c = s.clone();
+    let iops = readers(secs, move |rw| {
+        let c = c.clone();
+        async move {
+            c.io(Some(0), IoCommand::Read(rw), DataDir::ToHost(4096)).await.expect("read");
+        }
+    })
+    .await;
     Arc::into_inner(s).expect("workers done").shutdown().await.expect("shutdown");
-    total as f64 / secs as f64
+    iops
 }
 
 /// IOPS of the perf engine.

@@ -800,10 +800,6 @@ impl Controller {
     pub fn options(&self) -> &ConnectOptions {
         &self.options
     }
-
-    pub fn target(&self) -> TargetAddr {
-        self.target
-    }
 }
 
 /// The data of a command that was never sent, back to its caller.

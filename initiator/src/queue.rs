@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nvme_proto::rdma_cm::{CmReject, CmRequest, RECORD_FORMAT_1_0};
@@ -41,7 +40,6 @@ pub struct HostQueue {
     submissions: mpsc::UnboundedSender<Submission>,
     /// One permit per command the queue may hold (depth - 1).
     slots: Arc<Semaphore>,
-    alive: Arc<AtomicBool>,
     /// Tells the queue's task to stop (a destroyed queue pair need not complete what it held).
     closing: Arc<Notify>,
     device: Arc<Device>,
@@ -108,7 +106,6 @@ impl HostQueue {
             return Err(e);
         }
         let (submissions, rx) = mpsc::unbounded_channel();
-        let alive = Arc::new(AtomicBool::new(true));
         let closing = Arc::new(Notify::new());
         let slots = Arc::new(Semaphore::new(depth as usize - 1));
         let task = QueueTask {
@@ -118,17 +115,12 @@ impl HostQueue {
             cq,
             pending: HashMap::new(),
             free_cids: (0..depth).rev().collect(),
-            alive: alive.clone(),
             closing: closing.clone(),
             slots: slots.clone(),
             loss,
         };
         tokio::spawn(task.run(rx, events));
-        Ok(HostQueue { qid, depth, conn, submissions, slots, alive, closing, device, qp })
-    }
-
-    pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Relaxed)
+        Ok(HostQueue { qid, depth, conn, submissions, slots, closing, device, qp })
     }
 
     /// Sends a command (its command id is assigned by the queue) with optional in-capsule data and waits for
@@ -148,7 +140,6 @@ impl HostQueue {
 
     /// Disconnects and destroys the queue pair; outstanding commands fail (idempotent).
     pub async fn close(&self) {
-        self.alive.store(false, Ordering::Relaxed);
         self.closing.notify_one();
         let _ = self.device.disconnect(self.conn).await;
         let _ = self.device.destroy_qp(&self.qp).await;
@@ -162,7 +153,6 @@ struct QueueTask {
     cq: CompletionQueue,
     pending: HashMap<u16, oneshot::Sender<Result<Cqe, HostError>>>,
     free_cids: Vec<u16>,
-    alive: Arc<AtomicBool>,
     closing: Arc<Notify>,
     slots: Arc<Semaphore>,
     loss: Arc<LossSignal>,
@@ -233,7 +223,6 @@ impl QueueTask {
             }
         };
         tracing::debug!(qid = self.qid, depth = self.depth, "queue lost: {reason}");
-        self.alive.store(false, Ordering::Relaxed);
         self.loss.raise(reason);
         // Fail what is outstanding and what still arrives; closing the semaphore wakes waiting submitters.
         self.slots.close();

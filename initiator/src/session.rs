@@ -119,7 +119,8 @@ impl Session {
                             fail_at = Some(fail_at.map_or(d, |f| f.max(d)));
                         } else {
                             // One path without fast_io_fail keeps I/O waiting.
-                            return self.wait_changed(&mut rx, None).await;
+                            self.wait_changed(&mut rx, None).await;
+                            return Ok(());
                         }
                     }
                     PathState::Failed { reason } => reasons.push(reason),
@@ -134,11 +135,11 @@ impl Session {
             {
                 return Err(HostError::PathsLost(format!("no path for fast-io-fail-tmo ({})", reasons.join("; "))));
             }
-            self.wait_changed(&mut rx, fail_at).await?;
+            self.wait_changed(&mut rx, fail_at).await;
         }
     }
 
-    async fn wait_changed(&self, rx: &mut watch::Receiver<u64>, until: Option<Instant>) -> Result<(), HostError> {
+    async fn wait_changed(&self, rx: &mut watch::Receiver<u64>, until: Option<Instant>) {
         // A lost controller stays in its slot until its supervisor takes it: poll lightly meanwhile.
         let tick = tokio::time::sleep(std::time::Duration::from_millis(50));
         let deadline = async {
@@ -152,7 +153,6 @@ impl Session {
             _ = tick => {}
             _ = deadline => {}
         }
-        Ok(())
     }
 
     /// A live controller (waiting for one as I/O does): for admin commands.

@@ -148,6 +148,29 @@ impl PerfReport {
     }
 }
 
+impl PerfJob {
+    /// What can be refused without knowing the namespace (so before connecting).
+    pub fn check(&self) -> Result<(), HostError> {
+        let bad = |m: &str| Err(HostError::Invalid(m.to_string()));
+        if self.block_bytes == 0 {
+            return bad("--bs must be above 0");
+        }
+        if self.iodepth == 0 || self.io_queues == 0 {
+            return bad("--iodepth and --io-queues must be at least 1");
+        }
+        if self.runtime.is_zero() {
+            return bad("--runtime must be above 0");
+        }
+        if self.rwmixread > 100 {
+            return bad(&format!("--rwmixread {} is above 100", self.rwmixread));
+        }
+        if self.verify && self.mode.read_share(self.rwmixread) == 100 {
+            return bad("--verify needs writes: use write, randwrite, rw or randrw");
+        }
+        Ok(())
+    }
+}
+
 /// The geometry a job runs on, checked before anything is sent.
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -157,22 +180,14 @@ struct Span {
 }
 
 fn plan(job: &PerfJob, blocks: u64, block_size: u32, max_transfer: usize) -> Result<Span, HostError> {
+    job.check()?;
     let bs = block_size as u64;
     let bad = |m: String| Err(HostError::Invalid(m));
-    if job.block_bytes == 0 || job.block_bytes % bs != 0 {
+    if job.block_bytes % bs != 0 {
         return bad(format!("--bs {} is not a whole number of {bs}-byte blocks", job.block_bytes));
     }
     if job.block_bytes > max_transfer as u64 {
         return bad(format!("--bs {} is above the target's largest transfer ({max_transfer} bytes)", job.block_bytes));
-    }
-    if job.iodepth == 0 || job.io_queues == 0 {
-        return bad("--iodepth and --io-queues must be at least 1".into());
-    }
-    if job.rwmixread > 100 {
-        return bad(format!("--rwmixread {} is above 100", job.rwmixread));
-    }
-    if job.verify && job.mode.read_share(job.rwmixread) == 100 {
-        return bad("--verify needs writes: use write, randwrite, rw or randrw".into());
     }
     let capacity = blocks * bs;
     let size = job.size.unwrap_or(capacity);
@@ -240,19 +255,16 @@ impl Rng {
 
 const MAX_REPORTED_ERRORS: usize = 10;
 
-fn note_verify_errors(v: &mut VerifyReport, data: &[u8], first_lba: u64, span: Span, expected: &[u64]) -> bool {
-    let mut ok = true;
+fn note_verify_errors(v: &mut VerifyReport, data: &[u8], first_lba: u64, span: Span, expected: &[u64]) {
     for (i, block) in data.chunks_exact(span.block_size as usize).enumerate() {
         let lba = first_lba + i as u64;
         if let Err(m) = pattern::check(block, lba, expected) {
-            ok = false;
             v.errors += 1;
             if v.first_errors.len() < MAX_REPORTED_ERRORS {
                 v.first_errors.push(format!("LBA {lba}: {m} (expected {:x?})", expected));
             }
         }
     }
-    ok
 }
 
 /// Runs `job` on `session`, calling `tick` about once a second; `stop` set ends the run early (the report

@@ -357,9 +357,6 @@ async fn flush(conn: Connection, nsid: u32) -> Result<ExitCode, Failure> {
 }
 
 async fn perf(p: Perf) -> Result<ExitCode, Failure> {
-    if p.iodepth == 0 || p.io_queues == 0 || p.runtime == 0 {
-        return Err(Failure::Usage("--iodepth, --io-queues and --runtime must be at least 1".into()));
-    }
     let job = PerfJob {
         nsid: p.nsid,
         mode: p.rw,
@@ -374,9 +371,7 @@ async fn perf(p: Perf) -> Result<ExitCode, Failure> {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
         }),
     };
-    if p.verify && matches!(p.rw, initiator::perf::RwMode::Read | initiator::perf::RwMode::RandRead) {
-        return Err(Failure::Usage("--verify needs writes: use write, randwrite, rw or randrw".into()));
-    }
+    job.check().map_err(|e| Failure::Usage(e.to_string()))?;
     let s = Arc::new(session(&p.conn, p.io_queues).await?);
     let live = std::io::stderr().is_terminal();
     let mut last = (Duration::ZERO, 0u64, 0u64);
