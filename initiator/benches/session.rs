@@ -139,7 +139,15 @@ fn main() {
         let ram = BackendSpec::Ram { size: BLOCKS * 512, block_size: 512 };
         rdma.target().add_namespace(NQN, 1, &ram).expect("namespace");
         let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let udp = rdma.listen(ListenSpec { addr: loopback, trsvcids: vec![4420], udp_port: 0 }).await.expect("listen");
+        let udp = rdma
+            .listen(ListenSpec {
+                addr: loopback,
+                trsvcids: vec![4420],
+                udp_port: 0,
+                provider: transport::Provider::Soft,
+            })
+            .await
+            .expect("listen");
         let addr = TargetAddr { udp: SocketAddr::new(loopback, udp), trsvcid: 4420 };
         let (runs, secs) = (env("BENCH_RUNS", 3), env("BENCH_SECS", 3));
         let mut results: [Vec<f64>; 5] = Default::default();

@@ -20,7 +20,7 @@ use nvme_proto::io::{DatasetManagement, DsmRange, ReadWrite, dsm_attribute};
 use nvme_proto::property::{Cap, Cc, Csts, Property};
 use nvme_proto::{AdminCommand, Capsule, Command, Cqe, FabricsCommand, IoCommand, SglDescriptor, Uuid};
 use tokio::task::JoinHandle;
-use transport::{Access, Device, ProtectionDomain, SoftConfig};
+use transport::{Access, Device, ProtectionDomain, Provider, SoftConfig, VerbsConfig};
 
 use crate::error::HostError;
 use crate::events::EventRouter;
@@ -64,6 +64,8 @@ pub struct ConnectOptions {
     pub in_capsule_limit: usize,
     /// An I/O command not completed within this is taken as the association's loss (Linux: io_timeout 30 s).
     pub io_timeout: Duration,
+    /// The RDMA provider the connection's device is opened with.
+    pub provider: Provider,
 }
 
 impl ConnectOptions {
@@ -81,6 +83,7 @@ impl ConnectOptions {
             local_addr: None,
             in_capsule_limit: 4096,
             io_timeout: Duration::from_secs(30),
+            provider: Provider::Soft,
         }
     }
 }
@@ -289,7 +292,10 @@ impl Controller {
             .local_addr
             .or_else(|| local_for(target.udp))
             .ok_or_else(|| HostError::Invalid(format!("no route to {} (give a local address)", target.udp.ip())))?;
-        let device = Arc::new(open_device(local, target.udp.port(), options.local_addr.is_none())?);
+        let device = Arc::new(match options.provider {
+            Provider::Soft => open_device(local, target.udp.port(), options.local_addr.is_none())?,
+            Provider::Verbs => Device::open_verbs(VerbsConfig::new(local))?,
+        });
         let pd = device.alloc_pd().await?;
         let router = EventRouter::start(device.clone());
         let loss = Arc::new(LossSignal::default());

@@ -15,7 +15,8 @@
 //! [[listener]]
 //! address = "127.0.0.1"
 //! ports = [4420]                # NVMe/RDMA service ids (rdma_cm ports)
-//! udp_port = 4791               # RoCEv2
+//! udp_port = 4791               # RoCEv2 (soft provider)
+//! provider = "soft"             # or "verbs": libibverbs/librdmacm (RNICs, kernel rxe)
 //!
 //! [[subsystem]]
 //! nqn = "nqn.2026-11.dev.nvmf-rs:ram"
@@ -92,6 +93,7 @@ impl TargetConfig {
                 addr: IpAddr::from([127, 0, 0, 1]),
                 trsvcids: vec![DEFAULT_PORT],
                 udp_port: transport::soft::wire::ROCEV2_UDP_PORT,
+                provider: transport::Provider::Soft,
             }],
             subsystems: vec![SubsystemConfig {
                 nqn: DEFAULT_NQN.into(),
@@ -197,6 +199,10 @@ impl TargetConfig {
                 addr,
                 trsvcids: ports,
                 udp_port: l.udp_port.unwrap_or(transport::soft::wire::ROCEV2_UDP_PORT),
+                provider: match &l.provider {
+                    Some(p) => p.get_ref().parse().map_err(|e| err(p.span(), "listener.provider", e))?,
+                    None => transport::Provider::Soft,
+                },
             });
         }
         if listeners.is_empty() {
@@ -346,6 +352,7 @@ struct RawListener {
     address: Spanned<String>,
     ports: Option<Spanned<Vec<u16>>>,
     udp_port: Option<u16>,
+    provider: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

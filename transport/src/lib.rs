@@ -13,16 +13,22 @@
 //! device until deregistered.
 //!
 //! Providers: [`soft`], a userspace RoCEv2 (RC over UDP 4791, IB CM on QP1) wire-compatible with Linux rxe,
-//! needing no hardware, root or kernel module — the one behind the surface today. The `verbs` provider
-//! (libibverbs and librdmacm through `sideway`, for real RNICs and kernel rxe) comes later behind the same
-//! names.
-#![forbid(unsafe_code)]
+//! needing no hardware, root or kernel module ([`Device::open`]); and [`verbs`], libibverbs and librdmacm
+//! loaded at run time, for real RNICs and kernel rxe ([`Device::open_verbs`]). Both are one worker thread
+//! behind the same handles.
+#![deny(unsafe_code)]
 
+pub mod device;
+pub mod provider;
 pub mod soft;
+pub mod verbs;
 
-pub use soft::cm::{ConnId, PeerParams};
-pub use soft::device::{
+pub use device::{
     Completion, CompletionQueue, ConnectionOptions, Device, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
-    ProtectionDomain, QpState, QpTransition, QueuePair, SharedReceiveQueue, SoftConfig,
+    ProtectionDomain, QpState, QpTransition, QueuePair, SharedReceiveQueue,
 };
+pub use provider::Provider;
+pub use soft::cm::{ConnId, PeerParams};
+pub use soft::device::SoftConfig;
 pub use soft::rc::{Access, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
+pub use verbs::VerbsConfig;

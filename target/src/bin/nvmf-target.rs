@@ -35,6 +35,9 @@ struct Args {
     /// NVMe/RDMA service id (rdma_cm port).
     #[arg(long, short = 's', default_value_t = DEFAULT_PORT)]
     port: u16,
+    /// RDMA provider: soft (userspace RoCEv2, no hardware) or verbs (libibverbs/librdmacm: RNICs, kernel rxe).
+    #[arg(long, default_value = "soft", value_parser = transport::Provider::NAMES)]
+    provider: String,
     /// RoCEv2 UDP port of the soft provider (0: any free port, printed at start).
     #[arg(long, default_value_t = transport::soft::wire::ROCEV2_UDP_PORT)]
     udp_port: u16,
@@ -65,15 +68,17 @@ struct Args {
 
 fn from_flags(args: &Args) -> Result<TargetConfig, String> {
     let mut config = TargetConfig::default_ram();
+    let provider: transport::Provider = args.provider.parse()?;
     if !args.listen.is_empty() {
         config.listeners = args
             .listen
             .iter()
-            .map(|&addr| ListenSpec { addr, trsvcids: vec![args.port], udp_port: args.udp_port })
+            .map(|&addr| ListenSpec { addr, trsvcids: vec![args.port], udp_port: args.udp_port, provider })
             .collect();
     } else {
         config.listeners[0].trsvcids = vec![args.port];
         config.listeners[0].udp_port = args.udp_port;
+        config.listeners[0].provider = provider;
     }
     nvme_proto::Nqn::new(&args.nqn).map_err(|e| format!("--nqn: {e}"))?;
     let subsystem = &mut config.subsystems[0];
@@ -206,7 +211,12 @@ async fn serve(config: TargetConfig) -> Result<(), String> {
     }
     for (l, udp) in &bound {
         for port in &l.trsvcids {
-            println!("nvmf-target: listening on {}:{port} (soft RoCEv2, UDP {udp})", l.addr);
+            match l.provider {
+                transport::Provider::Soft => {
+                    println!("nvmf-target: listening on {}:{port} (soft RoCEv2, UDP {udp})", l.addr)
+                }
+                transport::Provider::Verbs => println!("nvmf-target: listening on {}:{port} (verbs)", l.addr),
+            }
         }
     }
     if let (Some((l, udp)), Some(s)) = (bound.first(), config.subsystems.first()) {

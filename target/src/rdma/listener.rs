@@ -16,7 +16,7 @@ use std::time::Duration;
 use nvme_proto::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest, RECORD_FORMAT_1_0};
 use tokio::sync::{mpsc, oneshot};
 use transport::{
-    CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, PeerParams, ProtectionDomain, RecvWr, SoftConfig,
+    CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, PeerParams, ProtectionDomain, Provider, RecvWr,
 };
 
 use super::group::{GroupMsg, Groups};
@@ -32,6 +32,8 @@ pub struct ListenSpec {
     pub trsvcids: Vec<u16>,
     /// The soft provider's UDP port: 4791 (RoCEv2) unless several devices share an address (tests).
     pub udp_port: u16,
+    /// The RDMA provider the listener's device is opened with.
+    pub provider: Provider,
 }
 
 pub(crate) enum ListenerMsg {
@@ -101,9 +103,7 @@ pub enum ListenError {
 
 /// Opens the device and listens on every port.
 async fn open_device(spec: &ListenSpec) -> Result<(Arc<Device>, ProtectionDomain), transport::DeviceError> {
-    let mut config = SoftConfig::new(spec.addr);
-    config.port = spec.udp_port;
-    let device = Arc::new(Device::open(config)?);
+    let device = Arc::new(Device::open_provider(spec.provider, spec.addr, spec.udp_port)?);
     let pd = device.alloc_pd().await?;
     for &port in &spec.trsvcids {
         device.listen(port, 128).await?;

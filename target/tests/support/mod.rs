@@ -71,7 +71,8 @@ impl TestTarget {
                 rdma.target().add_namespace(s.nqn, nsid, &spec).expect("add namespace");
             }
         }
-        let spec = ListenSpec { addr: LOOPBACK, trsvcids: trsvcids.to_vec(), udp_port };
+        let spec =
+            ListenSpec { addr: LOOPBACK, trsvcids: trsvcids.to_vec(), udp_port, provider: transport::Provider::Soft };
         let udp = rdma.listen(spec).await.expect("listen");
         TestTarget { rdma, addr: TargetAddr { udp: SocketAddr::new(LOOPBACK, udp), trsvcid: trsvcids[0] } }
     }

@@ -10,15 +10,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams, PeerParams};
-use super::device::{
-    Command, Completion, CompletionQueue, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
-    ProtectionDomain, QpState, QpTransition, SoftConfig,
-};
+use super::device::SoftConfig;
 use super::memory_table::MemoryTable;
 use super::rc::{EngineState, RcConfig, RcQp, RecvWr, SendWr, WcOpcode, WcStatus, WorkCompletion};
 use super::wire::ext::{Deth, GSI_QKEY};
 use super::wire::icrc::{self, IpHeader};
 use super::wire::{Bth, MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
+use crate::device::{
+    Command, Completion, CompletionQueue, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
+    ProtectionDomain, QpState, QpTransition,
+};
 
 /// A queue pair as the worker holds it.
 struct QpSlot {

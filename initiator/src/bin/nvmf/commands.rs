@@ -41,11 +41,6 @@ pub async fn run(cli: Cli) -> Result<ExitCode, Failure> {
 
 /// The paths and options the flags describe (checked before anything is opened).
 fn paths(conn: &Connection, subnqn: &str, io_queues: u16) -> Result<Vec<(TargetAddr, ConnectOptions)>, Failure> {
-    if conn.provider == Provider::Verbs {
-        return Err(Failure::Run(
-            "RDMA unavailable (the verbs provider is not in this build yet); use --provider soft".into(),
-        ));
-    }
     if !conn.host_traddr.is_empty() && conn.host_traddr.len() != conn.traddr.len() {
         return Err(Failure::Usage(format!(
             "--host-traddr given {} times for {} --traddr; give it once per --traddr or not at all",
@@ -76,6 +71,10 @@ fn paths(conn: &Connection, subnqn: &str, io_queues: u16) -> Result<Vec<(TargetA
     }
     options.nr_io_queues = conn.nr_io_queues.unwrap_or(io_queues).max(io_queues).max(1);
     options.queue_size = conn.queue_size;
+    options.provider = match conn.provider {
+        Provider::Soft => transport::Provider::Soft,
+        Provider::Verbs => transport::Provider::Verbs,
+    };
     options.keep_alive_tmo = (conn.keep_alive_tmo > 0).then(|| Duration::from_secs(conn.keep_alive_tmo as u64));
     Ok(conn
         .traddr

@@ -1,0 +1,468 @@
+//! A device, whatever its provider: one worker thread alone owns every queue pair, registered region and
+//! connection of the device (the soft provider's RC engines and socket, or the verbs provider's libibverbs and
+//! librdmacm objects). Nothing else touches them: the application talks to the worker by messages (posting moves
+//! a work request and its buffer in), completions come back through completion queues, and connection events
+//! through the device's event stream. Teardown is a message too, so a queue pair can never be freed by one
+//! thread while another still holds it — the failure that crashed SPDK's target.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::soft::cm::{ConnId, PeerParams};
+use crate::soft::memory_table::RegionKeys;
+use crate::soft::rc::{Access, RecvWr, SendWr, WcStatus, WorkCompletion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start the device worker: {0}")]
+    Worker(std::io::Error),
+    #[error("the device is closed")]
+    Closed,
+    #[error("{0}")]
+    Cm(#[from] crate::soft::cm::CmError),
+    #[error("no queue pair {0:#x}")]
+    UnknownQp(u32),
+    #[error("memory region of {0} bytes exceeds 4 GiB")]
+    RegionTooLarge(usize),
+    #[error("no memory region with key {0:#x}")]
+    UnknownRegion(u32),
+    #[error("{0}")]
+    Netdev(#[from] crate::soft::netdev::NetdevError),
+    #[error("queue pair {qpn:#x} is {from:?}: {to} is not a valid transition")]
+    BadTransition { qpn: u32, from: QpState, to: &'static str },
+    #[error("queue pair parameters: {0}")]
+    QpConfig(#[from] crate::soft::rc::ConfigError),
+    #[error("no shared receive queue {0} in this protection domain")]
+    UnknownSrq(u32),
+    #[error("shared receive queue {0} still serves queue pairs")]
+    SrqBusy(u32),
+    #[error("no protection domain {0}")]
+    UnknownPd(u32),
+    #[error("protection domain {0} still has memory regions or queue pairs")]
+    PdBusy(u32),
+    /// The verbs provider cannot run here: no libibverbs or librdmacm, or no RDMA device for the address.
+    #[error("RDMA unavailable ({0})")]
+    Unavailable(String),
+    #[error("{call}: {source}")]
+    Verbs { call: &'static str, source: std::io::Error },
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+}
+
+/// A work completion and the queue pair it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub qpn: u32,
+    pub wc: WorkCompletion,
+}
+
+#[derive(Debug, Default)]
+struct CqShared {
+    queue: Mutex<VecDeque<Completion>>,
+    notify: Notify,
+}
+
+/// A completion queue. Clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct CompletionQueue {
+    shared: Arc<CqShared>,
+}
+
+impl CompletionQueue {
+    pub fn new() -> CompletionQueue {
+        CompletionQueue::default()
+    }
+
+    /// Up to `max` completions, oldest first, without waiting.
+    pub fn poll(&self, max: usize) -> Vec<Completion> {
+        let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let n = max.min(q.len());
+        q.drain(..n).collect()
+    }
+
+    /// The next completion, waiting for one.
+    pub async fn next(&self) -> Completion {
+        loop {
+            let notified = self.shared.notify.notified();
+            if let Some(c) = self.poll(1).pop() {
+                return c;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn push(&self, c: Completion) {
+        self.shared.queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(c);
+        self.shared.notify.notify_waiters();
+    }
+}
+
+/// Connection and device events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceEvent {
+    ConnectRequest {
+        conn: ConnId,
+        local_port: u16,
+        peer: PeerParams,
+    },
+    Established {
+        conn: ConnId,
+        qpn: u32,
+        peer: PeerParams,
+    },
+    Rejected {
+        conn: ConnId,
+        reason: u16,
+        private_data: Vec<u8>,
+    },
+    Unreachable {
+        conn: ConnId,
+    },
+    Disconnected {
+        conn: ConnId,
+    },
+    TimewaitExit {
+        conn: ConnId,
+    },
+    /// The queue pair entered the error state on its own (retries exhausted, a fatal NAK).
+    QpFatal {
+        qpn: u32,
+        cause: WcStatus,
+    },
+    /// The netdev's link came up.
+    PortActive,
+    /// The netdev's link went down.
+    PortError,
+    /// The device's address went away (`present: false`) or came back.
+    AddrChange {
+        present: bool,
+    },
+    /// The netdev was deleted: every queue pair is in the error state and the device serves nothing more.
+    DeviceRemoval,
+    /// The device's socket failed beyond recovery: every queue pair is in the error state.
+    DeviceFatal {
+        reason: String,
+    },
+}
+
+/// Queue pair states (verbs' RESET / INIT / RTR / RTS / ERR).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QpState {
+    Reset,
+    Init,
+    Rtr,
+    Rts,
+    Error,
+}
+
+/// A transition requested by [`Device::modify_qp`], for queue pairs connected without the CM (as
+/// `ibv_rc_pingpong` does, exchanging numbers out of band). The CM makes these transitions itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QpTransition {
+    /// RESET → INIT: receives may be posted.
+    Init,
+    /// INIT → RTR: the peer's address, queue pair number and first PSN; the responder starts.
+    Rtr { peer: SocketAddr, dest_qpn: u32, rq_psn: u32, path_mtu: usize, min_rnr_timer: u8, max_dest_rd_atomic: u8 },
+    /// RTR → RTS: the send side's parameters; the requester starts.
+    Rts { sq_psn: u32, ack_timeout: Duration, retry_cnt: u8, rnr_retry: u8, max_rd_atomic: u8 },
+    /// Any → ERR: outstanding work completes with a flush error.
+    Error,
+    /// Any → RESET: the queue pair forgets its connection; outstanding work is flushed first.
+    Reset,
+}
+
+/// A protection domain: memory regions are reachable only by queue pairs of the same domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProtectionDomain {
+    pub id: u32,
+}
+
+/// A registered memory region. Its memory belongs to the device until [`Device::deregister`] returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MemoryRegion {
+    pub keys: RegionKeys,
+}
+
+/// A handle to an RC queue pair of a device.
+#[derive(Debug, Clone)]
+pub struct QueuePair {
+    pub qpn: u32,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl QueuePair {
+    /// Posts a send-queue request; its buffer comes back in the completion (an error completion if the queue
+    /// pair cannot take it).
+    pub fn post_send(&self, wr: SendWr) -> Result<(), DeviceError> {
+        self.commands.send(Command::PostSend(self.qpn, wr)).map_err(|_| DeviceError::Closed)
+    }
+
+    pub fn post_recv(&self, wr: RecvWr) -> Result<(), DeviceError> {
+        self.commands.send(Command::PostRecv(self.qpn, wr)).map_err(|_| DeviceError::Closed)
+    }
+}
+
+/// A shared receive queue: queue pairs attached to it take their receives from it.
+#[derive(Debug, Clone)]
+pub struct SharedReceiveQueue {
+    pub id: u32,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl SharedReceiveQueue {
+    pub fn post_recv(&self, wr: RecvWr) -> Result<(), DeviceError> {
+        self.commands.send(Command::PostSrqRecv(self.id, wr)).map_err(|_| DeviceError::Closed)
+    }
+}
+
+/// Parameters of one end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    pub responder_resources: u8,
+    pub initiator_depth: u8,
+    pub retry_count: u8,
+    pub rnr_retry_count: u8,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions { responder_resources: 16, initiator_depth: 16, retry_count: 7, rnr_retry_count: 7 }
+    }
+}
+
+/// Counts of what a device holds, for leak checks and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceStats {
+    pub protection_domains: usize,
+    pub shared_receive_queues: usize,
+    pub queue_pairs: usize,
+    pub regions: usize,
+    pub region_bytes: usize,
+    pub connections: usize,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    pub packets_dropped: u64,
+    /// Link state of the netdev (true when not watched).
+    pub port_up: bool,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;
+
+pub(crate) enum Command {
+    AllocPd(Reply<ProtectionDomain>),
+    DeallocPd(u32, Reply<()>),
+    Register(u32, Vec<u8>, Access, Reply<MemoryRegion>),
+    Deregister(u32, Reply<Vec<u8>>),
+    CreateQp(u32, CompletionQueue, CompletionQueue, Option<u32>, Reply<u32>),
+    CreateSrq(u32, Reply<u32>),
+    DestroySrq(u32, Reply<Vec<RecvWr>>),
+    PostSrqRecv(u32, RecvWr),
+    DestroyQp(u32, Reply<()>),
+    ModifyQp(u32, QpTransition, Reply<QpState>),
+    PostSend(u32, SendWr),
+    PostRecv(u32, RecvWr),
+    Listen(u16, usize, Reply<()>),
+    Connect {
+        qpn: u32,
+        dst: SocketAddr,
+        port: u16,
+        options: ConnectionOptions,
+        private_data: Vec<u8>,
+        reply: Reply<ConnId>,
+    },
+    Accept {
+        conn: ConnId,
+        qpn: u32,
+        options: ConnectionOptions,
+        private_data: Vec<u8>,
+        reply: Reply<()>,
+    },
+    Reject(ConnId, Vec<u8>, Reply<()>),
+    Disconnect(ConnId, Reply<()>),
+    Stats(oneshot::Sender<DeviceStats>),
+    Shutdown,
+}
+
+/// A soft RoCE device.
+pub struct Device {
+    local: SocketAddr,
+    commands: mpsc::UnboundedSender<Command>,
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<DeviceEvent>>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Device {
+    /// A device served by `worker`, the thread that alone owns the provider's objects and takes `commands`.
+    pub(crate) fn from_worker(
+        local: SocketAddr,
+        commands: mpsc::UnboundedSender<Command>,
+        events: mpsc::UnboundedReceiver<DeviceEvent>,
+        worker: std::thread::JoinHandle<()>,
+    ) -> Device {
+        Device { local, commands, events: tokio::sync::Mutex::new(events), worker: Mutex::new(Some(worker)) }
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("local", &self.local).finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The RoCE v2 GID of the device's address (IPv4-mapped for IPv4, as rxe's GID index 1).
+    pub fn gid(&self) -> [u8; 16] {
+        crate::soft::cm::gid_of(self.local.ip())
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, DeviceError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).map_err(|_| DeviceError::Closed)?;
+        rx.await.map_err(|_| DeviceError::Closed)?
+    }
+
+    /// Hands `buf` to the device for remote access; [`Device::deregister`] gives it back.
+    pub async fn alloc_pd(&self) -> Result<ProtectionDomain, DeviceError> {
+        self.call(Command::AllocPd).await
+    }
+
+    /// Frees a protection domain; refused while regions or queue pairs still belong to it.
+    pub async fn dealloc_pd(&self, pd: ProtectionDomain) -> Result<(), DeviceError> {
+        self.call(|r| Command::DeallocPd(pd.id, r)).await
+    }
+
+    pub async fn register(
+        &self,
+        pd: &ProtectionDomain,
+        buf: Vec<u8>,
+        access: Access,
+    ) -> Result<MemoryRegion, DeviceError> {
+        let pd = pd.id;
+        self.call(|r| Command::Register(pd, buf, access, r)).await
+    }
+
+    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
+        self.call(|r| Command::Deregister(mr.keys.rkey, r)).await
+    }
+
+    pub async fn create_qp(
+        &self,
+        pd: &ProtectionDomain,
+        send_cq: &CompletionQueue,
+        recv_cq: &CompletionQueue,
+    ) -> Result<QueuePair, DeviceError> {
+        let pd = pd.id;
+        let qpn = self.call(|r| Command::CreateQp(pd, send_cq.clone(), recv_cq.clone(), None, r)).await?;
+        Ok(QueuePair { qpn, commands: self.commands.clone() })
+    }
+
+    /// A queue pair whose receives come from `srq` (posting receives on the queue pair itself is refused).
+    pub async fn create_qp_with_srq(
+        &self,
+        pd: &ProtectionDomain,
+        send_cq: &CompletionQueue,
+        recv_cq: &CompletionQueue,
+        srq: &SharedReceiveQueue,
+    ) -> Result<QueuePair, DeviceError> {
+        let (pd, srq) = (pd.id, srq.id);
+        let qpn = self.call(|r| Command::CreateQp(pd, send_cq.clone(), recv_cq.clone(), Some(srq), r)).await?;
+        Ok(QueuePair { qpn, commands: self.commands.clone() })
+    }
+
+    pub async fn create_srq(&self, pd: &ProtectionDomain) -> Result<SharedReceiveQueue, DeviceError> {
+        let pd = pd.id;
+        let id = self.call(|r| Command::CreateSrq(pd, r)).await?;
+        Ok(SharedReceiveQueue { id, commands: self.commands.clone() })
+    }
+
+    /// Destroys a shared receive queue and hands back the receives still posted on it. Refused while queue
+    /// pairs use it.
+    pub async fn destroy_srq(&self, srq: &SharedReceiveQueue) -> Result<Vec<RecvWr>, DeviceError> {
+        let id = srq.id;
+        self.call(|r| Command::DestroySrq(id, r)).await
+    }
+
+    /// Moves a queue pair through RESET / INIT / RTR / RTS / ERR by hand; returns the new state.
+    pub async fn modify_qp(&self, qp: &QueuePair, transition: QpTransition) -> Result<QpState, DeviceError> {
+        self.call(|r| Command::ModifyQp(qp.qpn, transition, r)).await
+    }
+
+    /// Destroys a queue pair: outstanding requests complete with a flush error first. Idempotent.
+    pub async fn destroy_qp(&self, qp: &QueuePair) -> Result<(), DeviceError> {
+        self.call(|r| Command::DestroyQp(qp.qpn, r)).await
+    }
+
+    pub async fn listen(&self, port: u16, backlog: usize) -> Result<(), DeviceError> {
+        self.call(|r| Command::Listen(port, backlog, r)).await
+    }
+
+    /// Connects `qp` to the listener at `dst` (the peer device's UDP address) and rdma_cm `port`.
+    pub async fn connect(
+        &self,
+        qp: &QueuePair,
+        dst: SocketAddr,
+        port: u16,
+        options: ConnectionOptions,
+        private_data: &[u8],
+    ) -> Result<ConnId, DeviceError> {
+        let private_data = private_data.to_vec();
+        self.call(|reply| Command::Connect { qpn: qp.qpn, dst, port, options, private_data, reply }).await
+    }
+
+    pub async fn accept(
+        &self,
+        conn: ConnId,
+        qp: &QueuePair,
+        options: ConnectionOptions,
+        private_data: &[u8],
+    ) -> Result<(), DeviceError> {
+        let private_data = private_data.to_vec();
+        self.call(|reply| Command::Accept { conn, qpn: qp.qpn, options, private_data, reply }).await
+    }
+
+    pub async fn reject(&self, conn: ConnId, private_data: &[u8]) -> Result<(), DeviceError> {
+        let pd = private_data.to_vec();
+        self.call(|r| Command::Reject(conn, pd, r)).await
+    }
+
+    pub async fn disconnect(&self, conn: ConnId) -> Result<(), DeviceError> {
+        self.call(|r| Command::Disconnect(conn, r)).await
+    }
+
+    /// The next connection or device event; `None` once the device is closed.
+    pub async fn next_event(&self) -> Option<DeviceEvent> {
+        self.events.lock().await.recv().await
+    }
+
+    pub async fn stats(&self) -> Result<DeviceStats, DeviceError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Stats(tx)).map_err(|_| DeviceError::Closed)?;
+        rx.await.map_err(|_| DeviceError::Closed)
+    }
+
+    /// Stops the worker: every queue pair is flushed, the socket closed, the thread joined.
+    pub fn close(&self) {
+        let handle = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            // Queue pair handles hold senders too, so the channel alone would not end the worker: ask it.
+            let _ = self.commands.send(Command::Shutdown);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

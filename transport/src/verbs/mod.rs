@@ -1,0 +1,89 @@
+//! `verbs`: the provider for real RDMA devices — RNICs, and the kernel's rxe and siw — through libibverbs and
+//! librdmacm. Both libraries are loaded at run time (rdma-mummy-sys's stubs `dlopen` them), so a binary built
+//! with this provider starts on a host without them and reports "RDMA unavailable (…)" when asked for it.
+//!
+//! `sideway` lists the devices; the rest goes through rdma-mummy-sys directly ([`ffi`], the workspace's only
+//! unsafe code), because sideway 0.4 has no shared receive queues, no connection parameters (private data,
+//! responder resources, initiator depth, RNR retry) and no access to a connect request's private data, all of
+//! which the NVMe/RDMA binding needs. Everything runs on the device's worker thread ([`worker`]), behind the
+//! same [`crate::Device`] surface as the soft provider.
+
+mod ffi;
+mod worker;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::device::{Device, DeviceError};
+
+/// How a verbs device is opened.
+#[derive(Debug, Clone)]
+pub struct VerbsConfig {
+    /// An address of the RDMA device to use (the netdev under it holds the address: rxe0's, an RNIC port's).
+    pub addr: IpAddr,
+    /// How long address and route resolution may take when connecting.
+    pub resolve_timeout: Duration,
+}
+
+impl VerbsConfig {
+    pub fn new(addr: IpAddr) -> VerbsConfig {
+        VerbsConfig { addr, resolve_timeout: Duration::from_secs(2) }
+    }
+}
+
+/// The RDMA devices libibverbs sees, by name; why there are none when it cannot be loaded.
+pub fn devices() -> Result<Vec<String>, String> {
+    ffi::device_names()
+}
+
+impl Device {
+    /// Opens the RDMA device serving `config.addr` and starts its worker thread. Fails with
+    /// [`DeviceError::Unavailable`] when libibverbs or librdmacm is missing or no RDMA device has the address.
+    pub fn open_verbs(config: VerbsConfig) -> Result<Device, DeviceError> {
+        let addr = config.addr;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name(format!("verbs {addr}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                let rt = match runtime {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(DeviceError::Worker(e)));
+                        return;
+                    }
+                };
+                // The library objects are created on this thread and never leave it.
+                match worker::Worker::open(config, event_tx) {
+                    Ok(w) => {
+                        let _ = ready_tx.send(Ok(()));
+                        rt.block_on(w.run(command_rx));
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(DeviceError::Worker)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Device::from_worker(
+                SocketAddr::new(addr, crate::soft::wire::ROCEV2_UDP_PORT),
+                commands,
+                events,
+                worker,
+            )),
+            Ok(Err(e)) => {
+                let _ = worker.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = worker.join();
+                Err(DeviceError::Closed)
+            }
+        }
+    }
+}
