@@ -29,7 +29,7 @@ enum Cmd {
     },
     /// Run a scenario; writes DIR/result.json and prints a summary.
     Scenario {
-        /// kernel-smoke | kernel-flap | capture
+        /// kernel-smoke | kernel-flap | capture | target-kernel-host | initiator-kernel-target | target-flap | device-removal
         name: String,
         /// Run directory (scripts, consoles, logs, result.json).
         #[arg(long, default_value = "build/testbed-run")]
@@ -148,12 +148,17 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("{}", r.summary());
                     r.flaps_toggled() && r.complete()
                 }
+                "target-kernel-host" => {
+                    let r = scenario::kernel_host::run(&setup, timeout)?;
+                    println!("{}", r.summary());
+                    r.passed
+                }
                 "capture" => {
                     let r = scenario::capture::run(&setup, timeout)?;
                     println!("{}", r.summary());
                     r.passed
                 }
-                other => return Err(format!("unknown scenario {other:?} (kernel-smoke, kernel-flap, capture)").into()),
+                other => return Err(format!("unknown scenario {other:?} (kernel-smoke, kernel-flap, capture, target-kernel-host, initiator-kernel-target, target-flap, device-removal)").into()),
             };
             println!("result: {}", dir.join("result.json").display());
             Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })

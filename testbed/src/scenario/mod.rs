@@ -3,6 +3,8 @@
 
 pub mod capture;
 pub mod flap;
+pub mod kernel_host;
+pub mod ours;
 pub mod smoke;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +34,8 @@ pub enum ScenarioError {
     Vm(#[from] VmError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("missing {0}")]
+    Missing(String),
 }
 
 /// The kernel NVMe-oF target on a RAM file: nvmet configured through configfs, listening on rdma.

@@ -8,13 +8,13 @@
 //! which the NVMe/RDMA binding needs. Everything runs on the device's worker thread ([`worker`]), behind the
 //! same [`crate::Device`] surface as the soft provider.
 
+#[cfg(feature = "verbs")]
 mod ffi;
+#[cfg(feature = "verbs")]
 mod worker;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
-
-use tokio::sync::mpsc;
 
 use crate::device::{Device, DeviceError};
 
@@ -33,16 +33,34 @@ impl VerbsConfig {
     }
 }
 
+/// Why this build cannot open a verbs device.
+#[cfg(not(feature = "verbs"))]
+const NOT_BUILT: &str =
+    "this build has no verbs provider: build with --features verbs (which needs cmake and libclang-dev)";
+
 /// The RDMA devices libibverbs sees, by name; why there are none when it cannot be loaded.
 pub fn devices() -> Result<Vec<String>, String> {
-    ffi::device_names()
+    #[cfg(feature = "verbs")]
+    return ffi::device_names();
+    #[cfg(not(feature = "verbs"))]
+    Err(NOT_BUILT.into())
 }
 
 impl Device {
+    /// Built without the `verbs` feature: always [`DeviceError::Unavailable`], saying how to get it.
+    #[cfg(not(feature = "verbs"))]
+    pub fn open_verbs(config: VerbsConfig) -> Result<Device, DeviceError> {
+        let _ = config;
+        Err(DeviceError::Unavailable(NOT_BUILT.into()))
+    }
+
     /// Opens the RDMA device serving `config.addr` and starts its worker thread. Fails with
     /// [`DeviceError::Unavailable`] when libibverbs or librdmacm is missing or no RDMA device has the address.
+    #[cfg(feature = "verbs")]
     pub fn open_verbs(config: VerbsConfig) -> Result<Device, DeviceError> {
         let addr = config.addr;
+        use std::net::SocketAddr;
+        use tokio::sync::mpsc;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
