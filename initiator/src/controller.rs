@@ -234,7 +234,7 @@ async fn exchange(
         Ok(mr) => mr,
         Err(e) => return (Err(e.into()), None),
     };
-    let sgl = match SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, true) {
+    let sgl = match SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, device.regions_remotely_invalidable()) {
         Ok(sgl) => sgl,
         Err(e) => {
             let buf = device.deregister(mr).await.ok();

@@ -153,6 +153,11 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("{}", r.summary());
                     r.passed
                 }
+                "initiator-kernel-target" => {
+                    let r = scenario::kernel_target::run(&setup, timeout)?;
+                    println!("{}", r.summary());
+                    r.passed
+                }
                 "capture" => {
                     let r = scenario::capture::run(&setup, timeout)?;
                     println!("{}", r.summary());

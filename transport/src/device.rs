@@ -291,6 +291,7 @@ pub(crate) enum Command {
 
 /// A soft RoCE device.
 pub struct Device {
+    provider: crate::Provider,
     local: SocketAddr,
     commands: mpsc::UnboundedSender<Command>,
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<DeviceEvent>>,
@@ -300,12 +301,24 @@ pub struct Device {
 impl Device {
     /// A device served by `worker`, the thread that alone owns the provider's objects and takes `commands`.
     pub(crate) fn from_worker(
+        provider: crate::Provider,
         local: SocketAddr,
         commands: mpsc::UnboundedSender<Command>,
         events: mpsc::UnboundedReceiver<DeviceEvent>,
         worker: std::thread::JoinHandle<()>,
     ) -> Device {
-        Device { local, commands, events: tokio::sync::Mutex::new(events), worker: Mutex::new(Some(worker)) }
+        Device { provider, local, commands, events: tokio::sync::Mutex::new(events), worker: Mutex::new(Some(worker)) }
+    }
+
+    pub fn provider(&self) -> crate::Provider {
+        self.provider
+    }
+
+    /// Whether a peer may invalidate our regions with SEND_WITH_INV. The soft provider's regions can be; a
+    /// region registered through libibverbs (`ibv_reg_mr`) cannot — only memory windows and fast-registered
+    /// regions can, and a SEND_WITH_INV naming one fails the receive with a remote invalid request.
+    pub fn regions_remotely_invalidable(&self) -> bool {
+        self.provider == crate::Provider::Soft
     }
 }
 

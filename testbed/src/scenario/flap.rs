@@ -194,7 +194,7 @@ done
     )
 }
 
-fn kernel_errors(dmesg: &str) -> Vec<String> {
+pub(crate) fn kernel_errors(dmesg: &str) -> Vec<String> {
     let keys = ["error", "fail", "fatal", "timeout", "reconnect", "not free", "stuck", "blocked for more"];
     dmesg
         .lines()

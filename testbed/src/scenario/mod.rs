@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod flap;
 pub mod kernel_host;
+pub mod kernel_target;
 pub mod ours;
 pub mod smoke;
 

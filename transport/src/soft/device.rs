@@ -76,6 +76,6 @@ impl Device {
                 }
             })
             .map_err(DeviceError::Worker)?;
-        Ok(Device::from_worker(local, commands, events, worker))
+        Ok(Device::from_worker(crate::Provider::Soft, local, commands, events, worker))
     }
 }

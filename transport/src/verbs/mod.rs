@@ -89,6 +89,7 @@ impl Device {
             .map_err(DeviceError::Worker)?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Device::from_worker(
+                crate::Provider::Verbs,
                 SocketAddr::new(addr, crate::soft::wire::ROCEV2_UDP_PORT),
                 commands,
                 events,
