@@ -37,15 +37,19 @@ enum Cmd {
         /// Hard time limit, seconds.
         #[arg(long, default_value_t = 900)]
         timeout: u64,
-        /// kernel-flap: number of flaps.
+        /// kernel-flap, target-flap: number of flaps.
         #[arg(long, default_value_t = 10)]
         flaps: u32,
-        /// kernel-flap: whose bond flaps.
+        /// kernel-flap, target-flap: whose bond flaps.
         #[arg(long, default_value = "target")]
         side: String,
-        /// kernel-flap: seconds without I/O progress that count as a stall.
+        /// kernel-flap, target-flap: seconds without I/O progress that count as a stall.
         #[arg(long, default_value_t = 60)]
         stall: u64,
+        /// target-flap: the host driving I/O — ours (nvmf perf --verify), kernel (fio verify) or both, one run
+        /// each (DIR/ours/, DIR/kernel/).
+        #[arg(long, default_value = "both", value_parser = ["ours", "kernel", "both"])]
+        host: String,
     },
 }
 
@@ -128,7 +132,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Cmd::Scenario { name, dir, timeout, flaps, side, stall } => {
+        Cmd::Scenario { name, dir, timeout, flaps, side, stall, host } => {
             let accel = vm::probe_accel(&image, &cache);
             let setup = Setup { image, accel, dir: dir.clone() };
             let timeout = Duration::from_secs(timeout);
@@ -138,12 +142,36 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("{}", r.summary());
                     r.passed
                 }
-                "kernel-flap" => {
-                    let side = match side.as_str() {
-                        "target" => scenario::flap::Side::Target,
-                        "initiator" => scenario::flap::Side::Initiator,
-                        other => return Err(format!("--side {other:?}: target or initiator").into()),
+                "target-flap" => {
+                    use scenario::flap::{HostKind, TargetKind};
+                    let side = flap_side(&side)?;
+                    let hosts: Vec<(&str, HostKind)> = match host.as_str() {
+                        "ours" => vec![("ours", HostKind::Ours)],
+                        "kernel" => vec![("kernel", HostKind::Kernel { verify: true })],
+                        _ => vec![("ours", HostKind::Ours), ("kernel", HostKind::Kernel { verify: true })],
                     };
+                    let mut all = true;
+                    let mut results = Vec::new();
+                    for (name, kind) in hosts {
+                        let setup = Setup { dir: dir.join(name), ..setup.clone() };
+                        let r = scenario::flap::run_with(
+                            &setup,
+                            TargetKind::Ours,
+                            kind,
+                            flaps,
+                            side,
+                            Duration::from_secs(stall),
+                            timeout,
+                        )?;
+                        println!("{}", r.summary());
+                        all &= r.passed();
+                        results.push(r);
+                    }
+                    scenario::write_json(&dir, "result.json", &results)?;
+                    all
+                }
+                "kernel-flap" => {
+                    let side = flap_side(&side)?;
                     let r = scenario::flap::run(&setup, flaps, side, Duration::from_secs(stall), timeout)?;
                     println!("{}", r.summary());
                     r.flaps_toggled() && r.complete()
@@ -168,6 +196,14 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             println!("result: {}", dir.join("result.json").display());
             Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+    }
+}
+
+fn flap_side(side: &str) -> Result<scenario::flap::Side, String> {
+    match side {
+        "target" => Ok(scenario::flap::Side::Target),
+        "initiator" => Ok(scenario::flap::Side::Initiator),
+        other => Err(format!("--side {other:?}: target or initiator")),
     }
 }
 

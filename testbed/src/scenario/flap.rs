@@ -1,14 +1,20 @@
-//! `kernel-flap`: the seed's loop — `ip link set bond0 down; sleep 1; ip link set bond0 up; sleep 10`, N times
-//! — on the target's bond (or, with `--side initiator`, the host's) while fio runs from the kernel host over
-//! nvme-rdma. The host VM reports I/O progress every second; this side watches it. The outcome is either
-//! *recovered* (I/O moves again after the last flap; with the time it took after each flap) or *stalled* (no
-//! progress for the stall time: the host VM is asked for evidence — controller state, the stacks of blocked
-//! tasks, dmesg — and the VMs are stopped), never a hang.
+//! The seed's loop — `ip link set bond0 down; sleep 1; ip link set bond0 up; sleep 10`, N times — on the
+//! target's bond (or, with `--side initiator`, the host's) while a host runs I/O over rxe:
+//!
+//! - `kernel-flap`: the kernel's nvmet-rdma target, the kernel host running fio;
+//! - `target-flap`: our `nvmf-target` (verbs provider), the host being either our `nvmf perf --verify` or the
+//!   kernel host running fio with crc32c verify; our target's stats are read before and after.
+//!
+//! The host VM reports I/O progress every second; this side watches it. The outcome is either *recovered* (I/O
+//! moves again after the last flap; with the time it took after each flap) or *stalled* (no progress for the
+//! stall time: the host VM is asked for evidence — controller state, the stacks of blocked tasks, dmesg — and
+//! the VMs are stopped), never a hang.
 
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::ours::{self, StatsCheck};
 use super::{HOSTNQN, NQN, ScenarioError, Setup, TARGET_ADDR, nvmet_target_setup, two_bonded_hosts, write_json};
 use crate::vm::{Accel, Run, VmOutcome};
 
@@ -17,6 +23,46 @@ use crate::vm::{Accel, Run, VmOutcome};
 pub enum Side {
     Target,
     Initiator,
+}
+
+/// Who serves: the kernel's nvmet-rdma, or our nvmf-target on the verbs provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    Kernel,
+    Ours,
+}
+
+/// Who drives I/O: the kernel host with fio (with crc32c verify when `verify`), or our `nvmf perf --verify`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostKind {
+    Kernel { verify: bool },
+    Ours,
+}
+
+/// Our host's report (`nvmf perf --verify -o json`), in short.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PerfSummary {
+    pub exit: Option<i32>,
+    pub ios: u64,
+    pub errors: u64,
+    pub reconnects: u64,
+    pub longest_gap_ms: u64,
+    pub verified_blocks: u64,
+    pub final_verified_blocks: u64,
+    pub verify_errors: Option<u64>,
+}
+
+/// Our target's side of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OurTarget {
+    /// Still running when the host finished (a crash would say no), and its exit code after SIGINT.
+    pub alive_at_end: bool,
+    pub exit: Option<i32>,
+    pub stats: StatsCheck,
+    pub listener_repairs: Option<u64>,
+    pub log_problems: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -52,6 +98,8 @@ pub struct FlapResult {
     pub scenario: &'static str,
     pub kernel: String,
     pub accel: Accel,
+    pub target: TargetKind,
+    pub host: HostKind,
     pub side: Side,
     pub flaps_requested: u32,
     pub outcome: Outcome,
@@ -62,13 +110,19 @@ pub struct FlapResult {
     pub longest_gap: f64,
     pub reads_completed: u64,
     pub writes_completed: u64,
-    /// fio's error count, and the kernel host's I/O error and reconnect lines.
+    /// fio's exit code and error count (a verify mismatch fails fio), and the kernel host's I/O error and
+    /// reconnect lines.
+    pub fio_exit: Option<i32>,
     pub fio_errors: Option<u64>,
     pub host_io_error_lines: usize,
     pub reconnects: usize,
     pub host_kernel_errors: Vec<String>,
     pub target_kernel_errors: Vec<String>,
     pub evidence: Option<Evidence>,
+    /// With our host.
+    pub perf: Option<PerfSummary>,
+    /// With our target.
+    pub our_target: Option<OurTarget>,
     pub seconds: f64,
     pub time_bound: f64,
     pub vms: Vec<VmOutcome>,
@@ -79,6 +133,24 @@ impl FlapResult {
     pub fn flaps_toggled(&self) -> bool {
         self.flaps.len() as u32 == self.flaps_requested
             && self.flaps.iter().all(|f| f.operstate_after_down == "down" && f.operstate_after_up == "up")
+    }
+
+    /// Everything held: the flaps toggled the bond, I/O recovered after each, no I/O or verify error reached
+    /// the application, and our target (when it served) never died and came back to its baseline.
+    pub fn passed(&self) -> bool {
+        let host_clean = match self.host {
+            HostKind::Kernel { .. } => self.fio_exit == Some(0) && self.fio_errors == Some(0),
+            HostKind::Ours => self.perf.as_ref().is_some_and(|p| {
+                p.exit == Some(0) && p.errors == 0 && p.verify_errors == Some(0) && p.final_verified_blocks > 0
+            }),
+        };
+        let target_clean =
+            self.our_target.as_ref().is_none_or(|t| t.alive_at_end && t.exit == Some(0) && t.stats.back_to_baseline);
+        self.flaps_toggled()
+            && self.outcome == Outcome::Recovered
+            && self.flaps.iter().all(|f| f.recovered_after.is_some())
+            && host_clean
+            && target_clean
     }
 
     /// The result says what happened: recovered with its time, or stalled with its evidence.
@@ -92,8 +164,17 @@ impl FlapResult {
 
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "kernel-flap ({:?} side, {} flaps): {:?}\n  kernel {} under {:?}, {:.0} s (bound {:.0} s)\n",
-            self.side, self.flaps_requested, self.outcome, self.kernel, self.accel, self.seconds, self.time_bound
+            "{} ({:?} target, {:?} host, {:?} side, {} flaps): {:?}\n  kernel {} under {:?}, {:.0} s (bound {:.0} s)\n",
+            self.scenario,
+            self.target,
+            self.host,
+            self.side,
+            self.flaps_requested,
+            self.outcome,
+            self.kernel,
+            self.accel,
+            self.seconds,
+            self.time_bound
         );
         for f in &self.flaps {
             s.push_str(&format!(
@@ -104,10 +185,31 @@ impl FlapResult {
                 f.recovered_after.map_or("—".into(), |t| format!("{t:.1} s"))
             ));
         }
-        s.push_str(&format!(
-            "  I/O: {} reads, {} writes, longest gap {:.1} s, fio errors {:?}, kernel I/O error lines {}, reconnects {}\n",
-            self.reads_completed, self.writes_completed, self.longest_gap, self.fio_errors, self.host_io_error_lines, self.reconnects
-        ));
+        match &self.perf {
+            Some(p) => s.push_str(&format!(
+                "  our host: exit {:?}, {} I/Os, {} errors, {} reconnects, longest gap {} ms; verify: {} blocks checked during, {} at the end, {:?} errors\n",
+                p.exit, p.ios, p.errors, p.reconnects, p.longest_gap_ms, p.verified_blocks, p.final_verified_blocks, p.verify_errors
+            )),
+            None => s.push_str(&format!(
+                "  I/O: {} reads, {} writes, longest gap {:.1} s, fio exit {:?} errors {:?}, kernel I/O error lines {}, reconnects {}\n",
+                self.reads_completed,
+                self.writes_completed,
+                self.longest_gap,
+                self.fio_exit,
+                self.fio_errors,
+                self.host_io_error_lines,
+                self.reconnects
+            )),
+        }
+        if let Some(t) = &self.our_target {
+            s.push_str(&format!(
+                "  our target: alive at the end {}, exit {:?}, listener repairs {:?}, stats back to baseline {} {:?}\n",
+                t.alive_at_end, t.exit, t.listener_repairs, t.stats.back_to_baseline, t.stats.differing
+            ));
+            for line in t.log_problems.iter().take(6) {
+                s.push_str(&format!("  our target log: {line}\n"));
+            }
+        }
         if let Some(e) = &self.evidence {
             s.push_str(&format!("  stalled: controller {}\n", e.controller_state.trim()));
             for line in e.blocked_tasks.lines().take(12) {
@@ -143,15 +245,21 @@ touch $T/flaps-done
     )
 }
 
-/// The host: connect, fio in the background, progress every second; on `finish` or `evidence`, act.
-fn host_script(runtime: u64) -> String {
+/// The kernel host: connect, fio in the background (random writes with crc32c verify of what was written, or
+/// random reads and writes going on through I/O errors), progress every second; on `finish` or `evidence`, act.
+fn host_script(runtime: u64, verify: bool) -> String {
+    let workload = if verify {
+        "--rw=randwrite --verify=crc32c --verify_backlog=256 --verify_fatal=1 --do_verify=1"
+    } else {
+        "--rw=randrw --continue_on_error=io"
+    };
     format!(
         r#"wait_file $T/target-ready 300 || {{ log "target not ready"; exit 3; }}
 nvme connect -t rdma -a {TARGET_ADDR} -s 4420 -n {NQN} --hostnqn {HOSTNQN} --reconnect-delay=2 --ctrl-loss-tmo=60
 n=0; until [ -b /dev/nvme0n1 ]; do sleep 0.2; n=$((n+1)); [ $n -gt 150 ] && break; done
 [ -b /dev/nvme0n1 ] || {{ log "no /dev/nvme0n1"; exit 5; }}
-fio --name=flap --filename=/dev/nvme0n1 --rw=randrw --bs=4k --size=64m --ioengine=libaio --iodepth=4 --direct=1 \
-    --time_based --runtime={runtime} --continue_on_error=io --output-format=json --output=$T/fio.json &
+fio --name=flap --filename=/dev/nvme0n1 {workload} --bs=4k --size=64m --ioengine=libaio --iodepth=4 --direct=1 \
+    --time_based --runtime={runtime} --output-format=json --output=$T/fio.json &
 fio_pid=$!
 touch $T/io-started
 grep nvme /proc/diskstats > $T/diskstats.start
@@ -182,6 +290,7 @@ while true; do
     if [ -e $T/finish ] || ! kill -0 $fio_pid 2>/dev/null; then
         kill $fio_pid 2>/dev/null
         wait $fio_pid
+        echo $? > $T/fio.exit
         dmesg > $T/host.dmesg
         touch $T/host-done
         (nvme disconnect -n {NQN} >/dev/null 2>&1 &)
@@ -191,6 +300,49 @@ while true; do
     sleep 1
 done
 "#
+    )
+}
+
+/// Our host: `nvmf perf --verify` in the background on the verbs provider, reconnecting as the kernel host is
+/// told to (every 2 s, for up to 60 s); its progress lines (`--status-interval 1`) give the I/O count each
+/// second; `finish` ends it with SIGINT, which still reports and reads everything written back.
+fn our_host_script(nvmf: &std::path::Path, runtime: u64) -> String {
+    format!(
+        r#"wait_file $T/target-ready 300 || {{ log "target not ready"; exit 3; }}
+RUST_LOG=info {nvmf} perf --provider verbs -a {TARGET_ADDR} -s 4420 -n {NQN} --hostnqn {HOSTNQN} \
+    --reconnect-delay 2 --ctrl-loss-tmo 60 -w randrw --bs 4k -q 8 --size 64m --runtime {runtime} --verify \
+    --status-interval 1 -o json > $T/perf.json 2> $T/perf.err &
+perf_pid=$!
+# The flaps start once I/O moves (connecting can take a while under emulation).
+n=0; until grep -q 'ios [1-9]' $T/perf.err 2>/dev/null; do
+    sleep 0.5; n=$((n+1)); [ $n -gt 120 ] && break
+done
+touch $T/io-started
+while true; do
+    ios=$(grep -o 'ios [0-9]*' $T/perf.err | tail -1 | cut -d' ' -f2)
+    echo "$(now) ${{ios:-0}} 0 $(grep -o 'live paths [0-9]*' $T/perf.err | tail -1 | tr ' ' '_')" >> $T/progress
+    if [ -e $T/evidence ]; then
+        tail -20 $T/perf.err > $T/evidence.state 2>&1
+        cat /proc/$perf_pid/status /proc/$perf_pid/stack > $T/evidence.stacks 2>&1
+        dmesg > $T/host.dmesg
+        touch $T/evidence-done
+        kill -INT $perf_pid 2>/dev/null
+        wait $perf_pid
+        echo $? > $T/perf.exit
+        exit 0
+    fi
+    if [ -e $T/finish ] || ! kill -0 $perf_pid 2>/dev/null; then
+        kill -INT $perf_pid 2>/dev/null
+        wait $perf_pid
+        echo $? > $T/perf.exit
+        dmesg > $T/host.dmesg
+        touch $T/host-done
+        exit 0
+    fi
+    sleep 1
+done
+"#,
+        nvmf = nvmf.display()
     )
 }
 
@@ -206,6 +358,7 @@ pub(crate) fn kernel_errors(dmesg: &str) -> Vec<String> {
         .collect()
 }
 
+/// `kernel-flap`: the kernel's target and host.
 pub fn run(
     setup: &Setup,
     flaps: u32,
@@ -213,18 +366,54 @@ pub fn run(
     stall: Duration,
     timeout: Duration,
 ) -> Result<FlapResult, ScenarioError> {
-    // fio runs through the flaps and a little after; the bound covers boots, the flaps and the stall limit.
+    run_with(setup, TargetKind::Kernel, HostKind::Kernel { verify: false }, flaps, side, stall, timeout)
+}
+
+pub fn run_with(
+    setup: &Setup,
+    target_kind: TargetKind,
+    host_kind: HostKind,
+    flaps: u32,
+    side: Side,
+    stall: Duration,
+    timeout: Duration,
+) -> Result<FlapResult, ScenarioError> {
+    // I/O runs through the flaps and a little after; the bound covers boots, the flaps and the stall limit.
     let flapping = flaps as u64 * 11;
     let runtime = flapping + 40;
     let time_bound = Duration::from_secs(60 + flapping + stall.as_secs() + 60).min(timeout);
-    let mut target = format!("{}touch $T/target-ready\n", nvmet_target_setup(TARGET_ADDR));
+    let mut target = match target_kind {
+        TargetKind::Kernel => format!("{}touch $T/target-ready\n", nvmet_target_setup(TARGET_ADDR)),
+        TargetKind::Ours => {
+            format!("{}touch $T/target-ready\n", ours::start_target(&ours::binary("nvmf-target")?, TARGET_ADDR))
+        }
+    };
     let mut host = String::new();
     match side {
         Side::Target => target.push_str(&flap_loop(flaps)),
         Side::Initiator => host.push_str(&format!("( {} ) &\n", flap_loop(flaps).replace('\n', "\n  "))),
     }
-    target.push_str(&format!("wait_file $T/host-done {} ; dmesg > $T/target.dmesg\n", time_bound.as_secs()));
-    host.push_str(&host_script(runtime));
+    // When the watcher asks for evidence, the target VM gives its side too: blocked tasks and dmesg.
+    target.push_str(
+        r#"( wait_file $T/evidence 100000 && {
+    for p in /proc/[0-9]*; do
+        st=$(cat $p/stack 2>/dev/null)
+        if grep -q '^State:.*D' $p/status 2>/dev/null || echo "$st" | grep -qE 'rdma|rxe|ib_|cm_'; then
+            echo "== $(cat $p/comm) (pid ${p#/proc/}) $(grep '^State:' $p/status)"; echo "$st"
+        fi
+    done > $T/target.stacks 2>&1
+    echo w > /proc/sysrq-trigger; sleep 1; dmesg > $T/target.dmesg; } ) &
+"#,
+    );
+    target.push_str(&format!("wait_file $T/host-done {}\n", time_bound.as_secs()));
+    if target_kind == TargetKind::Ours {
+        target.push_str(&ours::stop_target());
+    }
+    target.push_str("dmesg > $T/target.dmesg\n");
+    match host_kind {
+        HostKind::Kernel { verify } => host.push_str(&host_script(runtime, verify)),
+        HostKind::Ours => host.push_str(&our_host_script(&ours::binary("nvmf")?, runtime)),
+    }
     let (vms, cables) = two_bonded_hosts(target, host);
     let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
 
@@ -233,7 +422,7 @@ pub fn run(
     let mut last_progress = Instant::now();
     let mut longest_gap = 0.0f64;
     let mut io_started = false;
-    let mut up_seen: Vec<Instant> = Vec::new();
+    let mut up_seen: Vec<(Instant, u64)> = Vec::new();
     let mut recovered_after: Vec<Option<f64>> = Vec::new();
     let mut outcome = Outcome::Incomplete;
     let mut evidence = None;
@@ -245,13 +434,6 @@ pub fn run(
             last_progress = Instant::now();
             continue;
         }
-        // Flaps seen so far (times taken here, when the "upcmd" line appears).
-        let flap_text = vm_run.read("flaps").unwrap_or_default();
-        let ups = flap_text.lines().filter(|l| l.ends_with("upcmd")).count();
-        while up_seen.len() < ups {
-            up_seen.push(Instant::now());
-            recovered_after.push(None);
-        }
         if let Some(line) = vm_run.read("progress").and_then(|p| p.lines().last().map(str::to_string)) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if let (Some(r), Some(w)) = (f.get(1).and_then(|v| v.parse().ok()), f.get(2).and_then(|v| v.parse().ok())) {
@@ -262,8 +444,8 @@ pub fn run(
                     if grew {
                         longest_gap = longest_gap.max(last_progress.elapsed().as_secs_f64());
                         last_progress = Instant::now();
-                        for (i, up) in up_seen.iter().enumerate() {
-                            if recovered_after[i].is_none() && last_progress > *up {
+                        for (i, (up, at_up)) in up_seen.iter().enumerate() {
+                            if recovered_after[i].is_none() && last_progress > *up && r + w > *at_up {
                                 recovered_after[i] = Some((last_progress - *up).as_secs_f64());
                             }
                         }
@@ -271,6 +453,14 @@ pub fn run(
                     last_counts = Some((r, w));
                 }
             }
+        }
+        // Flaps seen so far (times taken here, when the "upcmd" line appears), read after the progress so that
+        // a flap's recovery is growth past what was counted when it came back up (resolution: the 1 s lines).
+        let flap_text = vm_run.read("flaps").unwrap_or_default();
+        let ups = flap_text.lines().filter(|l| l.ends_with("upcmd")).count();
+        while up_seen.len() < ups {
+            up_seen.push((Instant::now(), counts.0 + counts.1));
+            recovered_after.push(None);
         }
         let flaps_done = vm_run.read("flaps-done").is_some();
         if flaps_done && recovered_after.last().is_some_and(|r| r.is_some()) {
@@ -320,10 +510,37 @@ pub fn run(
     let fio: Option<serde_json::Value> = vm_run.read("fio.json").and_then(|t| serde_json::from_str(&t).ok());
     let host_dmesg = vm_run.read("host.dmesg").unwrap_or_default();
     let target_dmesg = vm_run.read("target.dmesg").unwrap_or_default();
+    let perf = (host_kind == HostKind::Ours).then(|| {
+        let p: serde_json::Value =
+            vm_run.read("perf.json").and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        PerfSummary {
+            exit: vm_run.read("perf.exit").and_then(|t| t.trim().parse().ok()),
+            ios: p["ios"].as_u64().unwrap_or(0),
+            errors: p["errors"].as_u64().unwrap_or(0),
+            reconnects: p["reconnects"].as_u64().unwrap_or(0),
+            longest_gap_ms: p["longest_gap_ms"].as_u64().unwrap_or(0),
+            verified_blocks: p["verify"]["checked_blocks"].as_u64().unwrap_or(0),
+            final_verified_blocks: p["verify"]["final_checked_blocks"].as_u64().unwrap_or(0),
+            verify_errors: p["verify"]["errors"].as_u64(),
+        }
+    });
+    let our_target = (target_kind == TargetKind::Ours).then(|| {
+        let after: Option<serde_json::Value> =
+            vm_run.read("stats.after").and_then(|t| serde_json::from_str(t.trim()).ok());
+        OurTarget {
+            alive_at_end: vm_run.read("target.alive").is_some_and(|t| t.trim() == "yes"),
+            exit: vm_run.read("target.exit").and_then(|t| t.trim().parse().ok()),
+            stats: StatsCheck::from_texts(vm_run.read("stats.before"), vm_run.read("stats.after")),
+            listener_repairs: after.and_then(|a| a["listeners"][0]["repairs"].as_u64()),
+            log_problems: ours::log_problems(&vm_run.read("target.log").unwrap_or_default()),
+        }
+    });
     let result = FlapResult {
-        scenario: "kernel-flap",
+        scenario: if target_kind == TargetKind::Ours { "target-flap" } else { "kernel-flap" },
         kernel: setup.image.version.clone(),
         accel: setup.accel,
+        target: target_kind,
+        host: host_kind,
         side,
         flaps_requested: flaps,
         outcome,
@@ -336,12 +553,15 @@ pub fn run(
         longest_gap,
         reads_completed: counts.0,
         writes_completed: counts.1,
+        fio_exit: vm_run.read("fio.exit").and_then(|t| t.trim().parse().ok()),
         fio_errors: fio.as_ref().and_then(|f| f["jobs"][0]["total_err"].as_u64()),
         host_io_error_lines: host_dmesg.lines().filter(|l| l.contains("I/O error")).count(),
         reconnects: host_dmesg.lines().filter(|l| l.contains("Successfully reconnected")).count(),
         host_kernel_errors: kernel_errors(&host_dmesg),
         target_kernel_errors: kernel_errors(&target_dmesg),
         evidence,
+        perf,
+        our_target,
         seconds: started.elapsed().as_secs_f64(),
         time_bound: time_bound.as_secs_f64(),
         vms: outcomes,
@@ -358,7 +578,9 @@ mod tests {
     #[test]
     fn generated_scripts_parse() {
         let both = [
-            format!("{}{}", crate::guest::PRELUDE, host_script(60)),
+            format!("{}{}", crate::guest::PRELUDE, host_script(60, false)),
+            format!("{}{}", crate::guest::PRELUDE, host_script(60, true)),
+            format!("{}{}", crate::guest::PRELUDE, our_host_script(std::path::Path::new("/x/nvmf"), 60)),
             format!("{}{}", crate::guest::PRELUDE, flap_loop(3)),
             format!("{}{}", crate::guest::PRELUDE, crate::scenario::nvmet_target_setup(TARGET_ADDR)),
             crate::guest::network(2, true, "198.18.0.1", true),

@@ -127,6 +127,8 @@ struct Conn {
     /// What an outgoing connection sends once its route is resolved.
     private_data: Vec<u8>,
     peer: Option<PeerParams>,
+    /// Disconnected while the port was down: the DREQ goes out when it is up.
+    disconnect_pending: bool,
 }
 
 /// The device's objects; dropped as a whole when the device is removed.
@@ -155,6 +157,11 @@ pub(super) struct Worker {
     conns: HashMap<ConnId, Conn>,
     conn_by_id: HashMap<usize, ConnId>,
     next_conn: ConnId,
+    /// Ids of connections torn down while the port was down, kept until it is up again: destroying a
+    /// connected id sends a DREQ, and a MAD sent while rxe's port is down leaves the kernel's connection
+    /// manager deaf to every later REQ on the device (seen in the testbed's target-flap; the kernel's own
+    /// nvmet target then wedges its hosts the same way).
+    parked: Vec<CmId>,
     stats: DeviceStats,
     removed: bool,
 }
@@ -238,6 +245,7 @@ impl Worker {
             conns: HashMap::new(),
             conn_by_id: HashMap::new(),
             next_conn: 1,
+            parked: Vec::new(),
             stats: DeviceStats { port_up, ..DeviceStats::default() },
             removed: false,
         })
@@ -301,6 +309,7 @@ impl Worker {
         }
         self.conns.clear();
         self.conn_by_id.clear();
+        self.parked.clear();
         self.listeners.clear();
         self.srqs.clear();
         self.regions.clear();
@@ -423,13 +432,20 @@ impl Worker {
                 let _ = reply.send(result);
             }
             Command::Disconnect(conn, reply) => {
-                let result = match self.conns.get(&conn) {
+                let port_up = self.port_up_now();
+                let result = match self.conns.get_mut(&conn) {
                     Some(c) => {
                         if let Some(slot) = c.qpn.and_then(|q| self.qps.get_mut(&q)) {
                             let _ = slot.qp.to_error();
                             slot.state = QpState::Error;
                         }
-                        c.id.disconnect().map_err(verbs)
+                        if port_up {
+                            c.id.disconnect().map_err(verbs)
+                        } else {
+                            // The DREQ waits for the port (see `parked`); the queue pair is flushed already.
+                            c.disconnect_pending = true;
+                            Ok(())
+                        }
                     }
                     None => Err(DeviceError::Cm(crate::soft::cm::CmError::UnknownConnection(conn))),
                 };
@@ -927,7 +943,26 @@ impl Worker {
             && let Some(c) = self.conns.remove(&conn)
         {
             self.conn_by_id.remove(&c.id.key());
-            let _ = c.id.disconnect();
+            self.release_id(c.id);
+        }
+    }
+
+    /// Whether the port is up now: the async event lags the link by tens of milliseconds, and a queue pair
+    /// that failed because the link just went down is torn down inside that window; so ask the device.
+    fn port_up_now(&mut self) -> bool {
+        let Some(live) = &self.live else { return false };
+        if let Ok((up, _)) = live.context.port_state(self.port) {
+            self.stats.port_up &= up;
+        }
+        self.stats.port_up
+    }
+
+    /// Disconnects and destroys a connection's id — once the port is up (see [`Worker::parked`]).
+    fn release_id(&mut self, id: CmId) {
+        if self.port_up_now() {
+            let _ = id.disconnect();
+        } else {
+            self.parked.push(id);
         }
     }
 
@@ -965,7 +1000,8 @@ impl Worker {
         let timeout = self.config.resolve_timeout.as_millis().min(i32::MAX as u128) as i32;
         id.resolve_addr(Some(SocketAddr::new(self.config.addr, 0)), SocketAddr::new(dst.ip(), port), timeout)
             .map_err(verbs)?;
-        let conn = self.new_conn(Conn { id, qpn: Some(qpn), options, private_data, peer: None });
+        let conn =
+            self.new_conn(Conn { id, qpn: Some(qpn), options, private_data, peer: None, disconnect_pending: false });
         if let Some(slot) = self.qps.get_mut(&qpn) {
             slot.conn = Some(conn);
         }
@@ -1137,6 +1173,7 @@ impl Worker {
             options: ConnectionOptions::default(),
             private_data: Vec::new(),
             peer: Some(peer.clone()),
+            disconnect_pending: false,
         });
         self.emit(DeviceEvent::ConnectRequest { conn, local_port, peer });
     }
@@ -1236,6 +1273,16 @@ impl Worker {
             }
             AsyncEvent::PortActive => {
                 self.stats.port_up = true;
+                if !self.parked.is_empty() {
+                    tracing::debug!(ids = self.parked.len(), "port up: releasing the ids of closed connections");
+                }
+                for id in std::mem::take(&mut self.parked) {
+                    let _ = id.disconnect();
+                }
+                for c in self.conns.values_mut().filter(|c| c.disconnect_pending) {
+                    c.disconnect_pending = false;
+                    let _ = c.id.disconnect();
+                }
                 self.emit(DeviceEvent::PortActive);
             }
             AsyncEvent::PortError => {
@@ -1289,6 +1336,7 @@ impl Worker {
         }
         self.conns.clear();
         self.conn_by_id.clear();
+        self.parked.clear();
         self.listeners.clear();
         tracing::warn!(addr = %self.config.addr, "RDMA device removed");
         self.emit(DeviceEvent::DeviceRemoval);

@@ -175,6 +175,10 @@ pub struct Perf {
     /// Seed for offsets and the run id (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Print a progress line (elapsed, I/Os so far, IOPS, errors, reconnects) to stderr every N seconds, as
+    /// fio's --status-interval does; without it the line is drawn in place, on a terminal only.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub status_interval: Option<u64>,
 }
 
 fn parse_rw(s: &str) -> Result<initiator::perf::RwMode, String> {

@@ -372,23 +372,31 @@ async fn perf(p: Perf) -> Result<ExitCode, Failure> {
     };
     job.check().map_err(|e| Failure::Usage(e.to_string()))?;
     let s = Arc::new(session(&p.conn, p.io_queues).await?);
-    let live = std::io::stderr().is_terminal();
+    let interval = p.status_interval;
+    let live = interval.is_none() && std::io::stderr().is_terminal();
     let mut last = (Duration::ZERO, 0u64, 0u64);
     let progress = move |t: Tick| {
-        if !live {
+        let due = interval.is_some_and(|n| t.elapsed.as_secs_f64().round() as u64 % n == 0);
+        if !live && !due {
             return;
         }
         let dt = (t.elapsed - last.0).as_secs_f64().max(1e-3);
         let iops = (t.ios - last.1) as f64 / dt;
         let mib = (t.bytes - last.2) as f64 / dt / (1 << 20) as f64;
         last = (t.elapsed, t.ios, t.bytes);
-        eprint!(
-            "\r[{:>4.0}s] {iops:>9.0} IOPS {mib:>8.1} MiB/s  errors {}  reconnects {}  live paths {}   ",
+        let line = format!(
+            "[{:>4.0}s] {iops:>9.0} IOPS {mib:>8.1} MiB/s  ios {}  errors {}  reconnects {}  live paths {}",
             t.elapsed.as_secs_f64(),
+            t.ios,
             t.errors,
             t.reconnects,
             t.live_paths
         );
+        if live {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
     };
     // Ctrl-C ends the run early and still reports (and verifies), as fio does.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
