@@ -248,6 +248,7 @@ touch $T/flaps-done
 /// The kernel host: connect, fio in the background (random writes with crc32c verify of what was written, or
 /// random reads and writes going on through I/O errors), progress every second; on `finish` or `evidence`, act.
 fn host_script(runtime: u64, verify: bool) -> String {
+    let stop = if verify { ":" } else { "kill $fio_pid 2>/dev/null" };
     let workload = if verify {
         "--rw=randwrite --verify=crc32c --verify_backlog=256 --verify_fatal=1 --do_verify=1"
     } else {
@@ -288,7 +289,8 @@ while true; do
         exit 0
     fi
     if [ -e $T/finish ] || ! kill -0 $fio_pid 2>/dev/null; then
-        kill $fio_pid 2>/dev/null
+        # A verifying fio runs to its end (it checks what it wrote and reports); the other is stopped.
+        {stop}
         wait $fio_pid
         echo $? > $T/fio.exit
         dmesg > $T/host.dmesg
@@ -380,7 +382,8 @@ pub fn run_with(
 ) -> Result<FlapResult, ScenarioError> {
     // I/O runs through the flaps and a little after; the bound covers boots, the flaps and the stall limit.
     let flapping = flaps as u64 * 11;
-    let runtime = flapping + 40;
+    // A verifying kernel host runs fio to its end: not much longer than the flaps.
+    let runtime = flapping + if host_kind == (HostKind::Kernel { verify: true }) { 20 } else { 40 };
     let time_bound = Duration::from_secs(60 + flapping + stall.as_secs() + 60).min(timeout);
     let mut target = match target_kind {
         TargetKind::Kernel => format!("{}touch $T/target-ready\n", nvmet_target_setup(TARGET_ADDR)),
@@ -487,7 +490,7 @@ pub fn run_with(
         }
     }
     // Let the host write its logs (a stalled host may never: the VMs are stopped regardless).
-    let outcomes = vm_run.wait(Duration::from_secs(if outcome == Outcome::Recovered { 30 } else { 5 }));
+    let outcomes = vm_run.wait(Duration::from_secs(if outcome == Outcome::Recovered { 60 } else { 5 }));
     let flap_text = vm_run.read("flaps").unwrap_or_default();
     let state = |n: u32, what: &str| {
         flap_text
@@ -554,7 +557,8 @@ pub fn run_with(
         reads_completed: counts.0,
         writes_completed: counts.1,
         fio_exit: vm_run.read("fio.exit").and_then(|t| t.trim().parse().ok()),
-        fio_errors: fio.as_ref().and_then(|f| f["jobs"][0]["total_err"].as_u64()),
+        // total_err is there when fio went on through errors; otherwise the job's error code says.
+        fio_errors: fio.as_ref().and_then(|f| f["jobs"][0]["total_err"].as_u64().or(f["jobs"][0]["error"].as_u64())),
         host_io_error_lines: host_dmesg.lines().filter(|l| l.contains("I/O error")).count(),
         reconnects: host_dmesg.lines().filter(|l| l.contains("Successfully reconnected")).count(),
         host_kernel_errors: kernel_errors(&host_dmesg),
