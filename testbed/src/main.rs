@@ -186,6 +186,11 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("{}", r.summary());
                     r.passed
                 }
+                "device-removal" => {
+                    let r = scenario::device_removal::run(&setup, timeout)?;
+                    println!("{}", r.summary());
+                    r.passed
+                }
                 "capture" => {
                     let r = scenario::capture::run(&setup, timeout)?;
                     println!("{}", r.summary());

@@ -2,6 +2,11 @@
 //! `kernel-flap` with 3 flaps (`TESTBED_FLAPS=10` for the long mode) must show the bond toggling in the VM and
 //! end complete — recovered with its time, or stalled with its evidence — within its own time bound.
 //!
+//! Our stack against the kernel over rxe on a bond: `target-kernel-host` (the kernel host on our target, fio
+//! verify), `initiator-kernel-target` (our `nvmf` on nvmet-rdma, perf --verify), and `target-flap` with 3 flaps
+//! (`TESTBED_FLAPS` too) on our target's bond, with our host and with the kernel host. Those need the binaries
+//! built with the verbs provider (`--features target/verbs,initiator/verbs`, as scripts/test-all does).
+//!
 //! Needs qemu-system-x86, nvme-cli, fio and kmod on the host (scripts/test-all installs them) and root (the VMs'
 //! 9p share of `/`); without them the tests skip with a message, except under `CI=true`, where they must run.
 
@@ -10,7 +15,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use testbed::image;
-use testbed::scenario::{Setup, capture, flap, smoke};
+use testbed::scenario::{Setup, capture, flap, kernel_host, kernel_target, smoke};
 use testbed::vm;
 
 /// At most two single-vCPU VMs at once on two cores: one scenario at a time.
@@ -120,4 +125,90 @@ fn tap_attachment_reaches_the_vm() {
     assert_eq!(data, b"testbed tap");
     assert_eq!(from, "198.18.1.1:5000".parse().unwrap());
     assert_eq!(outcomes[0].exit, Some(0), "{outcomes:?}");
+}
+
+/// `setup`, for a scenario that runs our binaries on the verbs provider.
+fn setup_ours(name: &str) -> Option<Setup> {
+    if !transport::verbs::BUILT {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI must run {name}: build with --features target/verbs,initiator/verbs"
+        );
+        eprintln!("SKIP {name}: built without the verbs provider (--features target/verbs,initiator/verbs)");
+        return None;
+    }
+    setup(name)
+}
+
+fn flaps() -> u32 {
+    std::env::var("TESTBED_FLAPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+}
+
+#[test]
+fn kernel_host_passes_fio_verify_on_our_target() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup_ours("target-kernel-host") else { return };
+    let r = kernel_host::run(&setup, Duration::from_secs(600)).expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert!(r.connected && r.fio_verify_passed && r.disconnected, "{r:#?}");
+    assert_eq!(r.subnqn, testbed::scenario::NQN);
+    assert!(r.stats.back_to_baseline, "{:?}", r.stats);
+    assert!(r.passed, "{:?}", r.problems);
+}
+
+#[test]
+fn our_initiator_passes_perf_verify_on_the_kernel_target() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup_ours("initiator-kernel-target") else { return };
+    let r = kernel_target::run(&setup, Duration::from_secs(600)).expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert_eq!(r.model, "Linux", "id-ctrl read from nvmet");
+    assert!(r.final_verified_blocks > 0 && r.verify_errors == Some(0), "{r:#?}");
+    assert!(r.passed, "{:?}", r.problems);
+}
+
+/// The seed's loop on our target's bond with our host: every flap recovered, nothing lost, the target alive
+/// and back at its baseline.
+#[test]
+fn target_flap_our_host_recovers_every_flap() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup_ours("target-flap-ours") else { return };
+    let r = flap::run_with(
+        &setup,
+        flap::TargetKind::Ours,
+        flap::HostKind::Ours,
+        flaps(),
+        flap::Side::Target,
+        Duration::from_secs(45),
+        Duration::from_secs(1200),
+    )
+    .expect("scenario ran");
+    eprintln!("{}", r.summary());
+    let perf = r.perf.as_ref().expect("our host's report");
+    assert!(perf.reconnects >= 1, "the target's link went down under live queues: {perf:?}");
+    assert!(r.passed(), "{r:#?}");
+}
+
+/// The seed's loop on our target's bond with the kernel host: our target must survive and come back to its
+/// baseline whatever the kernel host does; the result says whether the kernel host recovered.
+#[test]
+fn target_flap_kernel_host_our_target_survives() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup_ours("target-flap-kernel") else { return };
+    let r = flap::run_with(
+        &setup,
+        flap::TargetKind::Ours,
+        flap::HostKind::Kernel { verify: true },
+        flaps(),
+        flap::Side::Target,
+        Duration::from_secs(45),
+        Duration::from_secs(1200),
+    )
+    .expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert!(r.flaps_toggled(), "{:#?}", r.flaps);
+    assert!(r.complete(), "recovered with its time or stalled with its evidence: {r:#?}");
+    let ours = r.our_target.as_ref().expect("our target's side");
+    assert!(ours.alive_at_end && ours.exit == Some(0), "our target died or did not stop cleanly: {ours:#?}");
+    assert!(ours.stats.back_to_baseline, "{:?}", ours.stats);
 }

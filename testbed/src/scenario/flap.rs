@@ -408,7 +408,11 @@ pub fn run_with(
     echo w > /proc/sysrq-trigger; sleep 1; dmesg > $T/target.dmesg; } ) &
 "#,
     );
-    target.push_str(&format!("wait_file $T/host-done {}\n", time_bound.as_secs()));
+    // The host finished, or stalled and gave its evidence: either way our target is then checked and stopped.
+    target.push_str(&format!(
+        "n=0; until [ -e $T/host-done ] || [ -e $T/evidence-done ]; do sleep 0.5; n=$((n+1)); [ $n -ge {} ] && break; done\n",
+        time_bound.as_secs() * 2
+    ));
     if target_kind == TargetKind::Ours {
         target.push_str(&ours::stop_target());
     }
@@ -490,7 +494,13 @@ pub fn run_with(
         }
     }
     // Let the host write its logs (a stalled host may never: the VMs are stopped regardless).
-    let outcomes = vm_run.wait(Duration::from_secs(if outcome == Outcome::Recovered { 60 } else { 5 }));
+    // Time for the host to finish and for our target (when it serves) to be checked and stopped.
+    let grace = match (outcome, target_kind) {
+        (Outcome::Recovered, _) => 60,
+        (_, TargetKind::Ours) => 45,
+        _ => 5,
+    };
+    let outcomes = vm_run.wait(Duration::from_secs(grace));
     let flap_text = vm_run.read("flaps").unwrap_or_default();
     let state = |n: u32, what: &str| {
         flap_text

@@ -2,6 +2,7 @@
 //! a result that serialises to JSON and prints as a one-screen summary.
 
 pub mod capture;
+pub mod device_removal;
 pub mod flap;
 pub mod kernel_host;
 pub mod kernel_target;

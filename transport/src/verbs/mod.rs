@@ -33,6 +33,9 @@ impl VerbsConfig {
     }
 }
 
+/// Whether this build has the verbs provider (the `verbs` feature).
+pub const BUILT: bool = cfg!(feature = "verbs");
+
 /// Why this build cannot open a verbs device.
 #[cfg(not(feature = "verbs"))]
 const NOT_BUILT: &str =

@@ -162,6 +162,9 @@ pub(super) struct Worker {
     /// manager deaf to every later REQ on the device (seen in the testbed's target-flap; the kernel's own
     /// nvmet target then wedges its hosts the same way).
     parked: Vec<CmId>,
+    /// Queue pairs the device's removal destroyed, until the application destroys them too: what it still
+    /// posts there comes back flushed (its buffers are not lost).
+    removed_qps: HashMap<u32, (CompletionQueue, CompletionQueue)>,
     stats: DeviceStats,
     removed: bool,
 }
@@ -246,6 +249,7 @@ impl Worker {
             conn_by_id: HashMap::new(),
             next_conn: 1,
             parked: Vec::new(),
+            removed_qps: HashMap::new(),
             stats: DeviceStats { port_up, ..DeviceStats::default() },
             removed: false,
         })
@@ -293,6 +297,7 @@ impl Worker {
                 comp_fd = None;
                 async_fd = None;
                 self.live = None;
+                ffi::resync_rdmacm_devices();
                 tracing::info!(addr = %self.config.addr, "verbs device released");
             }
         }
@@ -407,6 +412,7 @@ impl Worker {
                 let _ = reply.send(result);
             }
             Command::DestroyQp(qpn, reply) => {
+                self.removed_qps.remove(&qpn);
                 self.destroy_qp(qpn);
                 let _ = reply.send(Ok(()));
             }
@@ -602,6 +608,10 @@ impl Worker {
     }
 
     fn post_recv(&mut self, qpn: u32, wr: RecvWr) {
+        if let Some((_, recv_cq)) = self.removed_qps.get(&qpn) {
+            recv_cq.push(Completion { qpn, wc: flushed(wr.wr_id, None, wr.buf, wr.sg_list, WcStatus::WrFlush) });
+            return;
+        }
         let Some(slot) = self.qps.get_mut(&qpn) else {
             tracing::warn!(qpn, wr_id = wr.wr_id, "receive posted on a destroyed queue pair");
             return;
@@ -663,6 +673,11 @@ impl Worker {
     }
 
     fn post_send(&mut self, qpn: u32, wr: SendWr) {
+        if let Some((send_cq, _)) = self.removed_qps.get(&qpn) {
+            let wc = flushed(wr.wr_id, Some(wr.op), wr.buf, wr.sg_list, WcStatus::WrFlush);
+            send_cq.push(Completion { qpn, wc });
+            return;
+        }
         let Some(slot) = self.qps.get_mut(&qpn) else {
             tracing::warn!(qpn, wr_id = wr.wr_id, "send posted on a destroyed queue pair");
             return;
@@ -1308,6 +1323,9 @@ impl Worker {
         self.stats.port_up = false;
         let qpns: Vec<u32> = self.qps.keys().copied().collect();
         for qpn in qpns {
+            if let Some(slot) = self.qps.get(&qpn) {
+                self.removed_qps.insert(qpn, (slot.send_cq.clone(), slot.recv_cq.clone()));
+            }
             self.destroy_qp(qpn);
         }
         for slot in self.srqs.values_mut() {
