@@ -212,6 +212,21 @@ impl Run {
         taps: &[Tap],
         shared: &Path,
     ) -> Result<Run, VmError> {
+        Run::start_with_files(image, accel, vms, cables, taps, shared, &[])
+    }
+
+    /// `start`, with `files` (host path, name under the shared directory) placed in the shared directory
+    /// before the VMs boot — the way to give them host files outside what they see of `/` (the host's `/tmp`
+    /// is not: each VM has its own).
+    pub fn start_with_files(
+        image: &Image,
+        accel: Accel,
+        vms: &[VmSpec],
+        cables: &[Cable],
+        taps: &[Tap],
+        shared: &Path,
+        files: &[(PathBuf, String)],
+    ) -> Result<Run, VmError> {
         require("qemu-system-x86_64", "apt-get install qemu-system-x86")?;
         if vms.is_empty() || vms.len() > 4 {
             return Err(VmError::Topology(format!("{} VMs (1..=4)", vms.len())));
@@ -224,6 +239,16 @@ impl Run {
         }
         let _ = std::fs::remove_dir_all(shared);
         std::fs::create_dir_all(shared).map_err(io(shared))?;
+        for (source, name) in files {
+            let to = shared.join(name);
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir).map_err(io(dir))?;
+            }
+            // A hard link where the file system allows, a copy otherwise.
+            if std::fs::hard_link(source, &to).is_err() {
+                std::fs::copy(source, &to).map_err(io(&to))?;
+            }
+        }
         // Unix socket paths must stay short (108 bytes).
         let sockets = std::env::temp_dir().join(format!("tb-{}-{}", std::process::id(), crate::unique()));
         std::fs::create_dir_all(&sockets).map_err(io(&sockets))?;

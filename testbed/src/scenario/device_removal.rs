@@ -69,8 +69,8 @@ impl DeviceRemovalResult {
 }
 
 pub fn run(setup: &Setup, timeout: Duration) -> Result<DeviceRemovalResult, ScenarioError> {
-    let bin = ours::binary("nvmf-target")?;
-    let nvmf = ours::binary("nvmf")?;
+    let files = ours::files(&["nvmf-target", "nvmf"])?;
+    let (bin, nvmf) = (ours::in_vm("nvmf-target"), ours::in_vm("nvmf"));
     let secs = timeout.as_secs();
     let target = format!(
         r#"{start}touch $T/target-ready
@@ -117,7 +117,7 @@ touch $T/host-done
         nvmf = nvmf.display()
     );
     let (vms, cables) = two_bonded_hosts(target, host);
-    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
+    let mut vm_run = Run::start_with_files(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir, &files)?;
     let outcomes = vm_run.wait(timeout);
     let seconds = vm_run.elapsed().as_secs_f64();
     let num = |name: &str| vm_run.read(name).and_then(|t| t.trim().parse::<f64>().ok());
@@ -133,7 +133,7 @@ touch $T/host-done
         final_verified_blocks: p["verify"]["final_checked_blocks"].as_u64().unwrap_or(0),
         verify_errors: p["verify"]["errors"].as_u64(),
     };
-    let log = vm_run.read("target.log").unwrap_or_default();
+    let log = vm_run.read("nvmf-target.log").unwrap_or_default();
     let after: Option<serde_json::Value> = vm_run.read("stats.after").and_then(|t| serde_json::from_str(t.trim()).ok());
     let listener = after.as_ref().map(|a| a["listeners"][0].clone()).unwrap_or_default();
     let mut result = DeviceRemovalResult {

@@ -388,7 +388,7 @@ pub fn run_with(
     let mut target = match target_kind {
         TargetKind::Kernel => format!("{}touch $T/target-ready\n", nvmet_target_setup(TARGET_ADDR)),
         TargetKind::Ours => {
-            format!("{}touch $T/target-ready\n", ours::start_target(&ours::binary("nvmf-target")?, TARGET_ADDR))
+            format!("{}touch $T/target-ready\n", ours::start_target(&ours::in_vm("nvmf-target"), TARGET_ADDR))
         }
     };
     let mut host = String::new();
@@ -419,10 +419,18 @@ pub fn run_with(
     target.push_str("dmesg > $T/target.dmesg\n");
     match host_kind {
         HostKind::Kernel { verify } => host.push_str(&host_script(runtime, verify)),
-        HostKind::Ours => host.push_str(&our_host_script(&ours::binary("nvmf")?, runtime)),
+        HostKind::Ours => host.push_str(&our_host_script(&ours::in_vm("nvmf"), runtime)),
     }
     let (vms, cables) = two_bonded_hosts(target, host);
-    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
+    let mut ours_needed = Vec::new();
+    if target_kind == TargetKind::Ours {
+        ours_needed.push("nvmf-target");
+    }
+    if host_kind == HostKind::Ours {
+        ours_needed.push("nvmf");
+    }
+    let files = ours::files(&ours_needed)?;
+    let mut vm_run = Run::start_with_files(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir, &files)?;
 
     let started = Instant::now();
     let mut last_counts: Option<(u64, u64)> = None;
@@ -545,7 +553,7 @@ pub fn run_with(
             exit: vm_run.read("target.exit").and_then(|t| t.trim().parse().ok()),
             stats: StatsCheck::from_texts(vm_run.read("stats.before"), vm_run.read("stats.after")),
             listener_repairs: after.and_then(|a| a["listeners"][0]["repairs"].as_u64()),
-            log_problems: ours::log_problems(&vm_run.read("target.log").unwrap_or_default()),
+            log_problems: ours::log_problems(&vm_run.read("nvmf-target.log").unwrap_or_default()),
         }
     });
     let result = FlapResult {

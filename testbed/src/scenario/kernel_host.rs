@@ -62,7 +62,8 @@ impl KernelHostResult {
 }
 
 pub fn run(setup: &Setup, timeout: Duration) -> Result<KernelHostResult, ScenarioError> {
-    let bin = ours::binary("nvmf-target")?;
+    let files = ours::files(&["nvmf-target"])?;
+    let bin = ours::in_vm("nvmf-target");
     let secs = timeout.as_secs();
     let target = format!(
         "{}touch $T/target-ready\nwait_file $T/host-done {secs} || log 'the host never finished'\n{}dmesg > $T/target.dmesg\n",
@@ -88,7 +89,7 @@ touch $T/host-done
 "#
     );
     let (vms, cables) = two_bonded_hosts(target, host);
-    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
+    let mut vm_run = Run::start_with_files(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir, &files)?;
     let outcomes = vm_run.wait(timeout);
     let seconds = vm_run.elapsed().as_secs_f64();
     let mut problems = Vec::new();
@@ -135,7 +136,7 @@ touch $T/host-done
     if !stats.back_to_baseline {
         problems.push(format!("target stats not back to baseline: {:?}", stats.differing));
     }
-    let target_log_problems = ours::log_problems(&vm_run.read("target.log").unwrap_or_default());
+    let target_log_problems = ours::log_problems(&vm_run.read("nvmf-target.log").unwrap_or_default());
     for o in &outcomes {
         if o.timed_out {
             problems.push(format!("{} did not finish within {timeout:?}", o.name));

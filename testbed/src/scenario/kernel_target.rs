@@ -62,7 +62,8 @@ impl KernelTargetResult {
 }
 
 pub fn run(setup: &Setup, timeout: Duration) -> Result<KernelTargetResult, ScenarioError> {
-    let nvmf = ours::binary("nvmf")?;
+    let files = ours::files(&["nvmf"])?;
+    let nvmf = ours::in_vm("nvmf");
     let secs = timeout.as_secs();
     let target = format!(
         "{}touch $T/target-ready\nwait_file $T/host-done {secs} || log 'the host never finished'\ndmesg > $T/target.dmesg\n",
@@ -85,7 +86,7 @@ touch $T/host-done
         nvmf = nvmf.display()
     );
     let (vms, cables) = two_bonded_hosts(target, host);
-    let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
+    let mut vm_run = Run::start_with_files(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir, &files)?;
     let outcomes = vm_run.wait(timeout);
     let seconds = vm_run.elapsed().as_secs_f64();
     let mut problems = Vec::new();

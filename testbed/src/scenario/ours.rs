@@ -11,8 +11,20 @@ use super::{NQN, ScenarioError};
 /// The control socket of our target inside its VM.
 pub const CONTROL: &str = "/tmp/nvmf-target.sock";
 
-/// `name` built beside this binary (`build/debug/` or `build/release/`): the VMs run the host's files.
-pub fn binary(name: &str) -> Result<PathBuf, ScenarioError> {
+/// Where a binary staged with [`files`] is inside the VMs.
+pub fn in_vm(name: &str) -> PathBuf {
+    PathBuf::from("/testbed/bin").join(name)
+}
+
+/// Our binaries `names`, built beside this one, as files for [`crate::vm::Run::start_with_files`] (they are
+/// staged into the run's shared directory: the VMs see the host's `/`, but not its `/tmp`, where a checkout
+/// may be).
+pub fn files(names: &[&str]) -> Result<Vec<(PathBuf, String)>, ScenarioError> {
+    names.iter().map(|n| Ok((host_binary(n)?, format!("bin/{n}")))).collect()
+}
+
+/// `name` built beside this binary (`build/debug/` or `build/release/`).
+fn host_binary(name: &str) -> Result<PathBuf, ScenarioError> {
     let exe = std::env::current_exe().map_err(|source| ScenarioError::Io { path: "current_exe".into(), source })?;
     let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     // Test binaries live one level further down (build/debug/deps/).
@@ -40,15 +52,16 @@ pub fn stats_fn() -> String {
 }
 
 /// Starts our target (verbs provider, a RAM namespace) on `addr` in the background as `$tpid`, waits until it
-/// listens, and writes its baseline stats to `$T/stats.before`.
+/// listens, and writes its baseline stats to `$T/stats.before`. Its log goes to `$T/nvmf-target.log` (the VM's
+/// own script log is `$T/target.log`).
 pub fn start_target(target: &std::path::Path, addr: &str) -> String {
     format!(
         r#"{stats}RUST_LOG=info {bin} --provider verbs -a {addr} -n {NQN} --ram-size 256M --poll-groups 2 \
-    --control-socket {CONTROL} > $T/target.out 2> $T/target.log &
+    --control-socket {CONTROL} > $T/target.out 2> $T/nvmf-target.log &
 tpid=$!
 n=0; until grep -q 'listening on' $T/target.out 2>/dev/null; do
     sleep 0.2; n=$((n+1))
-    if [ $n -gt 300 ] || ! kill -0 $tpid 2>/dev/null; then log "our target did not start"; cat $T/target.log; exit 3; fi
+    if [ $n -gt 300 ] || ! kill -0 $tpid 2>/dev/null; then log "our target did not start"; cat $T/nvmf-target.log; exit 3; fi
 done
 stats > $T/stats.before
 log "our target listening on {addr}:4420"
