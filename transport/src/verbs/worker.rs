@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -30,6 +31,10 @@ use crate::soft::rc::{Access, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCo
 const SEND_DEPTH: usize = 256;
 const RECV_DEPTH: usize = 256;
 const SRQ_DEPTH: usize = 1024;
+/// How long a DREQ waits after the connection was closed, for the port's state to catch up with the link.
+const DREQ_GRACE: Duration = Duration::from_secs(1);
+/// How often parked ids and pending disconnects are looked at.
+const RELEASE_TICK: Duration = Duration::from_millis(200);
 /// Staging buffers kept per size class and queue, beyond which returned ones are deregistered.
 const STAGING_KEEP: usize = 64;
 
@@ -127,8 +132,8 @@ struct Conn {
     /// What an outgoing connection sends once its route is resolved.
     private_data: Vec<u8>,
     peer: Option<PeerParams>,
-    /// Disconnected while the port was down: the DREQ goes out when it is up.
-    disconnect_pending: bool,
+    /// Disconnected by the application: the DREQ goes out from this time on, once the port is up.
+    disconnect_after: Option<Instant>,
 }
 
 /// The device's objects; dropped as a whole when the device is removed.
@@ -157,11 +162,12 @@ pub(super) struct Worker {
     conns: HashMap<ConnId, Conn>,
     conn_by_id: HashMap<usize, ConnId>,
     next_conn: ConnId,
-    /// Ids of connections torn down while the port was down, kept until it is up again: destroying a
-    /// connected id sends a DREQ, and a MAD sent while rxe's port is down leaves the kernel's connection
-    /// manager deaf to every later REQ on the device (seen in the testbed's target-flap; the kernel's own
-    /// nvmet target then wedges its hosts the same way).
-    parked: Vec<CmId>,
+    /// Ids of closed connections, each kept until its time has come and the port is up: destroying a connected
+    /// id sends a DREQ, and a MAD sent while rxe's port is down leaves the kernel's connection manager deaf to
+    /// every later REQ on the device (seen in the testbed's target-flap; hosts then retry `connecting` for
+    /// ever). The port's state lags the link: a queue pair fails because the bond just went down before the
+    /// port says so, and the application closes the connection at once — hence [`DREQ_GRACE`].
+    parked: Vec<(Instant, CmId)>,
     /// Queue pairs the device's removal destroyed, until the application destroys them too: what it still
     /// posts there comes back flushed (its buffers are not lost).
     removed_qps: HashMap<u32, (CompletionQueue, CompletionQueue)>,
@@ -267,8 +273,11 @@ impl Worker {
                 return;
             }
         };
+        let mut release = tokio::time::interval(RELEASE_TICK);
+        release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = release.tick() => self.release_due(),
                 command = commands.recv() => match command {
                     None | Some(Command::Shutdown) => break,
                     Some(c) => self.on_command(c),
@@ -438,20 +447,15 @@ impl Worker {
                 let _ = reply.send(result);
             }
             Command::Disconnect(conn, reply) => {
-                let port_up = self.port_up_now();
                 let result = match self.conns.get_mut(&conn) {
                     Some(c) => {
                         if let Some(slot) = c.qpn.and_then(|q| self.qps.get_mut(&q)) {
                             let _ = slot.qp.to_error();
                             slot.state = QpState::Error;
                         }
-                        if port_up {
-                            c.id.disconnect().map_err(verbs)
-                        } else {
-                            // The DREQ waits for the port (see `parked`); the queue pair is flushed already.
-                            c.disconnect_pending = true;
-                            Ok(())
-                        }
+                        // The queue pair is flushed now; the DREQ waits (see `parked`).
+                        c.disconnect_after.get_or_insert(Instant::now() + DREQ_GRACE);
+                        Ok(())
                     }
                     None => Err(DeviceError::Cm(crate::soft::cm::CmError::UnknownConnection(conn))),
                 };
@@ -972,12 +976,30 @@ impl Worker {
         self.stats.port_up
     }
 
-    /// Disconnects and destroys a connection's id — once the port is up (see [`Worker::parked`]).
+    /// Disconnects and destroys a connection's id after [`DREQ_GRACE`], with the port up (see `parked`).
     fn release_id(&mut self, id: CmId) {
-        if self.port_up_now() {
+        self.parked.push((Instant::now() + DREQ_GRACE, id));
+    }
+
+    /// Sends the DREQs whose time has come, if the port is up.
+    fn release_due(&mut self) {
+        let now = Instant::now();
+        let due = self.parked.iter().any(|(t, _)| *t <= now)
+            || self.conns.values().any(|c| c.disconnect_after.is_some_and(|t| t <= now));
+        if !due || !self.port_up_now() {
+            return;
+        }
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.parked).into_iter().partition(|(t, _)| *t <= now);
+        self.parked = waiting;
+        for (_, id) in ready {
             let _ = id.disconnect();
-        } else {
-            self.parked.push(id);
+        }
+        for c in self.conns.values_mut() {
+            if c.disconnect_after.is_some_and(|t| t <= now) {
+                c.disconnect_after = None;
+                let _ = c.id.disconnect();
+            }
         }
     }
 
@@ -1016,7 +1038,7 @@ impl Worker {
         id.resolve_addr(Some(SocketAddr::new(self.config.addr, 0)), SocketAddr::new(dst.ip(), port), timeout)
             .map_err(verbs)?;
         let conn =
-            self.new_conn(Conn { id, qpn: Some(qpn), options, private_data, peer: None, disconnect_pending: false });
+            self.new_conn(Conn { id, qpn: Some(qpn), options, private_data, peer: None, disconnect_after: None });
         if let Some(slot) = self.qps.get_mut(&qpn) {
             slot.conn = Some(conn);
         }
@@ -1188,7 +1210,7 @@ impl Worker {
             options: ConnectionOptions::default(),
             private_data: Vec::new(),
             peer: Some(peer.clone()),
-            disconnect_pending: false,
+            disconnect_after: None,
         });
         self.emit(DeviceEvent::ConnectRequest { conn, local_port, peer });
     }
@@ -1288,16 +1310,6 @@ impl Worker {
             }
             AsyncEvent::PortActive => {
                 self.stats.port_up = true;
-                if !self.parked.is_empty() {
-                    tracing::debug!(ids = self.parked.len(), "port up: releasing the ids of closed connections");
-                }
-                for id in std::mem::take(&mut self.parked) {
-                    let _ = id.disconnect();
-                }
-                for c in self.conns.values_mut().filter(|c| c.disconnect_pending) {
-                    c.disconnect_pending = false;
-                    let _ = c.id.disconnect();
-                }
                 self.emit(DeviceEvent::PortActive);
             }
             AsyncEvent::PortError => {
