@@ -61,20 +61,6 @@ fn set_nonblocking(fd: RawFd) -> Result<(), VerbsError> {
     Ok(())
 }
 
-/// Makes librdmacm look at the device list again, so it closes its own context of a device that went away
-/// (the kernel's `rdma link delete` waits for every open context of a device without disassociation, rxe's
-/// case, and librdmacm notices a dead device only when it looks for devices).
-pub fn resync_rdmacm_devices() {
-    let mut n = 0;
-    // SAFETY: rdma_get_devices returns a list (or null) that rdma_free_devices releases; nothing else is kept.
-    unsafe {
-        let list = sys::rdma_get_devices(&mut n);
-        if !list.is_null() {
-            sys::rdma_free_devices(list);
-        }
-    }
-}
-
 /// Names of the RDMA devices libibverbs sees; an error when libibverbs itself cannot be loaded.
 pub fn device_names() -> Result<Vec<String>, String> {
     match sideway::ibverbs::device::DeviceList::new() {

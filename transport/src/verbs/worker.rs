@@ -306,7 +306,6 @@ impl Worker {
                 comp_fd = None;
                 async_fd = None;
                 self.live = None;
-                ffi::resync_rdmacm_devices();
                 tracing::info!(addr = %self.config.addr, "verbs device released");
             }
         }
