@@ -122,17 +122,7 @@ touch $T/host-done
     let seconds = vm_run.elapsed().as_secs_f64();
     let num = |name: &str| vm_run.read(name).and_then(|t| t.trim().parse::<f64>().ok());
     let exit = |name: &str| vm_run.read(name).and_then(|t| t.trim().parse::<i32>().ok());
-    let p: serde_json::Value = vm_run.read("perf.json").and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-    let perf = super::flap::PerfSummary {
-        exit: exit("perf.exit"),
-        ios: p["ios"].as_u64().unwrap_or(0),
-        errors: p["errors"].as_u64().unwrap_or(0),
-        reconnects: p["reconnects"].as_u64().unwrap_or(0),
-        longest_gap_ms: p["longest_gap_ms"].as_u64().unwrap_or(0),
-        verified_blocks: p["verify"]["checked_blocks"].as_u64().unwrap_or(0),
-        final_verified_blocks: p["verify"]["final_checked_blocks"].as_u64().unwrap_or(0),
-        verify_errors: p["verify"]["errors"].as_u64(),
-    };
+    let perf = super::flap::PerfSummary::read(&vm_run);
     let log = vm_run.read("nvmf-target.log").unwrap_or_default();
     let after: Option<serde_json::Value> = vm_run.read("stats.after").and_then(|t| serde_json::from_str(t.trim()).ok());
     let listener = after.as_ref().map(|a| a["listeners"][0].clone()).unwrap_or_default();
@@ -179,13 +169,7 @@ touch $T/host-done
     if p.exit != Some(0) || p.errors > 0 || p.verify_errors != Some(0) || p.reconnects < 1 {
         problems.push(format!("our host: {p:?}"));
     }
-    for o in &result.vms {
-        if o.timed_out {
-            problems.push(format!("{} did not finish within {timeout:?}", o.name));
-        } else if o.exit != Some(0) {
-            problems.push(format!("{} script exited {:?} (see {})", o.name, o.exit, o.log.display()));
-        }
-    }
+    problems.extend(super::vm_problems(&result.vms, timeout));
     result.passed = problems.is_empty();
     result.problems = problems;
     write_json(&setup.dir, "result.json", &result)?;

@@ -54,6 +54,24 @@ pub struct PerfSummary {
     pub verify_errors: Option<u64>,
 }
 
+impl PerfSummary {
+    /// From `perf.json` (`nvmf perf -o json`) and `perf.exit` in the run directory.
+    pub fn read(run: &Run) -> PerfSummary {
+        let p: serde_json::Value =
+            run.read("perf.json").and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        PerfSummary {
+            exit: run.read("perf.exit").and_then(|t| t.trim().parse().ok()),
+            ios: p["ios"].as_u64().unwrap_or(0),
+            errors: p["errors"].as_u64().unwrap_or(0),
+            reconnects: p["reconnects"].as_u64().unwrap_or(0),
+            longest_gap_ms: p["longest_gap_ms"].as_u64().unwrap_or(0),
+            verified_blocks: p["verify"]["checked_blocks"].as_u64().unwrap_or(0),
+            final_verified_blocks: p["verify"]["final_checked_blocks"].as_u64().unwrap_or(0),
+            verify_errors: p["verify"]["errors"].as_u64(),
+        }
+    }
+}
+
 /// Our target's side of a run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct OurTarget {
@@ -531,20 +549,7 @@ pub fn run_with(
     let fio: Option<serde_json::Value> = vm_run.read("fio.json").and_then(|t| serde_json::from_str(&t).ok());
     let host_dmesg = vm_run.read("host.dmesg").unwrap_or_default();
     let target_dmesg = vm_run.read("target.dmesg").unwrap_or_default();
-    let perf = (host_kind == HostKind::Ours).then(|| {
-        let p: serde_json::Value =
-            vm_run.read("perf.json").and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-        PerfSummary {
-            exit: vm_run.read("perf.exit").and_then(|t| t.trim().parse().ok()),
-            ios: p["ios"].as_u64().unwrap_or(0),
-            errors: p["errors"].as_u64().unwrap_or(0),
-            reconnects: p["reconnects"].as_u64().unwrap_or(0),
-            longest_gap_ms: p["longest_gap_ms"].as_u64().unwrap_or(0),
-            verified_blocks: p["verify"]["checked_blocks"].as_u64().unwrap_or(0),
-            final_verified_blocks: p["verify"]["final_checked_blocks"].as_u64().unwrap_or(0),
-            verify_errors: p["verify"]["errors"].as_u64(),
-        }
-    });
+    let perf = (host_kind == HostKind::Ours).then(|| PerfSummary::read(&vm_run));
     let our_target = (target_kind == TargetKind::Ours).then(|| {
         let after: Option<serde_json::Value> =
             vm_run.read("stats.after").and_then(|t| serde_json::from_str(t.trim()).ok());

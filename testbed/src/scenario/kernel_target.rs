@@ -93,10 +93,7 @@ touch $T/host-done
     let exit = |name: &str| vm_run.read(name).and_then(|t| t.trim().parse::<i32>().ok());
     let json = |name: &str| vm_run.read(name).and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
     let discover_exit = exit("discover.exit");
-    let discovered: Vec<String> = json("discover.json")
-        .and_then(|d| d["records"].as_array().cloned())
-        .map(|r| r.iter().filter_map(|e| e["subnqn"].as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
+    let discovered = super::discovered_nqns(vm_run.read("discover.json"));
     if discover_exit != Some(0) || !discovered.iter().any(|s| s == NQN) {
         problems.push(format!("nvmf discover: exit {discover_exit:?}, records {discovered:?}"));
     }
@@ -140,13 +137,7 @@ touch $T/host-done
             vm_run.read("perf.err").unwrap_or_default().lines().last().unwrap_or_default()
         ));
     }
-    for o in &result.vms {
-        if o.timed_out {
-            problems.push(format!("{} did not finish within {timeout:?}", o.name));
-        } else if o.exit != Some(0) {
-            problems.push(format!("{} script exited {:?} (see {})", o.name, o.exit, o.log.display()));
-        }
-    }
+    problems.extend(super::vm_problems(&result.vms, timeout));
     let result = KernelTargetResult { passed: problems.is_empty(), problems, ..result };
     write_json(&setup.dir, "result.json", &result)?;
     Ok(result)

@@ -79,6 +79,53 @@ pub fn two_bonded_hosts(target_script: String, host_script: String) -> (Vec<VmSp
     (vms, vec![((0, 0), (1, 0)), ((0, 1), (1, 1))])
 }
 
+/// The subsystem NQNs of a discovery log page in nvme-cli's (or our `nvmf`'s) JSON, `{"records": [...]}`.
+pub fn discovered_nqns(json: Option<String>) -> Vec<String> {
+    let log: Option<serde_json::Value> = json.and_then(|t| serde_json::from_str(&t).ok());
+    log.as_ref()
+        .and_then(|d| d["records"].as_array())
+        .map(|r| r.iter().filter_map(|e| e["subnqn"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+/// A problem for each VM whose script timed out or did not exit 0.
+pub fn vm_problems(outcomes: &[crate::vm::VmOutcome], timeout: std::time::Duration) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| {
+            if o.timed_out {
+                Some(format!("{} did not finish within {timeout:?}", o.name))
+            } else if o.exit != Some(0) {
+                Some(format!("{} script exited {:?} (see {})", o.name, o.exit, o.log.display()))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// A kernel host's fio write + crc32c verify, as `fio.exit` and `fio.json` in the run directory report it.
+#[derive(Debug, Clone, Copy)]
+pub struct FioVerify {
+    pub exit: Option<i32>,
+    pub write_iops: f64,
+    pub verified_bytes: u64,
+    /// Exit 0, no job error, and at least `min_bytes` read back and checked.
+    pub passed: bool,
+}
+
+impl FioVerify {
+    pub fn read(run: &crate::vm::Run, min_bytes: u64) -> FioVerify {
+        let exit = run.read("fio.exit").and_then(|t| t.trim().parse().ok());
+        let fio: Option<serde_json::Value> = run.read("fio.json").and_then(|t| serde_json::from_str(&t).ok());
+        let job = fio.as_ref().map(|f| &f["jobs"][0]);
+        let write_iops = job.and_then(|j| j["write"]["iops"].as_f64()).unwrap_or(0.0);
+        let verified_bytes = job.and_then(|j| j["read"]["io_bytes"].as_u64()).unwrap_or(0);
+        let passed = exit == Some(0) && job.is_some_and(|j| j["error"] == 0) && verified_bytes >= min_bytes;
+        FioVerify { exit, write_iops, verified_bytes, passed }
+    }
+}
+
 pub fn write_json(dir: &Path, name: &str, value: &impl serde::Serialize) -> Result<PathBuf, ScenarioError> {
     let path = dir.join(name);
     let text = serde_json::to_string_pretty(value).expect("serialisable");

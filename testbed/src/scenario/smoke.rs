@@ -77,12 +77,7 @@ touch $T/host-done
     let outcomes = vm_run.wait(timeout);
     let seconds = vm_run.elapsed().as_secs_f64();
     let mut problems = Vec::new();
-    let discover: Option<serde_json::Value> = vm_run.read("discover.json").and_then(|t| serde_json::from_str(&t).ok());
-    let discovered: Vec<String> = discover
-        .as_ref()
-        .and_then(|d| d["records"].as_array())
-        .map(|r| r.iter().filter_map(|e| e["subnqn"].as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
+    let discovered = super::discovered_nqns(vm_run.read("discover.json"));
     if !discovered.iter().any(|s| s == NQN) {
         problems.push(format!("discovery did not list {NQN}"));
     }
@@ -90,23 +85,16 @@ touch $T/host-done
     if !connected {
         problems.push("nvme connect failed".into());
     }
-    let fio_exit = vm_run.read("fio.exit").and_then(|t| t.trim().parse().ok());
-    let fio: Option<serde_json::Value> = vm_run.read("fio.json").and_then(|t| serde_json::from_str(&t).ok());
-    let job = fio.as_ref().map(|f| &f["jobs"][0]);
-    let fio_write_iops = job.and_then(|j| j["write"]["iops"].as_f64()).unwrap_or(0.0);
-    let fio_verified_bytes = job.and_then(|j| j["read"]["io_bytes"].as_u64()).unwrap_or(0);
-    let fio_verify_passed =
-        fio_exit == Some(0) && job.is_some_and(|j| j["error"] == 0) && fio_verified_bytes >= 16 << 20;
+    let super::FioVerify {
+        exit: fio_exit,
+        write_iops: fio_write_iops,
+        verified_bytes: fio_verified_bytes,
+        passed: fio_verify_passed,
+    } = super::FioVerify::read(&vm_run, 16 << 20);
     if !fio_verify_passed {
         problems.push(format!("fio verify did not pass (exit {fio_exit:?}, {fio_verified_bytes} bytes read back)"));
     }
-    for o in &outcomes {
-        if o.timed_out {
-            problems.push(format!("{} did not finish within {timeout:?}", o.name));
-        } else if o.exit != Some(0) {
-            problems.push(format!("{} script exited {:?} (see {})", o.name, o.exit, o.log.display()));
-        }
-    }
+    problems.extend(super::vm_problems(&outcomes, timeout));
     let result = SmokeResult {
         scenario: "kernel-smoke",
         kernel: setup.image.version.clone(),

@@ -826,6 +826,16 @@ pub struct Srq {
     _pd: Rc<Pd>,
 }
 
+/// A one-entry (or empty) receive request pointing at `sg`, which must outlive its posting.
+fn recv_wr(wr_id: u64, sg: &mut Option<sys::ibv_sge>) -> sys::ibv_recv_wr {
+    sys::ibv_recv_wr {
+        wr_id,
+        next: null_mut(),
+        sg_list: sg.as_mut().map_or(null_mut(), |s| s as *mut _),
+        num_sge: i32::from(sg.is_some()),
+    }
+}
+
 fn post_recv_error(call: &'static str, ret: i32) -> Result<(), VerbsError> {
     if ret == 0 { Ok(()) } else { Err(VerbsError { call, source: io::Error::from_raw_os_error(ret.abs()) }) }
 }
@@ -845,12 +855,7 @@ impl Srq {
     /// Posts a receive into `sge`'s region (which must stay registered and untouched until it completes).
     pub fn post_recv(&self, wr_id: u64, sge: Option<Sge>) -> Result<(), VerbsError> {
         let mut sg = sge.map(Sge::raw);
-        let mut wr = sys::ibv_recv_wr {
-            wr_id,
-            next: null_mut(),
-            sg_list: sg.as_mut().map_or(null_mut(), |s| s as *mut _),
-            num_sge: i32::from(sg.is_some()),
-        };
+        let mut wr = recv_wr(wr_id, &mut sg);
         let mut bad: *mut sys::ibv_recv_wr = null_mut();
         // SAFETY: the SRQ is valid; wr and its SGE live across the call (the device copies them).
         post_recv_error("ibv_post_srq_recv", unsafe { sys::ibv_post_srq_recv(self.raw.as_ptr(), &mut wr, &mut bad) })
@@ -994,12 +999,7 @@ impl Qp {
     /// Posts a receive into `sge`'s region (registered and untouched until it completes).
     pub fn post_recv(&self, wr_id: u64, sge: Option<Sge>) -> Result<(), VerbsError> {
         let mut sg = sge.map(Sge::raw);
-        let mut wr = sys::ibv_recv_wr {
-            wr_id,
-            next: null_mut(),
-            sg_list: sg.as_mut().map_or(null_mut(), |s| s as *mut _),
-            num_sge: i32::from(sg.is_some()),
-        };
+        let mut wr = recv_wr(wr_id, &mut sg);
         let mut bad: *mut sys::ibv_recv_wr = null_mut();
         // SAFETY: the QP is valid; wr and its SGE live across the call.
         post_recv_error("ibv_post_recv", unsafe { sys::ibv_post_recv(self.raw.as_ptr(), &mut wr, &mut bad) })
