@@ -1,8 +1,8 @@
 //! The verbs provider's foreign-function layer: the workspace's only unsafe code. Each type here owns one
-//! libibverbs or librdmacm object and releases it on drop; a type that needs another object alive holds an
-//! `Rc` to it (a queue pair holds its completion queue, protection domain and shared receive queue; a domain
-//! holds the device context; the context holds the connection-manager id that keeps librdmacm's device open),
-//! so objects are always destroyed children first. Raw pointers and `Rc` make every type `!Send`: they live
+//! libibverbs object or one kernel connection-manager id and releases it on drop; a type that needs another
+//! object alive holds an `Rc` to it (a queue pair holds its completion queue, protection domain and shared
+//! receive queue; a domain holds the device context; the context holds an id bound to the device's address,
+//! on which the kernel announces the device's removal), so objects are always destroyed children first. Raw pointers and `Rc` make every type `!Send`: they live
 //! and die on the device's worker thread, which is the ownership rule that keeps a queue pair from being freed
 //! on one thread while another still uses it.
 //!
@@ -11,15 +11,19 @@
 //! uses it is outstanding.
 #![allow(unsafe_code)]
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::ffi::c_void;
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::ptr::{NonNull, null_mut};
 use std::rc::Rc;
 
 use rdma_mummy_sys as sys;
+
+use super::ucma;
 
 fn last_error(call: &'static str) -> VerbsError {
     VerbsError { call, source: io::Error::last_os_error() }
@@ -81,58 +85,6 @@ pub fn device_names() -> Result<Vec<String>, String> {
     }
 }
 
-fn sockaddr_of(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data for which all-zero bytes are valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write(std::ptr::addr_of_mut!(storage).cast::<libc::sockaddr_in>(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write(std::ptr::addr_of_mut!(storage).cast::<libc::sockaddr_in6>(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
-}
-
-/// Reads a socket address librdmacm filled in; `None` for a family other than IPv4 and IPv6.
-///
-/// SAFETY (for callers): `sa` must point to a sockaddr_storage-sized address.
-unsafe fn socket_addr_from(sa: *const libc::sockaddr) -> Option<SocketAddr> {
-    // SAFETY: the caller guarantees `sa` points to a full sockaddr; the family says which layout it has.
-    unsafe {
-        match i32::from((*sa).sa_family) {
-            libc::AF_INET => {
-                let sin = &*sa.cast::<libc::sockaddr_in>();
-                let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-                Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
-            }
-            libc::AF_INET6 => {
-                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
-                Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)), u16::from_be(sin6.sin6_port)))
-            }
-            _ => None,
-        }
-    }
-}
-
 /// A descriptor the tokio reactor watches for readability. It holds the library object that owns the
 /// descriptor, so the descriptor stays open while registered (the registration is dropped first: field order).
 pub struct Watched {
@@ -163,24 +115,61 @@ impl Watched {
     }
 }
 
-/// A librdmacm event channel: the file descriptor the worker waits on for connection events.
+/// The kernel's connection-manager file (`/dev/infiniband/rdma_cm`): ids are created on it, commanded through
+/// it and their events read from it (see [`super::ucma`] for why not through librdmacm).
 pub struct EventChannel {
-    raw: NonNull<sys::rdma_event_channel>,
+    file: std::fs::File,
+    next_uid: Cell<u64>,
+    /// Each id's `uid` → its kernel handle: a connect request names its listener by uid.
+    handles: RefCell<HashMap<u64, u32>>,
 }
+
+const RDMA_CM_PATH: &str = "/dev/infiniband/rdma_cm";
 
 impl EventChannel {
     pub fn new() -> Result<Rc<EventChannel>, VerbsError> {
-        // SAFETY: no arguments; a null return is checked.
-        let raw = unsafe { sys::rdma_create_event_channel() };
-        let raw = NonNull::new(raw).ok_or_else(|| last_error("rdma_create_event_channel"))?;
-        let channel = EventChannel { raw };
-        set_nonblocking(channel.fd())?;
-        Ok(Rc::new(channel))
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(RDMA_CM_PATH)
+            .map_err(|source| VerbsError { call: "open /dev/infiniband/rdma_cm", source })?;
+        Ok(Rc::new(EventChannel { file, next_uid: Cell::new(1), handles: RefCell::new(HashMap::new()) }))
     }
 
-    pub fn fd(&self) -> RawFd {
-        // SAFETY: the channel is valid for our lifetime; fd is a plain field.
-        unsafe { self.raw.as_ref().fd }
+    fn fd(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+
+    fn uid(&self) -> u64 {
+        let uid = self.next_uid.get();
+        self.next_uid.set(uid + 1);
+        uid
+    }
+
+    /// Writes one command. `response` is the buffer the kernel fills, its address already in the command that
+    /// `command` builds from it; it comes back filled.
+    fn call(
+        &self,
+        call: &'static str,
+        mut response: Vec<u8>,
+        command: impl FnOnce(u64) -> Result<Vec<u8>, ucma::EncodeError>,
+    ) -> Result<Vec<u8>, VerbsError> {
+        let command = command(response.as_mut_ptr() as u64)
+            .map_err(|e| VerbsError { call, source: io::Error::new(io::ErrorKind::InvalidInput, e) })?;
+        // SAFETY: `command` is a complete rdma_ucm command of its header's length. The only memory the kernel
+        // writes is `response`, whose address and length the command names (a command without a reply names
+        // none); it is a live, unaliased buffer of that length for the whole call.
+        let n = unsafe { libc::write(self.fd(), command.as_ptr().cast(), command.len()) };
+        if n < 0 {
+            return Err(last_error(call));
+        }
+        if n as usize != command.len() {
+            return Err(VerbsError { call, source: io::ErrorKind::WriteZero.into() });
+        }
+        Ok(response)
     }
 
     /// Registers the channel's descriptor with the current tokio reactor.
@@ -188,81 +177,35 @@ impl EventChannel {
         Watched::new(self.fd(), Rc::clone(self) as Rc<dyn std::any::Any>)
     }
 
-    /// The next event, acknowledged (its contents copied out first), or `None` when none is queued.
+    /// The next event, or `None` when none is queued.
     pub fn next(self: &Rc<Self>) -> Result<Option<CmEvent>, VerbsError> {
-        let mut event: *mut sys::rdma_cm_event = null_mut();
-        // SAFETY: the channel is valid; `event` receives a pointer librdmacm owns until rdma_ack_cm_event.
-        let ret = unsafe { sys::rdma_get_cm_event(self.raw.as_ptr(), &mut event) };
-        if ret != 0 {
-            let e = last_error("rdma_get_cm_event");
-            return if e.would_block() { Ok(None) } else { Err(e) };
-        }
-        // SAFETY: success gives a valid event, which stays valid until acknowledged below.
-        let ev = unsafe { &*event };
-        let kind = ev.event;
-        let is_request = kind == sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST;
-        let carries_conn = matches!(
-            kind,
-            sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST
-                | sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_RESPONSE
-                | sys::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED
-                | sys::rdma_cm_event_type::RDMA_CM_EVENT_REJECTED
-        );
-        let conn = if carries_conn {
-            // SAFETY: for these events the union holds connection parameters; private_data points to
-            // private_data_len bytes owned by the event (or is null).
-            unsafe {
-                let p = &ev.param.conn;
-                let data = if p.private_data.is_null() {
-                    Vec::new()
-                } else {
-                    std::slice::from_raw_parts(p.private_data.cast::<u8>(), usize::from(p.private_data_len)).to_vec()
-                };
-                ConnParams {
-                    private_data: data,
-                    responder_resources: p.responder_resources,
-                    initiator_depth: p.initiator_depth,
-                    retry_count: p.retry_count,
-                    rnr_retry_count: p.rnr_retry_count,
-                    qp_num: p.qp_num,
-                }
-            }
-        } else {
-            ConnParams::default()
+        let response = match self.call("rdma_cm get event", vec![0; ucma::EVENT_RESP_LEN], |r| Ok(ucma::get_event(r))) {
+            Ok(r) => r,
+            Err(e) if e.would_block() => return Ok(None),
+            Err(e) => return Err(e),
         };
-        let id_key = ev.id as usize;
-        let listen_key = ev.listen_id as usize;
-        let new_id =
-            if is_request { NonNull::new(ev.id).map(|raw| CmId { raw, _channel: Rc::clone(self) }) } else { None };
-        let status = ev.status;
-        // SAFETY: the event came from rdma_get_cm_event and is acknowledged exactly once; nothing read from it
-        // is used afterwards (the new id of a request is ours to destroy and outlives the event).
-        check("rdma_ack_cm_event", unsafe { sys::rdma_ack_cm_event(event) })?;
-        Ok(Some(CmEvent { kind, status, id_key, listen_key, new_id, conn }))
+        let ev = ucma::Event::parse(&response);
+        let is_request = ev.kind == ucma::event::CONNECT_REQUEST;
+        let listen_key = if is_request { self.handles.borrow().get(&ev.uid).map_or(0, |h| *h as usize) } else { 0 };
+        // A connect request's new id is ours from now on: to accept, reject or drop (which destroys it).
+        let new_id = is_request.then(|| CmId { handle: ev.id, uid: self.uid(), channel: Rc::clone(self) });
+        Ok(Some(CmEvent {
+            kind: ev.kind,
+            status: ev.status,
+            id_key: ev.id as usize,
+            listen_key,
+            new_id,
+            conn: ev.conn.unwrap_or_default(),
+        }))
     }
 }
 
-impl Drop for EventChannel {
-    fn drop(&mut self) {
-        // SAFETY: every id of the channel holds an Rc to it, so none is left when this runs.
-        unsafe { sys::rdma_destroy_event_channel(self.raw.as_ptr()) };
-    }
-}
+pub use super::ucma::ConnParam;
+pub use super::ucma::event as cm_event;
 
-/// Connection parameters an event carried.
-#[derive(Debug, Clone, Default)]
-pub struct ConnParams {
-    pub private_data: Vec<u8>,
-    pub responder_resources: u8,
-    pub initiator_depth: u8,
-    pub retry_count: u8,
-    pub rnr_retry_count: u8,
-    pub qp_num: u32,
-}
-
-/// A connection-manager event, copied out and already acknowledged.
+/// A connection-manager event, copied out of the kernel's reply.
 pub struct CmEvent {
-    pub kind: sys::rdma_cm_event_type::Type,
+    pub kind: u32,
     pub status: i32,
     /// The id the event is for ([`CmId::key`]); for a connect request, the new id's.
     pub id_key: usize,
@@ -270,45 +213,15 @@ pub struct CmEvent {
     pub listen_key: usize,
     /// A connect request's new id: ours to accept, reject or drop.
     pub new_id: Option<CmId>,
-    pub conn: ConnParams,
+    /// The peer's parameters (connect request, response, establishment, reject); empty otherwise.
+    pub conn: ConnParam,
 }
 
-pub use sys::rdma_cm_event_type as cm_event;
-
-/// What the application sends in a connect or accept.
-#[derive(Debug, Clone, Default)]
-pub struct ConnRequest {
-    pub private_data: Vec<u8>,
-    pub responder_resources: u8,
-    pub initiator_depth: u8,
-    pub retry_count: u8,
-    pub rnr_retry_count: u8,
-    pub qp_num: u32,
-    pub srq: bool,
-}
-
-impl ConnRequest {
-    fn raw(&self) -> Result<sys::rdma_conn_param, VerbsError> {
-        let len = u8::try_from(self.private_data.len())
-            .map_err(|_| VerbsError { call: "rdma_conn_param", source: io::ErrorKind::InvalidInput.into() })?;
-        Ok(sys::rdma_conn_param {
-            private_data: if len == 0 { std::ptr::null() } else { self.private_data.as_ptr().cast() },
-            private_data_len: len,
-            responder_resources: self.responder_resources,
-            initiator_depth: self.initiator_depth,
-            flow_control: 1,
-            retry_count: self.retry_count.min(7),
-            rnr_retry_count: self.rnr_retry_count.min(7),
-            srq: u8::from(self.srq),
-            qp_num: self.qp_num,
-        })
-    }
-}
-
-/// A librdmacm id (`rdma_cm_id`): a listener, or one end of a connection.
+/// A connection-manager id: a listener, or one end of a connection. Dropping it destroys the kernel's id.
 pub struct CmId {
-    raw: NonNull<sys::rdma_cm_id>,
-    _channel: Rc<EventChannel>,
+    handle: u32,
+    uid: u64,
+    channel: Rc<EventChannel>,
 }
 
 /// Queue pair states, for [`CmId::qp_attr`].
@@ -319,7 +232,7 @@ pub enum QpTarget {
     Rts,
 }
 
-/// Queue pair attributes and their mask, as `rdma_init_qp_attr` computes them for a connection.
+/// Queue pair attributes and their mask, as the connection manager computes them for a connection.
 pub struct QpAttr {
     attr: sys::ibv_qp_attr,
     mask: i32,
@@ -333,132 +246,179 @@ impl QpAttr {
     pub fn set_max_rd_atomic(&mut self, n: u8) {
         self.attr.max_rd_atomic = n;
     }
+
+    fn from_kernel(k: &ucma::QpAttrs) -> QpAttr {
+        let ah = |a: &ucma::AhAttr| sys::ibv_ah_attr {
+            grh: sys::ibv_global_route {
+                dgid: sys::ibv_gid { raw: a.dgid },
+                flow_label: a.flow_label,
+                sgid_index: a.sgid_index,
+                hop_limit: a.hop_limit,
+                traffic_class: a.traffic_class,
+            },
+            dlid: a.dlid,
+            sl: a.sl,
+            src_path_bits: a.src_path_bits,
+            static_rate: a.static_rate,
+            is_global: a.is_global,
+            port_num: a.port_num,
+        };
+        let attr = sys::ibv_qp_attr {
+            qp_state: k.qp_state,
+            cur_qp_state: k.cur_qp_state,
+            path_mtu: k.path_mtu,
+            path_mig_state: k.path_mig_state,
+            qkey: k.qkey,
+            rq_psn: k.rq_psn,
+            sq_psn: k.sq_psn,
+            dest_qp_num: k.dest_qp_num,
+            qp_access_flags: k.qp_access_flags,
+            cap: sys::ibv_qp_cap {
+                max_send_wr: k.cap[0],
+                max_recv_wr: k.cap[1],
+                max_send_sge: k.cap[2],
+                max_recv_sge: k.cap[3],
+                max_inline_data: k.cap[4],
+            },
+            ah_attr: ah(&k.ah_attr),
+            alt_ah_attr: ah(&k.alt_ah_attr),
+            pkey_index: k.pkey_index,
+            alt_pkey_index: k.alt_pkey_index,
+            en_sqd_async_notify: k.en_sqd_async_notify,
+            sq_draining: k.sq_draining,
+            max_rd_atomic: k.max_rd_atomic,
+            max_dest_rd_atomic: k.max_dest_rd_atomic,
+            min_rnr_timer: k.min_rnr_timer,
+            port_num: k.port_num,
+            timeout: k.timeout,
+            retry_cnt: k.retry_cnt,
+            rnr_retry: k.rnr_retry,
+            alt_port_num: k.alt_port_num,
+            alt_timeout: k.alt_timeout,
+            rate_limit: 0,
+        };
+        QpAttr { attr, mask: k.mask as i32 }
+    }
 }
 
 impl CmId {
     pub fn new(channel: &Rc<EventChannel>) -> Result<CmId, VerbsError> {
-        let mut raw: *mut sys::rdma_cm_id = null_mut();
-        // SAFETY: the channel is valid; `raw` receives the new id. RDMA_PS_TCP gives RC connections.
-        let ret = unsafe {
-            sys::rdma_create_id(channel.raw.as_ptr(), &mut raw, null_mut(), sys::rdma_port_space::RDMA_PS_TCP)
-        };
-        check("rdma_create_id", ret)?;
-        let raw = NonNull::new(raw).ok_or_else(|| last_error("rdma_create_id"))?;
-        Ok(CmId { raw, _channel: Rc::clone(channel) })
+        let uid = channel.uid();
+        let response =
+            channel.call("rdma_create_id", vec![0; ucma::CREATE_ID_RESP_LEN], |r| Ok(ucma::create_id(uid, r)))?;
+        let handle = ucma::created_id(&response);
+        channel.handles.borrow_mut().insert(uid, handle);
+        Ok(CmId { handle, uid, channel: Rc::clone(channel) })
+    }
+
+    fn command(
+        &self,
+        call: &'static str,
+        command: impl FnOnce() -> Result<Vec<u8>, ucma::EncodeError>,
+    ) -> Result<(), VerbsError> {
+        self.channel.call(call, Vec::new(), |_| command()).map(drop)
     }
 
     /// Identifies the id in events.
     pub fn key(&self) -> usize {
-        self.raw.as_ptr() as usize
+        self.handle as usize
     }
 
     pub fn bind(&self, addr: SocketAddr) -> Result<(), VerbsError> {
-        let (mut storage, _) = sockaddr_of(addr);
-        // SAFETY: the id is valid; the address is a complete sockaddr for its family.
-        check("rdma_bind_addr", unsafe {
-            sys::rdma_bind_addr(self.raw.as_ptr(), std::ptr::addr_of_mut!(storage).cast())
-        })
+        self.command("rdma_bind_addr", || Ok(ucma::bind(self.handle, addr)))
     }
 
-    pub fn listen(&self, backlog: i32) -> Result<(), VerbsError> {
-        // SAFETY: the id is valid and bound.
-        check("rdma_listen", unsafe { sys::rdma_listen(self.raw.as_ptr(), backlog) })
+    pub fn listen(&self, backlog: u32) -> Result<(), VerbsError> {
+        self.command("rdma_listen", || Ok(ucma::listen(self.handle, backlog)))
     }
 
-    pub fn resolve_addr(&self, src: Option<SocketAddr>, dst: SocketAddr, timeout_ms: i32) -> Result<(), VerbsError> {
-        let (mut dst, _) = sockaddr_of(dst);
-        let mut src = src.map(|s| sockaddr_of(s).0);
-        let src_ptr = src.as_mut().map_or(null_mut(), |s| std::ptr::addr_of_mut!(*s).cast());
-        // SAFETY: the id is valid; both addresses are complete sockaddrs (or null for the source).
-        check("rdma_resolve_addr", unsafe {
-            sys::rdma_resolve_addr(self.raw.as_ptr(), src_ptr, std::ptr::addr_of_mut!(dst).cast(), timeout_ms)
-        })
+    pub fn resolve_addr(&self, src: Option<SocketAddr>, dst: SocketAddr, timeout_ms: u32) -> Result<(), VerbsError> {
+        self.command("rdma_resolve_addr", || Ok(ucma::resolve_addr(self.handle, src, dst, timeout_ms)))
     }
 
-    pub fn resolve_route(&self, timeout_ms: i32) -> Result<(), VerbsError> {
-        // SAFETY: the id is valid and its address resolved.
-        check("rdma_resolve_route", unsafe { sys::rdma_resolve_route(self.raw.as_ptr(), timeout_ms) })
+    pub fn resolve_route(&self, timeout_ms: u32) -> Result<(), VerbsError> {
+        self.command("rdma_resolve_route", || Ok(ucma::resolve_route(self.handle, timeout_ms)))
     }
 
-    pub fn connect(&self, request: &ConnRequest) -> Result<(), VerbsError> {
-        let mut param = request.raw()?;
-        // SAFETY: the id is valid; `param` points into `request`, which outlives the call (librdmacm copies it).
-        check("rdma_connect", unsafe { sys::rdma_connect(self.raw.as_ptr(), &mut param) })
+    pub fn connect(&self, param: &ConnParam) -> Result<(), VerbsError> {
+        self.command("rdma_connect", || ucma::connect(self.handle, param))
     }
 
-    pub fn accept(&self, request: &ConnRequest) -> Result<(), VerbsError> {
-        let mut param = request.raw()?;
-        // SAFETY: as for connect.
-        check("rdma_accept", unsafe { sys::rdma_accept(self.raw.as_ptr(), &mut param) })
+    pub fn accept(&self, param: &ConnParam) -> Result<(), VerbsError> {
+        self.command("rdma_accept", || ucma::accept(self.uid, self.handle, Some(param)))
     }
 
     pub fn reject(&self, private_data: &[u8]) -> Result<(), VerbsError> {
-        let len = u8::try_from(private_data.len())
-            .map_err(|_| VerbsError { call: "rdma_reject", source: io::ErrorKind::InvalidInput.into() })?;
-        let data = if len == 0 { std::ptr::null() } else { private_data.as_ptr().cast() };
-        // SAFETY: the id is valid; the data is `len` readable bytes, copied by librdmacm.
-        check("rdma_reject", unsafe { sys::rdma_reject(self.raw.as_ptr(), data, len) })
+        self.command("rdma_reject", || ucma::reject(self.handle, private_data))
     }
 
+    /// The active side's last step after a connect response: the kernel sends the RTU.
     pub fn establish(&self) -> Result<(), VerbsError> {
-        // SAFETY: the id is valid and has received a connect response.
-        check("rdma_establish", unsafe { sys::rdma_establish(self.raw.as_ptr()) })
+        self.command("rdma_establish", || ucma::accept(self.uid, self.handle, None))
     }
 
     pub fn disconnect(&self) -> Result<(), VerbsError> {
-        // SAFETY: the id is valid.
-        check("rdma_disconnect", unsafe { sys::rdma_disconnect(self.raw.as_ptr()) })
+        self.command("rdma_disconnect", || Ok(ucma::disconnect(self.handle)))
     }
 
     /// The attributes a queue pair needs to enter `state` for this connection.
     pub fn qp_attr(&self, state: QpTarget) -> Result<QpAttr, VerbsError> {
-        // SAFETY: ibv_qp_attr is plain data for which all-zero bytes are valid.
-        let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
-        attr.qp_state = match state {
+        let state = match state {
             QpTarget::Init => sys::ibv_qp_state::IBV_QPS_INIT,
             QpTarget::Rtr => sys::ibv_qp_state::IBV_QPS_RTR,
             QpTarget::Rts => sys::ibv_qp_state::IBV_QPS_RTS,
         };
-        let mut mask = 0;
-        // SAFETY: the id is valid; attr and mask are written by the call.
-        check("rdma_init_qp_attr", unsafe { sys::rdma_init_qp_attr(self.raw.as_ptr(), &mut attr, &mut mask) })?;
-        Ok(QpAttr { attr, mask })
+        let response = self.channel.call("rdma_init_qp_attr", vec![0; ucma::QP_ATTR_RESP_LEN], |r| {
+            Ok(ucma::init_qp_attr(r, self.handle, state))
+        })?;
+        Ok(QpAttr::from_kernel(&ucma::QpAttrs::parse(&response)))
     }
 
-    /// The device context the id is bound to, if any.
-    fn context_ptr(&self) -> *mut sys::ibv_context {
-        // SAFETY: the id is valid; `verbs` is a plain field librdmacm sets on binding.
-        unsafe { self.raw.as_ref().verbs }
+    /// Where the id is bound: device, port, addresses.
+    pub fn addr_info(&self) -> Result<ucma::AddrInfo, VerbsError> {
+        let mut response = vec![0; ucma::QUERY_ADDR_RESP_LEN];
+        // A kernel that does not report device indexes leaves this "unknown".
+        response[272..276].fill(0xff);
+        let response = self.channel.call("rdma_cm query", response, |r| Ok(ucma::query_addr(r, self.handle)))?;
+        Ok(ucma::AddrInfo::parse(&response))
     }
 
     pub fn port_num(&self) -> u8 {
-        // SAFETY: as above.
-        unsafe { self.raw.as_ref().port_num }
+        self.addr_info().map_or(1, |a| a.port_num)
     }
 
     /// The peer's address (after address resolution, or on a connect request's id).
     pub fn peer_addr(&self) -> Option<SocketAddr> {
-        // SAFETY: the id is valid; the route's destination is a sockaddr_storage-sized union.
-        unsafe { socket_addr_from(std::ptr::addr_of!(self.raw.as_ref().route.addr.dst_addr_union).cast()) }
+        self.addr_info().ok()?.dst
     }
 
     /// Whether this id is on the device `context` is.
     pub fn on_device(&self, context: &Context) -> bool {
-        self.context_ptr() == context.raw.as_ptr()
+        self.addr_info().is_ok_and(|a| a.has_device() && context.is(&a))
     }
 }
 
 impl Drop for CmId {
     fn drop(&mut self) {
-        // SAFETY: the id is valid and destroyed once; its events were acknowledged as they were read.
-        unsafe { sys::rdma_destroy_id(self.raw.as_ptr()) };
+        // The kernel drops the id's queued events with it.
+        let handle = self.handle;
+        if let Err(e) = self
+            .channel
+            .call("rdma_destroy_id", vec![0; ucma::DESTROY_ID_RESP_LEN], |r| Ok(ucma::destroy_id(r, handle)))
+        {
+            tracing::debug!(handle, "{e}");
+        }
+        self.channel.handles.borrow_mut().remove(&self.uid);
     }
 }
 
-/// The device context librdmacm opened for the device an id is bound to. It is librdmacm's, not ours to
-/// close: holding the bound id keeps it open.
+/// A device context of our own (`ibv_open_device`), for the device an id is bound to; closed on drop, which
+/// is what lets the kernel finish removing the device.
 pub struct Context {
     raw: NonNull<sys::ibv_context>,
+    node_guid: u64,
+    ibdev_index: u32,
+    /// An id bound to the device's address: the device's removal is announced on it even with no listener.
     _anchor: Rc<CmId>,
 }
 
@@ -473,10 +433,42 @@ pub enum AsyncEvent {
 }
 
 impl Context {
-    /// The context of the device `anchor` is bound to.
-    pub fn of(anchor: Rc<CmId>) -> Option<Rc<Context>> {
-        let raw = NonNull::new(anchor.context_ptr())?;
-        Some(Rc::new(Context { raw, _anchor: anchor }))
+    /// Opens the device `anchor` is bound to; `None` when no RDMA device serves its address.
+    pub fn open(anchor: Rc<CmId>) -> Result<Option<Rc<Context>>, VerbsError> {
+        let info = anchor.addr_info()?;
+        if !info.has_device() {
+            return Ok(None);
+        }
+        let mut n = 0;
+        // SAFETY: the list (or null) is released below with ibv_free_device_list; an opened context keeps its
+        // device alive on its own.
+        let list = unsafe { sys::ibv_get_device_list(&mut n) };
+        if list.is_null() {
+            return Err(last_error("ibv_get_device_list"));
+        }
+        let mut opened = None;
+        for i in 0..usize::try_from(n).unwrap_or(0) {
+            // SAFETY: the list holds `n` valid device pointers.
+            let device = unsafe { *list.add(i) };
+            // The node GUID names the device (the loader's stubs have no ibv_get_device_index); a device removed
+            // and added back under the same GUID is no longer listed while its old self is going away.
+            // SAFETY: `device` is valid while the list is.
+            if unsafe { sys::ibv_get_device_guid(device) } == info.node_guid {
+                // SAFETY: `device` is valid; the context is closed in Drop.
+                opened = Some(unsafe { sys::ibv_open_device(device) });
+                break;
+            }
+        }
+        // SAFETY: the list came from ibv_get_device_list and is freed once.
+        unsafe { sys::ibv_free_device_list(list) };
+        let Some(raw) = opened else { return Ok(None) };
+        let raw = NonNull::new(raw).ok_or_else(|| last_error("ibv_open_device"))?;
+        Ok(Some(Rc::new(Context { raw, node_guid: info.node_guid, ibdev_index: info.ibdev_index, _anchor: anchor })))
+    }
+
+    /// Whether an id bound as `info` says is on this device.
+    fn is(&self, info: &ucma::AddrInfo) -> bool {
+        info.node_guid == self.node_guid && info.ibdev_index == self.ibdev_index
     }
 
     pub fn device_name(&self) -> String {
@@ -543,6 +535,14 @@ impl Context {
         check("ibv_query_port", unsafe { sys::ibv_query_port(self.raw.as_ptr(), port, &mut attr) })?;
         let active = attr.state == sys::ibv_port_state::IBV_PORT_ACTIVE;
         Ok((active, 128usize << attr.active_mtu.clamp(1, 5)))
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: the context is ours (ibv_open_device) and every object made from it holds an Rc to it, so
+        // none is left when this runs.
+        unsafe { sys::ibv_close_device(self.raw.as_ptr()) };
     }
 }
 

@@ -1,6 +1,7 @@
-//! `verbs`: the provider for real RDMA devices — RNICs, and the kernel's rxe and siw — through libibverbs and
-//! librdmacm. Both libraries are loaded at run time (rdma-mummy-sys's stubs `dlopen` them), so a binary built
-//! with this provider starts on a host without them and reports "RDMA unavailable (…)" when asked for it.
+//! `verbs`: the provider for real RDMA devices — RNICs, and the kernel's rxe and siw — through libibverbs, and
+//! the kernel's connection manager (`/dev/infiniband/rdma_cm`, spoken directly: [`ucma`] says why not through
+//! librdmacm). libibverbs is loaded at run time (rdma-mummy-sys's stubs `dlopen` it), so a binary built with
+//! this provider starts on a host without it and reports "RDMA unavailable (…)" when asked for it.
 //!
 //! `sideway` lists the devices; the rest goes through rdma-mummy-sys directly ([`ffi`], the workspace's only
 //! unsafe code), because sideway 0.4 has no shared receive queues, no connection parameters (private data,
@@ -10,6 +11,8 @@
 
 #[cfg(feature = "verbs")]
 mod ffi;
+#[cfg(feature = "verbs")]
+mod ucma;
 #[cfg(feature = "verbs")]
 mod worker;
 

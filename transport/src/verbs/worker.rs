@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::VerbsConfig;
-use super::ffi::{self, AsyncEvent, CmEvent, CmId, ConnRequest, QpTarget, SendKind, cm_event};
+use super::ffi::{self, AsyncEvent, CmEvent, CmId, ConnParam, QpTarget, SendKind, cm_event};
 use crate::device::{
     Command, Completion, CompletionQueue, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
     ProtectionDomain, QpState, QpTransition,
@@ -221,14 +221,14 @@ impl Worker {
             return Err(DeviceError::Unavailable("no RDMA device on this host".into()));
         }
         let unavailable = |what: String| DeviceError::Unavailable(what);
-        let channel =
-            ffi::EventChannel::new().map_err(|e| unavailable(format!("librdmacm could not be loaded or used: {e}")))?;
-        let anchor = CmId::new(&channel).map_err(|e| unavailable(format!("librdmacm: {e}")))?;
+        let channel = ffi::EventChannel::new()
+            .map_err(|e| unavailable(format!("the kernel's connection manager (rdma_ucm) is not there: {e}")))?;
+        let anchor = CmId::new(&channel).map_err(|e| unavailable(format!("connection manager: {e}")))?;
         anchor.bind(SocketAddr::new(config.addr, 0)).map_err(|e| {
             unavailable(format!("no RDMA device serves {} (devices: {}): {e}", config.addr, names.join(", ")))
         })?;
         let port = anchor.port_num().max(1);
-        let context = ffi::Context::of(Rc::new(anchor)).ok_or_else(|| {
+        let context = ffi::Context::open(Rc::new(anchor)).map_err(verbs)?.ok_or_else(|| {
             unavailable(format!("no RDMA device serves {} (devices: {})", config.addr, names.join(", ")))
         })?;
         context.set_async_nonblocking().map_err(verbs)?;
@@ -1006,7 +1006,7 @@ impl Worker {
         self.alive()?;
         let id = CmId::new(&self.channel).map_err(verbs)?;
         id.bind(SocketAddr::new(self.config.addr, port)).map_err(verbs)?;
-        id.listen(backlog.min(i32::MAX as usize) as i32).map_err(verbs)?;
+        id.listen(u32::try_from(backlog).unwrap_or(u32::MAX)).map_err(verbs)?;
         self.listeners.insert(id.key(), (port, id));
         Ok(())
     }
@@ -1033,7 +1033,7 @@ impl Worker {
             return Err(DeviceError::BadTransition { qpn, from: slot.state, to: "connect" });
         }
         let id = CmId::new(&self.channel).map_err(verbs)?;
-        let timeout = self.config.resolve_timeout.as_millis().min(i32::MAX as u128) as i32;
+        let timeout = self.config.resolve_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
         id.resolve_addr(Some(SocketAddr::new(self.config.addr, 0)), SocketAddr::new(dst.ip(), port), timeout)
             .map_err(verbs)?;
         let conn =
@@ -1066,7 +1066,7 @@ impl Worker {
         let mut rts = c.id.qp_attr(QpTarget::Rts).map_err(verbs)?;
         rts.set_max_rd_atomic(options.initiator_depth.max(1));
         slot.qp.modify(&mut rts).map_err(verbs)?;
-        c.id.accept(&ConnRequest {
+        c.id.accept(&ConnParam {
             private_data,
             responder_resources: options.responder_resources,
             initiator_depth: options.initiator_depth,
@@ -1099,20 +1099,20 @@ impl Worker {
         let kind = ev.kind;
         tracing::debug!(addr = %self.config.addr, kind, status = ev.status, "cm event");
         match kind {
-            cm_event::RDMA_CM_EVENT_DEVICE_REMOVAL => return self.remove_device(),
-            cm_event::RDMA_CM_EVENT_ADDR_CHANGE => {
+            cm_event::DEVICE_REMOVAL => return self.remove_device(),
+            cm_event::ADDR_CHANGE => {
                 return self.emit(DeviceEvent::AddrChange { present: address_present(self.config.addr) });
             }
-            cm_event::RDMA_CM_EVENT_CONNECT_REQUEST => return self.on_connect_request(ev),
+            cm_event::CONNECT_REQUEST => return self.on_connect_request(ev),
             _ => {}
         }
         let Some(&conn) = self.conn_by_id.get(&ev.id_key) else {
             tracing::debug!(kind, "event for an id no connection holds");
             return;
         };
-        let timeout = self.config.resolve_timeout.as_millis().min(i32::MAX as u128) as i32;
+        let timeout = self.config.resolve_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
         match kind {
-            cm_event::RDMA_CM_EVENT_ADDR_RESOLVED => {
+            cm_event::ADDR_RESOLVED => {
                 let result = self.conns.get(&conn).map(|c| c.id.resolve_route(timeout));
                 if let Some(Err(e)) = result {
                     tracing::debug!(conn, "{e}");
@@ -1120,14 +1120,14 @@ impl Worker {
                     self.emit(DeviceEvent::Unreachable { conn });
                 }
             }
-            cm_event::RDMA_CM_EVENT_ROUTE_RESOLVED => {
+            cm_event::ROUTE_RESOLVED => {
                 if let Err(e) = self.send_connect(conn) {
                     tracing::warn!(conn, "connecting: {e}");
                     self.fail_connection(conn);
                     self.emit(DeviceEvent::Unreachable { conn });
                 }
             }
-            cm_event::RDMA_CM_EVENT_CONNECT_RESPONSE => match self.finish_connect(conn, ev.conn) {
+            cm_event::CONNECT_RESPONSE => match self.finish_connect(conn, ev.conn) {
                 Ok(event) => self.emit(event),
                 Err(e) => {
                     tracing::warn!(conn, "completing the connection: {e}");
@@ -1135,7 +1135,7 @@ impl Worker {
                     self.emit(DeviceEvent::Unreachable { conn });
                 }
             },
-            cm_event::RDMA_CM_EVENT_ESTABLISHED => {
+            cm_event::ESTABLISHED => {
                 let Some(c) = self.conns.get(&conn) else { return };
                 let (Some(qpn), Some(peer)) = (c.qpn, c.peer.clone()) else { return };
                 if let Some(slot) = self.qps.get_mut(&qpn)
@@ -1146,19 +1146,16 @@ impl Worker {
                 self.drain_backlogs(Owner::Qp(qpn));
                 self.emit(DeviceEvent::Established { conn, qpn, peer });
             }
-            cm_event::RDMA_CM_EVENT_ADDR_ERROR
-            | cm_event::RDMA_CM_EVENT_ROUTE_ERROR
-            | cm_event::RDMA_CM_EVENT_CONNECT_ERROR
-            | cm_event::RDMA_CM_EVENT_UNREACHABLE => {
+            cm_event::ADDR_ERROR | cm_event::ROUTE_ERROR | cm_event::CONNECT_ERROR | cm_event::UNREACHABLE => {
                 self.fail_connection(conn);
                 self.emit(DeviceEvent::Unreachable { conn });
             }
-            cm_event::RDMA_CM_EVENT_REJECTED => {
+            cm_event::REJECTED => {
                 self.fail_connection(conn);
                 let reason = u16::try_from(ev.status).unwrap_or(u16::MAX);
                 self.emit(DeviceEvent::Rejected { conn, reason, private_data: ev.conn.private_data });
             }
-            cm_event::RDMA_CM_EVENT_DISCONNECTED => {
+            cm_event::DISCONNECTED => {
                 // As rdma_cm does for its own queue pairs: the error state flushes outstanding work.
                 if let Some(slot) = self.conns.get(&conn).and_then(|c| c.qpn).and_then(|q| self.qps.get_mut(&q)) {
                     let _ = slot.qp.to_error();
@@ -1166,7 +1163,7 @@ impl Worker {
                 }
                 self.emit(DeviceEvent::Disconnected { conn });
             }
-            cm_event::RDMA_CM_EVENT_TIMEWAIT_EXIT => {
+            cm_event::TIMEWAIT_EXIT => {
                 if let Some(c) = self.conns.remove(&conn) {
                     self.conn_by_id.remove(&c.id.key());
                     if let Some(slot) = c.qpn.and_then(|q| self.qps.get_mut(&q)) {
@@ -1222,7 +1219,7 @@ impl Worker {
         }
         let qpn = c.qpn.ok_or(DeviceError::UnknownQp(0))?;
         let slot = self.qps.get(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
-        c.id.connect(&ConnRequest {
+        c.id.connect(&ConnParam {
             private_data: c.private_data.clone(),
             responder_resources: c.options.responder_resources,
             initiator_depth: c.options.initiator_depth,
@@ -1235,7 +1232,7 @@ impl Worker {
     }
 
     /// The active side's half of the handshake for a queue pair of our own: INIT, RTR, RTS, then RTU.
-    fn finish_connect(&mut self, conn: ConnId, params: ffi::ConnParams) -> Result<DeviceEvent, DeviceError> {
+    fn finish_connect(&mut self, conn: ConnId, params: ConnParam) -> Result<DeviceEvent, DeviceError> {
         let c = self.conns.get_mut(&conn).ok_or(DeviceError::Cm(crate::soft::cm::CmError::UnknownConnection(conn)))?;
         let qpn = c.qpn.ok_or(DeviceError::UnknownQp(0))?;
         let slot = self.qps.get_mut(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
