@@ -554,8 +554,8 @@ pub fn run_with(
         let after: Option<serde_json::Value> =
             vm_run.read("stats.after").and_then(|t| serde_json::from_str(t.trim()).ok());
         OurTarget {
-            alive_at_end: vm_run.read("target.alive").is_some_and(|t| t.trim() == "yes"),
-            exit: vm_run.read("target.exit").and_then(|t| t.trim().parse().ok()),
+            alive_at_end: vm_run.read("nvmf-target.alive").is_some_and(|t| t.trim() == "yes"),
+            exit: vm_run.read("nvmf-target.exit").and_then(|t| t.trim().parse().ok()),
             stats: StatsCheck::from_texts(vm_run.read("stats.before"), vm_run.read("stats.after")),
             listener_repairs: after.and_then(|a| a["listeners"][0]["repairs"].as_u64()),
             log_problems: ours::log_problems(&vm_run.read("nvmf-target.log").unwrap_or_default()),

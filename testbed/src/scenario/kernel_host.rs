@@ -121,8 +121,8 @@ touch $T/host-done
     if !disconnected {
         problems.push("nvme disconnect failed".into());
     }
-    let target_alive_at_end = vm_run.read("target.alive").is_some_and(|t| t.trim() == "yes");
-    let target_exit = vm_run.read("target.exit").and_then(|t| t.trim().parse().ok());
+    let target_alive_at_end = vm_run.read("nvmf-target.alive").is_some_and(|t| t.trim() == "yes");
+    let target_exit = vm_run.read("nvmf-target.exit").and_then(|t| t.trim().parse().ok());
     if !target_alive_at_end || target_exit != Some(0) {
         problems.push(format!("our target: alive at the end {target_alive_at_end}, exit {target_exit:?}"));
     }

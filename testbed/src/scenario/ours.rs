@@ -72,10 +72,10 @@ log "our target listening on {addr}:4420"
 }
 
 /// Waits (up to 30 s) until the target holds no controller, queue pair, poller or pool buffer, writes its stats
-/// to `$T/stats.after`, stops it with SIGINT and records its exit code in `$T/target.exit` (and whether it was
-/// still running in `$T/target.alive`).
+/// to `$T/stats.after`, stops it with SIGINT and records its exit code in `$T/nvmf-target.exit` (and whether it was
+/// still running in `$T/nvmf-target.alive`).
 pub fn stop_target() -> String {
-    r#"if kill -0 $tpid 2>/dev/null; then echo yes > $T/target.alive; else echo no > $T/target.alive; fi
+    r#"if kill -0 $tpid 2>/dev/null; then echo yes > $T/nvmf-target.alive; else echo no > $T/nvmf-target.alive; fi
 n=0; while [ $n -lt 150 ]; do
     s=$(stats)
     echo "$s" | grep -q '"controllers":0,"qpairs":0,"pollers":0' && echo "$s" | grep -q '"pool_buffers_in_use":0' && break
@@ -84,7 +84,7 @@ done
 stats > $T/stats.after
 kill -INT $tpid 2>/dev/null
 wait $tpid
-echo $? > $T/target.exit
+echo $? > $T/nvmf-target.exit
 "#
     .to_string()
 }
