@@ -124,7 +124,13 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     "{}: exit {:?}{} boot {:?} s — log {}",
                     o.name,
                     o.exit,
-                    if o.timed_out { " (timed out)" } else { "" },
+                    if o.timed_out {
+                        " (timed out)"
+                    } else if o.killed_after_power_down {
+                        " (powered off; QEMU lingered and was killed)"
+                    } else {
+                        ""
+                    },
                     o.boot_seconds,
                     o.log.display()
                 );

@@ -64,6 +64,9 @@ pub struct VmOutcome {
     /// The script's exit code, if it finished.
     pub exit: Option<i32>,
     pub timed_out: bool,
+    /// The guest powered off (its console says so) but QEMU did not exit by itself within a grace period,
+    /// so it was killed: the guest's work was done, so this is not a time-out.
+    pub killed_after_power_down: bool,
     /// Seconds from launch to the guest's userspace (the `.boot` marker).
     pub boot_seconds: Option<f64>,
     pub console: PathBuf,
@@ -78,7 +81,14 @@ pub struct Run {
     vms: Vec<(VmSpec, Child)>,
     started: Instant,
     boot_seen: Vec<Option<f64>>,
+    /// When each guest's console first said it powered off.
+    power_down_seen: Vec<Option<Instant>>,
 }
+
+/// What the guest kernel prints as it powers off.
+const POWER_DOWN: &str = "reboot: Power down";
+/// How long QEMU gets to exit after its guest powered off.
+const POWER_DOWN_GRACE: Duration = Duration::from_secs(10);
 
 fn mac(vm: usize, nic: usize) -> String {
     format!("52:54:00:18:{vm:02x}:{nic:02x}")
@@ -267,6 +277,7 @@ impl Run {
             vms: Vec::new(),
             started: Instant::now(),
             boot_seen: vec![None; vms.len()],
+            power_down_seen: vec![None; vms.len()],
         };
         if let Some(ns) = &netns {
             require("ip", "apt-get install iproute2")?;
@@ -338,10 +349,24 @@ impl Run {
         }
     }
 
-    /// Whether every VM has powered off.
+    /// Whether every VM has powered off. A QEMU still running `POWER_DOWN_GRACE` after its guest powered off
+    /// counts as finished (QEMU under TCG has been seen to linger there); `outcomes` kills it.
     pub fn finished(&mut self) -> bool {
         self.note_boots();
-        self.vms.iter_mut().all(|(_, c)| c.try_wait().ok().flatten().is_some())
+        let mut all = true;
+        for (i, (spec, child)) in self.vms.iter_mut().enumerate() {
+            if child.try_wait().ok().flatten().is_some() {
+                continue;
+            }
+            if self.power_down_seen[i].is_none() {
+                let console = std::fs::read(self.shared.join(format!("{}.console", spec.name))).unwrap_or_default();
+                if String::from_utf8_lossy(&console).contains(POWER_DOWN) {
+                    self.power_down_seen[i] = Some(Instant::now());
+                }
+            }
+            all &= self.power_down_seen[i].is_some_and(|t| t.elapsed() >= POWER_DOWN_GRACE);
+        }
+        all
     }
 
     /// Waits for every VM to power off, at most `timeout` from now; kills the rest.
@@ -358,9 +383,14 @@ impl Run {
         self.note_boots();
         let mut out = Vec::new();
         for (i, (spec, child)) in self.vms.iter_mut().enumerate() {
-            let timed_out = child.try_wait().ok().flatten().is_none();
-            if timed_out {
+            let running = child.try_wait().ok().flatten().is_none();
+            let powered_down = self.power_down_seen[i].is_some_and(|t| t.elapsed() >= POWER_DOWN_GRACE);
+            if running {
                 let _ = child.kill();
+            }
+            let (timed_out, killed_after_power_down) = (running && !powered_down, running && powered_down);
+            if killed_after_power_down {
+                tracing::warn!(vm = %spec.name, "the guest powered off but QEMU did not exit: killed");
             }
             let _ = child.wait();
             let exit = std::fs::read_to_string(self.shared.join(format!("{}.exit", spec.name)))
@@ -370,6 +400,7 @@ impl Run {
                 name: spec.name.clone(),
                 exit,
                 timed_out,
+                killed_after_power_down,
                 boot_seconds: self.boot_seen[i],
                 console: self.shared.join(format!("{}.console", spec.name)),
                 log: self.shared.join(format!("{}.log", spec.name)),
