@@ -4,7 +4,8 @@
 //!
 //! Our stack against the kernel over rxe on a bond: `target-kernel-host` (the kernel host on our target, fio
 //! verify), `initiator-kernel-target` (our `nvmf` on nvmet-rdma, perf --verify), and `target-flap` with 3 flaps
-//! (`TESTBED_FLAPS` too) on our target's bond, with our host and with the kernel host. Those need the binaries
+//! (`TESTBED_FLAPS` too) on our target's bond, with our host and with the kernel host; `device-removal` (rxe0
+//! deleted and added back under our host's I/O). Those need the binaries
 //! built with the verbs provider (`--features target/verbs,initiator/verbs`, as scripts/test-all does).
 //!
 //! Needs qemu-system-x86, nvme-cli, fio and kmod on the host (scripts/test-all installs them) and root (the VMs'
@@ -15,7 +16,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use testbed::image;
-use testbed::scenario::{Setup, capture, flap, kernel_host, kernel_target, smoke};
+use testbed::scenario::{Setup, capture, device_removal, flap, kernel_host, kernel_target, smoke};
 use testbed::vm;
 
 /// At most two single-vCPU VMs at once on two cores: one scenario at a time.
@@ -211,4 +212,19 @@ fn target_flap_kernel_host_our_target_survives() {
     let ours = r.our_target.as_ref().expect("our target's side");
     assert!(ours.alive_at_end && ours.exit == Some(0), "our target died or did not stop cleanly: {ours:#?}");
     assert!(ours.stats.back_to_baseline, "{:?}", ours.stats);
+}
+
+/// `rdma link delete rxe0` under live I/O: the delete completes (our target lets the device go), the device
+/// comes back, our target listens on it again and our host reconnects with nothing lost.
+#[test]
+fn device_removal_our_target_lets_go_and_listens_again() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup_ours("device-removal") else { return };
+    let r = device_removal::run(&setup, Duration::from_secs(600)).expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert_eq!(r.delete_exit, Some(0), "the delete waits for every user of the device: {r:#?}");
+    assert!(r.target_saw_removal && r.listener_state_after == "listening", "{r:#?}");
+    assert!(r.perf.reconnects >= 1 && r.perf.verify_errors == Some(0), "{:?}", r.perf);
+    assert!(r.stats.back_to_baseline, "{:?}", r.stats);
+    assert!(r.passed, "{:?}", r.problems);
 }
