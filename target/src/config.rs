@@ -16,7 +16,7 @@
 //! address = "127.0.0.1"
 //! ports = [4420]                # NVMe/RDMA service ids (rdma_cm ports)
 //! udp_port = 4791               # RoCEv2 (soft provider)
-//! provider = "soft"             # or "verbs": libibverbs/librdmacm (RNICs, kernel rxe)
+//! provider = "soft"             # or "verbs": libibverbs + kernel rdma_cm (RNICs, kernel rxe)
 //!
 //! [[subsystem]]
 //! nqn = "nqn.2026-11.dev.nvmf-rs:ram"

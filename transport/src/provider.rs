@@ -11,7 +11,7 @@ pub enum Provider {
     /// The userspace RoCEv2 provider: no hardware, no root, no kernel module.
     #[default]
     Soft,
-    /// libibverbs and librdmacm: RNICs and the kernel's rxe.
+    /// libibverbs and the kernel's connection manager: RNICs and the kernel's rxe.
     Verbs,
 }
 

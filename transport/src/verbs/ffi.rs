@@ -32,13 +32,13 @@ fn last_error(call: &'static str) -> VerbsError {
 fn check(call: &'static str, ret: i32) -> Result<(), VerbsError> {
     match ret {
         0 => Ok(()),
-        // librdmacm returns -1 and sets errno; libibverbs returns the errno itself.
+        // Some calls return -1 and set errno; most of libibverbs returns the errno itself.
         -1 => Err(last_error(call)),
         e => Err(VerbsError { call, source: io::Error::from_raw_os_error(e.abs()) }),
     }
 }
 
-/// A failed libibverbs or librdmacm call.
+/// A failed libibverbs call or connection-manager command.
 #[derive(Debug, thiserror::Error)]
 #[error("{call}: {source}")]
 pub struct VerbsError {
@@ -179,7 +179,7 @@ impl EventChannel {
 
     /// The next event, or `None` when none is queued.
     pub fn next(self: &Rc<Self>) -> Result<Option<CmEvent>, VerbsError> {
-        let response = match self.call("rdma_cm get event", vec![0; ucma::EVENT_RESP_LEN], |r| Ok(ucma::get_event(r))) {
+        let response = match self.call("rdma_cm GET_EVENT", vec![0; ucma::EVENT_RESP_LEN], |r| Ok(ucma::get_event(r))) {
             Ok(r) => r,
             Err(e) if e.would_block() => return Ok(None),
             Err(e) => return Err(e),
@@ -305,7 +305,7 @@ impl CmId {
     pub fn new(channel: &Rc<EventChannel>) -> Result<CmId, VerbsError> {
         let uid = channel.uid();
         let response =
-            channel.call("rdma_create_id", vec![0; ucma::CREATE_ID_RESP_LEN], |r| Ok(ucma::create_id(uid, r)))?;
+            channel.call("rdma_cm CREATE_ID", vec![0; ucma::CREATE_ID_RESP_LEN], |r| Ok(ucma::create_id(uid, r)))?;
         let handle = ucma::created_id(&response);
         channel.handles.borrow_mut().insert(uid, handle);
         Ok(CmId { handle, uid, channel: Rc::clone(channel) })
@@ -325,40 +325,40 @@ impl CmId {
     }
 
     pub fn bind(&self, addr: SocketAddr) -> Result<(), VerbsError> {
-        self.command("rdma_bind_addr", || Ok(ucma::bind(self.handle, addr)))
+        self.command("rdma_cm BIND", || Ok(ucma::bind(self.handle, addr)))
     }
 
     pub fn listen(&self, backlog: u32) -> Result<(), VerbsError> {
-        self.command("rdma_listen", || Ok(ucma::listen(self.handle, backlog)))
+        self.command("rdma_cm LISTEN", || Ok(ucma::listen(self.handle, backlog)))
     }
 
     pub fn resolve_addr(&self, src: Option<SocketAddr>, dst: SocketAddr, timeout_ms: u32) -> Result<(), VerbsError> {
-        self.command("rdma_resolve_addr", || Ok(ucma::resolve_addr(self.handle, src, dst, timeout_ms)))
+        self.command("rdma_cm RESOLVE_ADDR", || Ok(ucma::resolve_addr(self.handle, src, dst, timeout_ms)))
     }
 
     pub fn resolve_route(&self, timeout_ms: u32) -> Result<(), VerbsError> {
-        self.command("rdma_resolve_route", || Ok(ucma::resolve_route(self.handle, timeout_ms)))
+        self.command("rdma_cm RESOLVE_ROUTE", || Ok(ucma::resolve_route(self.handle, timeout_ms)))
     }
 
     pub fn connect(&self, param: &ConnParam) -> Result<(), VerbsError> {
-        self.command("rdma_connect", || ucma::connect(self.handle, param))
+        self.command("rdma_cm CONNECT", || ucma::connect(self.handle, param))
     }
 
     pub fn accept(&self, param: &ConnParam) -> Result<(), VerbsError> {
-        self.command("rdma_accept", || ucma::accept(self.uid, self.handle, Some(param)))
+        self.command("rdma_cm ACCEPT", || ucma::accept(self.uid, self.handle, Some(param)))
     }
 
     pub fn reject(&self, private_data: &[u8]) -> Result<(), VerbsError> {
-        self.command("rdma_reject", || ucma::reject(self.handle, private_data))
+        self.command("rdma_cm REJECT", || ucma::reject(self.handle, private_data))
     }
 
     /// The active side's last step after a connect response: the kernel sends the RTU.
     pub fn establish(&self) -> Result<(), VerbsError> {
-        self.command("rdma_establish", || ucma::accept(self.uid, self.handle, None))
+        self.command("rdma_cm ACCEPT (ready to use)", || ucma::accept(self.uid, self.handle, None))
     }
 
     pub fn disconnect(&self) -> Result<(), VerbsError> {
-        self.command("rdma_disconnect", || Ok(ucma::disconnect(self.handle)))
+        self.command("rdma_cm DISCONNECT", || Ok(ucma::disconnect(self.handle)))
     }
 
     /// The attributes a queue pair needs to enter `state` for this connection.
@@ -368,7 +368,7 @@ impl CmId {
             QpTarget::Rtr => sys::ibv_qp_state::IBV_QPS_RTR,
             QpTarget::Rts => sys::ibv_qp_state::IBV_QPS_RTS,
         };
-        let response = self.channel.call("rdma_init_qp_attr", vec![0; ucma::QP_ATTR_RESP_LEN], |r| {
+        let response = self.channel.call("rdma_cm INIT_QP_ATTR", vec![0; ucma::QP_ATTR_RESP_LEN], |r| {
             Ok(ucma::init_qp_attr(r, self.handle, state))
         })?;
         Ok(QpAttr::from_kernel(&ucma::QpAttrs::parse(&response)))
@@ -379,7 +379,7 @@ impl CmId {
         let mut response = vec![0; ucma::QUERY_ADDR_RESP_LEN];
         // A kernel that does not report device indexes leaves this "unknown".
         response[272..276].fill(0xff);
-        let response = self.channel.call("rdma_cm query", response, |r| Ok(ucma::query_addr(r, self.handle)))?;
+        let response = self.channel.call("rdma_cm QUERY", response, |r| Ok(ucma::query_addr(r, self.handle)))?;
         Ok(ucma::AddrInfo::parse(&response))
     }
 
@@ -404,7 +404,7 @@ impl Drop for CmId {
         let handle = self.handle;
         if let Err(e) = self
             .channel
-            .call("rdma_destroy_id", vec![0; ucma::DESTROY_ID_RESP_LEN], |r| Ok(ucma::destroy_id(r, handle)))
+            .call("rdma_cm DESTROY_ID", vec![0; ucma::DESTROY_ID_RESP_LEN], |r| Ok(ucma::destroy_id(r, handle)))
         {
             tracing::debug!(handle, "{e}");
         }
@@ -924,7 +924,7 @@ impl Qp {
     }
 
     pub fn modify(&self, attr: &mut QpAttr) -> Result<(), VerbsError> {
-        // SAFETY: the QP is valid; attr and mask come from rdma_init_qp_attr (or a state-only change).
+        // SAFETY: the QP is valid; attr and mask come from the kernel's INIT_QP_ATTR (or a state-only change).
         check("ibv_modify_qp", unsafe { sys::ibv_modify_qp(self.raw.as_ptr(), &mut attr.attr, attr.mask) })
     }
 

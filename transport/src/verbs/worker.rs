@@ -1,12 +1,12 @@
-//! The worker of a verbs device: the one thread that owns the device's libibverbs and librdmacm objects. It
-//! takes commands from the device's handles and events from three file descriptors (the connection manager's
-//! event channel, the completion channel every queue's CQ is armed on, and the device's async events), all
+//! The worker of a verbs device: the one thread that owns the device's libibverbs objects and connection-manager ids. It
+//! takes commands from the device's handles and events from three file descriptors (the kernel connection
+//! manager's file, the completion channel every queue's CQ is armed on, and the device's async events), all
 //! driven from a tokio reactor, and hands back completions and events — the same contract as the soft worker.
 //!
 //! The application's buffers never reach the device: each work request is staged through a registered buffer
 //! the worker owns (copied in before posting, copied out on completion), so a buffer handed back by a
 //! completion can be used at once, whatever the device still does. Queue pairs are connected through rdma_cm
-//! with queue pairs the worker creates itself (`rdma_init_qp_attr` gives their attributes), so a queue pair
+//! with queue pairs the worker creates itself (its INIT_QP_ATTR gives their attributes), so a queue pair
 //! exists — and takes receives — before its connection does, as the soft provider's do.
 
 use std::collections::{HashMap, VecDeque};
@@ -1056,7 +1056,7 @@ impl Worker {
         if slot.state != QpState::Init || slot.conn.is_some() {
             return Err(DeviceError::BadTransition { qpn, from: slot.state, to: "accept" });
         }
-        // As rdma_accept does for a queue pair of its own: INIT with the connection's port and keys, RTR, RTS,
+        // As librdmacm's rdma_accept does for a queue pair of its own: INIT with the connection's port and keys, RTR, RTS,
         // then the reply.
         let mut init = c.id.qp_attr(QpTarget::Init).map_err(verbs)?;
         slot.qp.modify(&mut init).map_err(verbs)?;

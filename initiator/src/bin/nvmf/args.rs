@@ -54,7 +54,7 @@ pub enum Transport {
 pub enum Provider {
     /// Userspace RoCEv2 over UDP (no RDMA hardware or kernel module needed).
     Soft,
-    /// libibverbs / librdmacm (RNICs, kernel rxe).
+    /// libibverbs and the kernel's rdma_cm (RNICs, kernel rxe).
     Verbs,
 }
 
