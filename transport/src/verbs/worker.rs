@@ -93,6 +93,24 @@ struct Pending {
     len: usize,
 }
 
+impl Pending {
+    fn receive(owner: Owner, wr: RecvWr, staging: Option<ffi::MemoryRegion>, len: usize) -> Pending {
+        Pending { owner, wr_id: wr.wr_id, op: None, buf: wr.buf, sg_list: wr.sg_list, staging, len }
+    }
+
+    fn send(qpn: u32, wr: SendWr, staging: Option<ffi::MemoryRegion>, len: usize) -> Pending {
+        Pending {
+            owner: Owner::Qp(qpn),
+            wr_id: wr.wr_id,
+            op: Some(wr.op),
+            buf: wr.buf,
+            sg_list: wr.sg_list,
+            staging,
+            len,
+        }
+    }
+}
+
 struct QpSlot {
     qp: ffi::Qp,
     cq: Rc<ffi::Cq>,
@@ -589,16 +607,7 @@ impl Worker {
         match srq.post_recv(key, staging.as_ref().map(|s| s.sge(len))) {
             Ok(()) => {
                 slot.posted += 1;
-                let pending = Pending {
-                    owner: Owner::Srq(id),
-                    wr_id: wr.wr_id,
-                    op: None,
-                    buf: wr.buf,
-                    sg_list: wr.sg_list,
-                    staging,
-                    len,
-                };
-                self.pending.insert(key, pending);
+                self.pending.insert(key, Pending::receive(Owner::Srq(id), wr, staging, len));
             }
             Err(e) => {
                 tracing::warn!(srq = id, "ibv_post_srq_recv: {e}");
@@ -651,16 +660,7 @@ impl Worker {
         match slot.qp.post_recv(key, staging.as_ref().map(|s| s.sge(len))) {
             Ok(()) => {
                 slot.recvs_posted += 1;
-                let pending = Pending {
-                    owner: Owner::Qp(qpn),
-                    wr_id: wr.wr_id,
-                    op: None,
-                    buf: wr.buf,
-                    sg_list: wr.sg_list,
-                    staging,
-                    len,
-                };
-                self.pending.insert(key, pending);
+                self.pending.insert(key, Pending::receive(Owner::Qp(qpn), wr, staging, len));
             }
             Err(e) => {
                 tracing::debug!(qpn, "ibv_post_recv: {e}");
@@ -739,16 +739,7 @@ impl Worker {
         match slot.qp.post_send(key, kind, staging.as_ref().map(|s| s.sge(len)), wr.solicited) {
             Ok(()) => {
                 slot.sends_posted += 1;
-                let pending = Pending {
-                    owner: Owner::Qp(qpn),
-                    wr_id: wr.wr_id,
-                    op: Some(wr.op),
-                    buf: wr.buf,
-                    sg_list: wr.sg_list,
-                    staging,
-                    len,
-                };
-                self.pending.insert(key, pending);
+                self.pending.insert(key, Pending::send(qpn, wr, staging, len));
             }
             Err(e) => {
                 tracing::debug!(qpn, "ibv_post_send: {e}");
