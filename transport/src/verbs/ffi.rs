@@ -159,9 +159,16 @@ impl EventChannel {
     ) -> Result<Vec<u8>, VerbsError> {
         let command = command(response.as_mut_ptr() as u64)
             .map_err(|e| VerbsError { call, source: io::Error::new(io::ErrorKind::InvalidInput, e) })?;
+        // The kernel writes at most the header's `out` bytes (and refuses a smaller `out` than its reply):
+        // a command must never promise more room than `response` has.
+        let out = command.get(6..8).map_or(usize::MAX, |b| usize::from(u16::from_ne_bytes([b[0], b[1]])));
+        if out > response.len() {
+            return Err(VerbsError { call, source: io::Error::other("reply larger than its buffer") });
+        }
         // SAFETY: `command` is a complete rdma_ucm command of its header's length. The only memory the kernel
-        // writes is `response`, whose address and length the command names (a command without a reply names
-        // none); it is a live, unaliased buffer of that length for the whole call.
+        // writes is `response`: its address is in the command (a command without a reply names none), the
+        // header's `out` (checked above) bounds what is written, and it is a live, unaliased buffer of that
+        // length for the whole call.
         let n = unsafe { libc::write(self.fd(), command.as_ptr().cast(), command.len()) };
         if n < 0 {
             return Err(last_error(call));
