@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::soft::cm::{ConnId, PeerParams};
-use crate::soft::memory_table::RegionKeys;
-use crate::soft::rc::{Access, RecvWr, SendWr, WcStatus, WorkCompletion};
+use crate::connection::{ConnId, PeerParams};
+use crate::region::Access;
+use crate::region::RegionKeys;
+use crate::work_request::{RecvWr, SendWr, WcStatus, WorkCompletion};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {

@@ -18,17 +18,21 @@
 //! behind the same handles.
 #![deny(unsafe_code)]
 
+pub mod connection;
 pub mod device;
 pub mod provider;
+pub mod region;
 pub mod soft;
 pub mod verbs;
+pub mod work_request;
 
+pub use connection::{ConnId, PeerParams};
 pub use device::{
     Completion, CompletionQueue, ConnectionOptions, Device, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
     ProtectionDomain, QpState, QpTransition, QueuePair, SharedReceiveQueue,
 };
 pub use provider::Provider;
-pub use soft::cm::{ConnId, PeerParams};
+pub use region::{Access, RegionKeys};
 pub use soft::device::SoftConfig;
-pub use soft::rc::{Access, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
 pub use verbs::VerbsConfig;
+pub use work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use crate::soft::wire::cma::{self, CmaHeader};
 use crate::soft::wire::mad::{self, CmMessage, CmPath, MAD_LEN, MadHeader, Rej, Rep, Req, reject_reason};
 
-/// Identifies a connection: our local communication id.
-pub type ConnId = u32;
+pub use crate::connection::{ConnId, PeerParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CmConfig {
@@ -75,23 +74,6 @@ pub struct AcceptParams {
     pub responder_resources: u8,
     pub initiator_depth: u8,
     pub rnr_retry_count: u8,
-    pub private_data: Vec<u8>,
-}
-
-/// The peer's side of a connection, as the CM learned it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerParams {
-    pub addr: IpAddr,
-    pub port: u16,
-    pub qpn: u32,
-    pub start_psn: u32,
-    pub path_mtu: u8,
-    pub responder_resources: u8,
-    pub initiator_depth: u8,
-    pub retry_count: u8,
-    pub rnr_retry_count: u8,
-    /// Decides the connection's UDP source port ([`crate::soft::wire::udp_port::from_flow_label`]).
-    pub flow_label: u32,
     pub private_data: Vec<u8>,
 }
 

@@ -17,15 +17,7 @@ struct Region {
     valid: bool,
 }
 
-/// Keys and address of a registered region, as the application sees them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RegionKeys {
-    pub lkey: u32,
-    pub rkey: u32,
-    /// The address the peer uses in RDMA operations on this region.
-    pub addr: u64,
-    pub len: usize,
-}
+pub use crate::region::RegionKeys;
 
 #[derive(Debug)]
 pub struct MemoryTable {

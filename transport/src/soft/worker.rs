@@ -324,7 +324,7 @@ impl Worker {
                             queue
                                 .into_iter()
                                 .map(|mut wr| {
-                                    super::rc::wr::scatter(&mut wr.buf, &mut wr.sg_list, 0);
+                                    crate::work_request::scatter(&mut wr.buf, &mut wr.sg_list, 0);
                                     wr
                                 })
                                 .collect()
@@ -335,7 +335,7 @@ impl Worker {
             }
             Command::PostSrqRecv(id, mut wr) => match self.srqs.get_mut(&id) {
                 Some((_, queue)) => {
-                    super::rc::wr::gather(&mut wr.buf, &wr.sg_list);
+                    crate::work_request::gather(&mut wr.buf, &wr.sg_list);
                     queue.push_back(wr)
                 }
                 None => {

@@ -1,12 +1,12 @@
 //! `verbs`: the provider for real RDMA devices — RNICs, and the kernel's rxe and siw — through libibverbs, and
-//! the kernel's connection manager (`/dev/infiniband/rdma_cm`, spoken directly: [`ucma`] says why not through
+//! the kernel's connection manager (`/dev/infiniband/rdma_cm`, spoken directly: `ucma` says why not through
 //! librdmacm). libibverbs is loaded at run time (rdma-mummy-sys's stubs `dlopen` it), so a binary built with
 //! this provider starts on a host without it and reports "RDMA unavailable (…)" when asked for it.
 //!
-//! `sideway` lists the devices; the rest goes through rdma-mummy-sys directly ([`ffi`], the workspace's only
+//! `sideway` lists the devices; the rest goes through rdma-mummy-sys directly (`ffi`, the workspace's only
 //! unsafe code), because sideway 0.4 has no shared receive queues, no connection parameters (private data,
 //! responder resources, initiator depth, RNR retry) and no access to a connect request's private data, all of
-//! which the NVMe/RDMA binding needs. Everything runs on the device's worker thread ([`worker`]), behind the
+//! which the NVMe/RDMA binding needs. Everything runs on the device's worker thread (`worker`), behind the
 //! same [`crate::Device`] surface as the soft provider.
 
 #[cfg(feature = "verbs")]

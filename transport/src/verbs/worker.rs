@@ -18,13 +18,14 @@ use tokio::sync::mpsc;
 
 use super::VerbsConfig;
 use super::ffi::{self, AsyncEvent, CmEvent, CmId, ConnParam, QpTarget, SendKind, cm_event};
+use crate::connection::{ConnId, PeerParams};
 use crate::device::{
     Command, Completion, CompletionQueue, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
     ProtectionDomain, QpState, QpTransition,
 };
-use crate::soft::cm::{ConnId, PeerParams};
-use crate::soft::memory_table::RegionKeys;
-use crate::soft::rc::{Access, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
+use crate::region::Access;
+use crate::region::RegionKeys;
+use crate::work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
 
 /// Work requests each queue pair has on the device at once; more wait in the worker (a full queue is not an
 /// error for the application).

@@ -1,20 +1,7 @@
 //! How the responder reaches registered memory: by rkey, with bounds and access checks. The engine never sees
 //! memory except through this trait, so nothing outside a registered region can be read or written.
 
-/// Remote access rights of a memory region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Access {
-    pub local_write: bool,
-    pub remote_read: bool,
-    pub remote_write: bool,
-}
-
-impl Access {
-    pub const LOCAL_WRITE: Access = Access { local_write: true, remote_read: false, remote_write: false };
-    pub const REMOTE_READ: Access = Access { local_write: false, remote_read: true, remote_write: false };
-    pub const REMOTE_WRITE: Access = Access { local_write: true, remote_read: false, remote_write: true };
-    pub const REMOTE_ALL: Access = Access { local_write: true, remote_read: true, remote_write: true };
-}
+pub use crate::region::Access;
 
 /// Why a remote access was refused; all of them are answered with a remote access error NAK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -13,13 +13,12 @@ pub mod memory;
 pub mod psn;
 pub mod requester;
 pub mod responder;
-pub mod wr;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+pub use crate::work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
 pub use memory::{Access, AccessError, RemoteMemory};
-pub use wr::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
 
 use crate::soft::wire::{Opcode, PacketRepr};
 use requester::Requester;
@@ -201,7 +200,7 @@ impl RcQp {
         if matches!(wr.op, SendOp::RdmaRead { .. }) && len == 0 {
             return Err((PostError::EmptyRead, wr));
         }
-        wr::gather(&mut wr.buf, &wr.sg_list);
+        crate::work_request::gather(&mut wr.buf, &wr.sg_list);
         self.requester.post(wr);
         Ok(())
     }
@@ -210,7 +209,7 @@ impl RcQp {
         if self.state == EngineState::Error {
             return Err((PostError::QpError, wr));
         }
-        wr::gather(&mut wr.buf, &wr.sg_list);
+        crate::work_request::gather(&mut wr.buf, &wr.sg_list);
         self.responder.post(wr);
         Ok(())
     }

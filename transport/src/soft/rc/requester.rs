@@ -5,10 +5,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::psn;
-use super::wr::{SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
 use super::{RcConfig, rnr_timer};
 use crate::soft::wire::ext::{NakCode, Reth, Syndrome};
 use crate::soft::wire::{Bth, Opcode, PacketRepr};
+use crate::work_request::{SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
 
 /// Request at least one ACK per this many packets of a long message (rxe's RXE_MAX_PKT_PER_ACK).
 const PACKETS_PER_ACK_REQUEST: u32 = 64;

@@ -6,10 +6,10 @@ use std::collections::VecDeque;
 use super::RcConfig;
 use super::memory::RemoteMemory;
 use super::psn;
-use super::wr::{RecvWr, WcOpcode, WcStatus, WorkCompletion};
 use crate::soft::wire::ext::{Aeth, NakCode, Syndrome};
 use crate::soft::wire::opcode::Position;
 use crate::soft::wire::{Bth, MASK_24, Opcode, PacketRepr};
+use crate::work_request::{RecvWr, WcOpcode, WcStatus, WorkCompletion};
 
 /// READ requests remembered for answering duplicates (IBTA: at least max_dest_rd_atomic).
 const READ_HISTORY: usize = 32;

@@ -1,5 +1,5 @@
-//! Work requests and work completions as the RC engine sees them. Buffers are leased by ownership: posting a
-//! request moves its buffer into the engine, and the completion hands the same buffer back (filled, for RECV
+//! Work requests and work completions, the same for every provider. Buffers are leased by ownership: posting a
+//! request moves its buffer into the provider, and the completion hands the same buffer back (filled, for RECV
 //! and RDMA READ), whatever the outcome.
 //!
 //! A request's data is either one buffer (`buf`) or a scatter/gather list (`sg_list`, when non-empty): the
