@@ -1,8 +1,8 @@
 //! A device, whatever its provider: one worker thread alone owns every queue pair, registered region and
-//! connection of the device (the soft provider's RC engines and socket, or the verbs provider's libibverbs objects
-//! and connection-manager ids). Nothing else touches them: the application talks to the worker by messages (posting moves
-//! a work request and its buffer in), completions come back through completion queues, and connection events
-//! through the device's event stream. Teardown is a message too, so a queue pair can never be freed by one
+//! connection of the device (the soft provider's RC engines and socket, or the verbs provider's libibverbs
+//! objects and connection-manager ids). Nothing else touches them: the application talks to the worker by
+//! messages (posting moves a work request and its buffer in), completions come back through completion queues,
+//! and connection events through the device's event stream. Teardown is a message too, so a queue pair can never be freed by one
 //! thread while another still holds it — the failure that crashed SPDK's target.
 
 use std::collections::VecDeque;
@@ -47,7 +47,8 @@ pub enum DeviceError {
     UnknownPd(u32),
     #[error("protection domain {0} still has memory regions or queue pairs")]
     PdBusy(u32),
-    /// The verbs provider cannot run here: no libibverbs or no kernel connection manager, or no RDMA device for the address.
+    /// The verbs provider cannot run here: no libibverbs or no kernel connection manager, or no RDMA device for
+    /// the address.
     #[error("RDMA unavailable ({0})")]
     Unavailable(String),
     #[error("{call}: {source}")]

@@ -13,9 +13,9 @@
 //! device until deregistered.
 //!
 //! Providers: [`soft`], a userspace RoCEv2 (RC over UDP 4791, IB CM on QP1) wire-compatible with Linux rxe,
-//! needing no hardware, root or kernel module ([`Device::open`]); and [`verbs`], libibverbs (loaded at run time)
-//! and the kernel's connection manager, for real RNICs and kernel rxe ([`Device::open_verbs`]). Both are one worker thread
-//! behind the same handles.
+//! needing no hardware, root or kernel module ([`Device::open`]); and [`verbs`], libibverbs (loaded at run
+//! time) and the kernel's connection manager, for real RNICs and kernel rxe ([`Device::open_verbs`]). Both are
+//! one worker thread behind the same handles.
 #![deny(unsafe_code)]
 
 pub mod connection;

@@ -35,7 +35,8 @@ struct Args {
     /// NVMe/RDMA service id (rdma_cm port).
     #[arg(long, short = 's', default_value_t = DEFAULT_PORT)]
     port: u16,
-    /// RDMA provider: soft (userspace RoCEv2, no hardware) or verbs (libibverbs and the kernel's rdma_cm: RNICs, kernel rxe).
+    /// RDMA provider: soft (userspace RoCEv2, no hardware) or verbs (libibverbs and the kernel's rdma_cm: RNICs,
+    /// kernel rxe).
     #[arg(long, default_value = "soft", value_parser = transport::Provider::NAMES)]
     provider: String,
     /// RoCEv2 UDP port of the soft provider (0: any free port, printed at start).

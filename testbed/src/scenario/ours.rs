@@ -72,8 +72,8 @@ log "our target listening on {addr}:4420"
 }
 
 /// Waits (up to 30 s) until the target holds no controller, queue pair, poller or pool buffer, writes its stats
-/// to `$T/stats.after`, stops it with SIGINT and records its exit code in `$T/nvmf-target.exit` (and whether it was
-/// still running in `$T/nvmf-target.alive`).
+/// to `$T/stats.after`, stops it with SIGINT and records its exit code in `$T/nvmf-target.exit` (and whether it
+/// was still running in `$T/nvmf-target.alive`). Not `target.exit`: that is the target VM's own script exit.
 pub fn stop_target() -> String {
     r#"if kill -0 $tpid 2>/dev/null; then echo yes > $T/nvmf-target.alive; else echo no > $T/nvmf-target.alive; fi
 n=0; while [ $n -lt 150 ]; do

@@ -2,9 +2,9 @@
 //! libibverbs object or one kernel connection-manager id and releases it on drop; a type that needs another
 //! object alive holds an `Rc` to it (a queue pair holds its completion queue, protection domain and shared
 //! receive queue; a domain holds the device context; the context holds an id bound to the device's address,
-//! on which the kernel announces the device's removal), so objects are always destroyed children first. Raw pointers and `Rc` make every type `!Send`: they live
-//! and die on the device's worker thread, which is the ownership rule that keeps a queue pair from being freed
-//! on one thread while another still uses it.
+//! on which the kernel announces the device's removal), so objects are always destroyed children first. Raw
+//! pointers and `Rc` make every type `!Send`: they live and die on the device's worker thread, which is the
+//! ownership rule that keeps a queue pair from being freed on one thread while another still uses it.
 //!
 //! Memory handed to the device for DMA belongs to a [`MemoryRegion`]: the region owns the `Vec`, and gives it
 //! back only after `ibv_dereg_mr`. The worker reads or writes a region's bytes only while no work request that
@@ -383,15 +383,10 @@ impl CmId {
 
     /// Where the id is bound: device, port, addresses.
     pub fn addr_info(&self) -> Result<ucma::AddrInfo, VerbsError> {
-        let mut response = vec![0; ucma::QUERY_ADDR_RESP_LEN];
-        // A kernel that does not report device indexes leaves this "unknown".
-        response[272..276].fill(0xff);
-        let response = self.channel.call("rdma_cm QUERY", response, |r| Ok(ucma::query_addr(r, self.handle)))?;
+        let response = self
+            .channel
+            .call("rdma_cm QUERY", ucma::query_addr_response(), |r| Ok(ucma::query_addr(r, self.handle)))?;
         Ok(ucma::AddrInfo::parse(&response))
-    }
-
-    pub fn port_num(&self) -> u8 {
-        self.addr_info().map_or(1, |a| a.port_num)
     }
 
     /// The peer's address (after address resolution, or on a connect request's id).
@@ -401,7 +396,7 @@ impl CmId {
 
     /// Whether this id is on the device `context` is.
     pub fn on_device(&self, context: &Context) -> bool {
-        self.addr_info().is_ok_and(|a| a.has_device() && context.is(&a))
+        self.addr_info().is_ok_and(|a| context.holds(&a))
     }
 }
 
@@ -425,6 +420,7 @@ pub struct Context {
     raw: NonNull<sys::ibv_context>,
     node_guid: u64,
     ibdev_index: u32,
+    port_num: u8,
     /// An id bound to the device's address: the device's removal is announced on it even with no listener.
     _anchor: Rc<CmId>,
 }
@@ -470,12 +466,23 @@ impl Context {
         unsafe { sys::ibv_free_device_list(list) };
         let Some(raw) = opened else { return Ok(None) };
         let raw = NonNull::new(raw).ok_or_else(|| last_error("ibv_open_device"))?;
-        Ok(Some(Rc::new(Context { raw, node_guid: info.node_guid, ibdev_index: info.ibdev_index, _anchor: anchor })))
+        Ok(Some(Rc::new(Context {
+            raw,
+            node_guid: info.node_guid,
+            ibdev_index: info.ibdev_index,
+            port_num: info.port_num,
+            _anchor: anchor,
+        })))
     }
 
     /// Whether an id bound as `info` says is on this device.
-    fn is(&self, info: &ucma::AddrInfo) -> bool {
-        info.node_guid == self.node_guid && info.ibdev_index == self.ibdev_index
+    pub fn holds(&self, info: &ucma::AddrInfo) -> bool {
+        info.has_device() && info.node_guid == self.node_guid && info.ibdev_index == self.ibdev_index
+    }
+
+    /// The port the anchor id is bound to.
+    pub fn port_num(&self) -> u8 {
+        self.port_num
     }
 
     pub fn device_name(&self) -> String {

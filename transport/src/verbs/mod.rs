@@ -61,7 +61,8 @@ impl Device {
     }
 
     /// Opens the RDMA device serving `config.addr` and starts its worker thread. Fails with
-    /// [`DeviceError::Unavailable`] when libibverbs or the kernel's connection manager is missing or no RDMA device has the address.
+    /// [`DeviceError::Unavailable`] when libibverbs or the kernel's connection manager is missing or no RDMA
+    /// device has the address.
     #[cfg(feature = "verbs")]
     pub fn open_verbs(config: VerbsConfig) -> Result<Device, DeviceError> {
         let addr = config.addr;

@@ -63,6 +63,8 @@ pub const CREATE_ID_RESP_LEN: usize = 4;
 pub const DESTROY_ID_RESP_LEN: usize = 4;
 /// `struct rdma_ucm_query_addr_resp`.
 pub const QUERY_ADDR_RESP_LEN: usize = 280;
+/// Where its `ibdev_index` sits.
+const IBDEV_INDEX_AT: usize = 272;
 /// `struct ib_uverbs_qp_attr`.
 pub const QP_ATTR_RESP_LEN: usize = 144;
 /// `struct rdma_ucm_event_resp`.
@@ -73,6 +75,11 @@ pub const EVENT_RESP_LEN: usize = 336;
 pub enum EncodeError {
     #[error("private data of {0} bytes does not fit a connection-manager message (at most 255 here)")]
     PrivateDataTooLong(usize),
+}
+
+/// Private data's length as the one byte the ABI has for it.
+fn private_data_len(data: &[u8]) -> Result<u8, EncodeError> {
+    u8::try_from(data.len()).map_err(|_| EncodeError::PrivateDataTooLong(data.len()))
 }
 
 /// A command body under construction.
@@ -197,6 +204,14 @@ pub fn resolve_route(id: u32, timeout_ms: u32) -> Vec<u8> {
     Body::new(8).u32(0, id).u32(4, timeout_ms).command(cmd::RESOLVE_ROUTE, 0)
 }
 
+/// The buffer a QUERY (addr) reply goes into: a kernel that does not report device indexes leaves the index
+/// "unknown" (all ones), as it is preset here.
+pub fn query_addr_response() -> Vec<u8> {
+    let mut b = vec![0; QUERY_ADDR_RESP_LEN];
+    b[IBDEV_INDEX_AT..IBDEV_INDEX_AT + 4].fill(0xff);
+    b
+}
+
 pub fn query_addr(response: u64, id: u32) -> Vec<u8> {
     Body::new(16).u64(0, response).u32(8, id).u32(12, QUERY_ADDR).command(cmd::QUERY, QUERY_ADDR_RESP_LEN)
 }
@@ -220,14 +235,11 @@ pub struct ConnParam {
 impl ConnParam {
     /// `struct rdma_ucm_conn_param`, marked valid.
     fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        let len = self.private_data.len();
-        if len > u8::MAX as usize {
-            return Err(EncodeError::PrivateDataTooLong(len));
-        }
+        let len = private_data_len(&self.private_data)?;
         Ok(Body::new(CONN_PARAM_LEN)
             .u32(0, self.qp_num & 0xff_ffff)
             .bytes(8, &self.private_data)
-            .u8(264, len as u8)
+            .u8(264, len)
             .u8(265, u8::from(self.srq))
             .u8(266, self.responder_resources)
             .u8(267, self.initiator_depth)
@@ -265,15 +277,9 @@ pub fn accept(uid: u64, id: u32, param: Option<&ConnParam>) -> Result<Vec<u8>, E
 }
 
 pub fn reject(id: u32, private_data: &[u8]) -> Result<Vec<u8>, EncodeError> {
-    if private_data.len() > u8::MAX as usize {
-        return Err(EncodeError::PrivateDataTooLong(private_data.len()));
-    }
+    let len = private_data_len(private_data)?;
     // Reason 0: the kernel sends "consumer defined" with our private data.
-    Ok(Body::new(8 + MAX_PRIVATE_DATA)
-        .u32(0, id)
-        .u8(4, private_data.len() as u8)
-        .bytes(8, private_data)
-        .command(cmd::REJECT, 0))
+    Ok(Body::new(8 + MAX_PRIVATE_DATA).u32(0, id).u8(4, len).bytes(8, private_data).command(cmd::REJECT, 0))
 }
 
 pub fn disconnect(id: u32) -> Vec<u8> {
@@ -312,7 +318,7 @@ impl AddrInfo {
             port_num: b[8],
             src: parse_sockaddr(&b[16..16 + src_len]),
             dst: parse_sockaddr(&b[144..144 + dst_len]),
-            ibdev_index: u32_at(b, 272),
+            ibdev_index: u32_at(b, IBDEV_INDEX_AT),
         }
     }
 
@@ -563,6 +569,9 @@ mod tests {
         assert_eq!((a.port_num, a.ibdev_index), (1, 3));
         assert_eq!(a.src, Some("198.18.0.1:4420".parse().unwrap()));
         assert_eq!(a.dst, Some("198.18.0.2:50000".parse().unwrap()));
+        // A kernel that writes no index leaves the preset "unknown".
+        let unwritten = query_addr_response();
+        assert_eq!((unwritten.len(), AddrInfo::parse(&unwritten).ibdev_index), (QUERY_ADDR_RESP_LEN, u32::MAX));
 
         let mut q = vec![0u8; QP_ATTR_RESP_LEN];
         q[0..4].copy_from_slice(&(1u32 | 1 << 7 | 1 << 22).to_ne_bytes());

@@ -1,7 +1,8 @@
-//! The worker of a verbs device: the one thread that owns the device's libibverbs objects and connection-manager ids. It
-//! takes commands from the device's handles and events from three file descriptors (the kernel connection
-//! manager's file, the completion channel every queue's CQ is armed on, and the device's async events), all
-//! driven from a tokio reactor, and hands back completions and events — the same contract as the soft worker.
+//! The worker of a verbs device: the one thread that owns the device's libibverbs objects and connection-manager
+//! ids. It takes commands from the device's handles and events from three file descriptors (the kernel
+//! connection manager's file, the completion channel every queue's CQ is armed on, and the device's async
+//! events), all driven from a tokio reactor, and hands back completions and events — the same contract as the
+//! soft worker.
 //!
 //! The application's buffers never reach the device: each work request is staged through a registered buffer
 //! the worker owns (copied in before posting, copied out on completion), so a buffer handed back by a
@@ -23,8 +24,7 @@ use crate::device::{
     Command, Completion, CompletionQueue, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
     ProtectionDomain, QpState, QpTransition,
 };
-use crate::region::Access;
-use crate::region::RegionKeys;
+use crate::region::{Access, RegionKeys};
 use crate::work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
 
 /// Work requests each queue pair has on the device at once; more wait in the worker (a full queue is not an
@@ -246,10 +246,10 @@ impl Worker {
         anchor.bind(SocketAddr::new(config.addr, 0)).map_err(|e| {
             unavailable(format!("no RDMA device serves {} (devices: {}): {e}", config.addr, names.join(", ")))
         })?;
-        let port = anchor.port_num().max(1);
         let context = ffi::Context::open(Rc::new(anchor)).map_err(verbs)?.ok_or_else(|| {
             unavailable(format!("no RDMA device serves {} (devices: {})", config.addr, names.join(", ")))
         })?;
+        let port = context.port_num().max(1);
         context.set_async_nonblocking().map_err(verbs)?;
         let (port_up, mtu) = context.port_state(port).map_err(verbs)?;
         let comp = ffi::CompChannel::new(&context).map_err(verbs)?;
@@ -1025,7 +1025,7 @@ impl Worker {
             return Err(DeviceError::BadTransition { qpn, from: slot.state, to: "connect" });
         }
         let id = CmId::new(&self.channel).map_err(verbs)?;
-        let timeout = self.config.resolve_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+        let timeout = self.resolve_timeout_ms();
         id.resolve_addr(Some(SocketAddr::new(self.config.addr, 0)), SocketAddr::new(dst.ip(), port), timeout)
             .map_err(verbs)?;
         let conn =
@@ -1048,8 +1048,8 @@ impl Worker {
         if slot.state != QpState::Init || slot.conn.is_some() {
             return Err(DeviceError::BadTransition { qpn, from: slot.state, to: "accept" });
         }
-        // As librdmacm's rdma_accept does for a queue pair of its own: INIT with the connection's port and keys, RTR, RTS,
-        // then the reply.
+        // As librdmacm's rdma_accept does for a queue pair of its own: INIT with the connection's port and keys,
+        // RTR, RTS, then the reply.
         let mut init = c.id.qp_attr(QpTarget::Init).map_err(verbs)?;
         slot.qp.modify(&mut init).map_err(verbs)?;
         let mut rtr = c.id.qp_attr(QpTarget::Rtr).map_err(verbs)?;
@@ -1102,7 +1102,7 @@ impl Worker {
             tracing::debug!(kind, "event for an id no connection holds");
             return;
         };
-        let timeout = self.config.resolve_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+        let timeout = self.resolve_timeout_ms();
         match kind {
             cm_event::ADDR_RESOLVED => {
                 let result = self.conns.get(&conn).map(|c| c.id.resolve_route(timeout));
@@ -1168,16 +1168,23 @@ impl Worker {
         }
     }
 
+    /// Address and route resolution's time limit, in the connection manager's milliseconds.
+    fn resolve_timeout_ms(&self) -> u32 {
+        u32::try_from(self.config.resolve_timeout.as_millis()).unwrap_or(u32::MAX)
+    }
+
     fn on_connect_request(&mut self, ev: CmEvent) {
         let Some(id) = ev.new_id else { return };
         let Some(live) = &self.live else { return };
         let local_port = self.listeners.get(&ev.listen_key).map_or(0, |(port, _)| *port);
-        if !id.on_device(&live.context) {
+        // One query says both which device the request came in on and who sent it.
+        let info = id.addr_info().ok();
+        if !info.as_ref().is_some_and(|i| live.context.holds(i)) {
             // A listener bound to our address only hears our device; refuse anything else.
             let _ = id.reject(&[]);
             return;
         }
-        let peer_addr = id.peer_addr().unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
+        let peer_addr = info.and_then(|i| i.dst).unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
         let mtu = live.context.port_state(self.port).map(|(_, m)| m).unwrap_or(1024);
         let peer = PeerParams {
             addr: peer_addr.ip(),
