@@ -2,7 +2,11 @@
 //! `CI=true` this test must run, never skip). Each soft device lives in its own namespace. Link down in the
 //! middle of a transfer: retries, then RETRY_EXC and flush completions, and PORT_ERR; link up: PORT_ACTIVE and
 //! a new connection works; address deleted and restored: ADDR_CHANGE both ways; veth deleted:
-//! DEVICE_REMOVAL. Afterwards the process has no more threads or file descriptors than before.
+//! DEVICE_REMOVAL. Afterwards the process has no more threads or file descriptors than before. Every datagram
+//! either device sent is captured in the receiving namespace (a raw socket) and must carry the ICRC of the IP
+//! header it really went out with.
+
+mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -126,6 +130,8 @@ async fn link_down_up_address_and_removal() {
     }
     let (threads0, fds0) = (count("/proc/self/task"), count("/proc/self/fd"));
     let topo = Topology::new();
+    let addrs = topo.addrs.map(IpAddr::V4);
+    let captures = topo.ns.clone().map(|ns| support::capture::WireCapture::start(Some(&ns), &addrs));
     let (a, b) = (topo.device(0), topo.device(1));
     let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
     let b_addr = b.local_addr();
@@ -194,6 +200,12 @@ async fn link_down_up_address_and_removal() {
     }
     drop(a);
     drop(b);
+    for (capture, ns) in captures.into_iter().zip(&topo.ns) {
+        let datagrams = capture.stop();
+        assert!(datagrams.len() > 50, "{ns}: {} datagrams captured", datagrams.len());
+        eprintln!("{ns}: {} datagrams captured, every ICRC right for its IP header", datagrams.len());
+        support::capture::assert_icrcs_match_the_wire(ns, &datagrams);
+    }
     drop(topo);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(count("/proc/self/task"), threads0, "threads back to the baseline");

@@ -75,14 +75,16 @@ pub fn read_rocev2(file: &[u8]) -> Result<Vec<Datagram>, PcapError> {
             LINKTYPE_RAW => frame,
             _ => continue,
         };
-        if let Some(d) = rocev2_from_ip(ip, index, timestamp_us) {
-            out.push(d);
+        if let Some(d) = from_ip(ip) {
+            out.push(Datagram { record: index, timestamp_us, ..d });
         }
     }
     Ok(out)
 }
 
-fn rocev2_from_ip(ip: &[u8], record: usize, timestamp_us: u64) -> Option<Datagram> {
+/// The RoCEv2 datagram in an IP packet (header included, as a capture or a raw socket holds it), if it is
+/// one: IPv4 without options or IPv6, UDP to port 4791. Record number and timestamp are left 0.
+pub fn from_ip(ip: &[u8]) -> Option<Datagram> {
     let (header, src, dst, rest) = match ip.first()? >> 4 {
         4 => {
             let ihl = (ip[0] & 0xf) as usize * 4;
@@ -118,8 +120,8 @@ fn rocev2_from_ip(ip: &[u8], record: usize, timestamp_us: u64) -> Option<Datagra
         return None;
     }
     Some(Datagram {
-        record,
-        timestamp_us,
+        record: 0,
+        timestamp_us: 0,
         ip: header,
         src,
         dst,

@@ -831,8 +831,9 @@ fn socket_error_is_transient(kind: std::io::ErrorKind) -> bool {
     )
 }
 
-/// The IP header the ICRC covers, as the kernel builds it for our datagrams (identification 0 on both ends;
-/// the receiving socket cannot see the real one).
+/// The IP header the ICRC covers, as the kernel builds it for our datagrams: identification 0, which `bind`'s
+/// path MTU discovery setting guarantees for what we send. A receiving socket cannot see the real header, so a
+/// kernel peer's identification is recovered from its ICRC (`on_datagram`).
 fn ip_header(src: IpAddr, dst: IpAddr, roce_len_without_icrc: usize) -> IpHeader {
     let udp_len = (8 + roce_len_without_icrc + icrc::ICRC_LEN) as u16;
     match (src, dst) {
@@ -884,6 +885,13 @@ fn flushed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>, sg_list: Vec<Vec<u8>>) ->
 pub(super) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv4() {
+        // The ICRC covers the IPv4 identification, which the kernel picks as it sends. With path MTU discovery
+        // "do" (DF set, never fragmented) an unconnected socket's datagrams go out with identification 0 — the
+        // header `ip_header` computes the ICRC over. Without it the kernel numbers them and every ICRC we send
+        // is wrong for the header on the wire: rxe drops all of it.
+        rustix::net::sockopt::set_ip_mtu_discover(&socket, rustix::net::sockopt::Ipv4PathMtuDiscovery::DO)?;
+    }
     // Bursts of a window of MTU-sized packets must not overflow the default socket buffers.
     let _ = socket.set_recv_buffer_size(8 << 20);
     let _ = socket.set_send_buffer_size(8 << 20);

@@ -1,6 +1,8 @@
 //! Test doubles for the layer above the RC engine: registered memory and a seeded, lossy network.
 #![allow(dead_code)]
 
+pub mod capture;
+
 use std::collections::BinaryHeap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
