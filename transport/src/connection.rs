@@ -12,6 +12,8 @@ pub struct PeerParams {
     pub addr: IpAddr,
     pub port: u16,
     pub qpn: u32,
+    /// The starting PSN of the peer's REQ or REP: the PSN the peer expects to receive first, which is where our
+    /// sends start ([`crate::soft::cm::StartPsns`]).
     pub start_psn: u32,
     pub path_mtu: u8,
     pub responder_resources: u8,

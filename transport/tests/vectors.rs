@@ -244,6 +244,96 @@ mod cm {
         assert_eq!((req.local_cm_response_timeout, req.remote_cm_response_timeout), (20, 20));
     }
 
+    /// The PSN convention, pinned to the kernel: in every connection of the capture the host's first request
+    /// carries the REP's starting PSN and the target's first request the REQ's — each side sends from the PSN
+    /// its peer advertised. Our CM and [`StartPsns`], put in either role with the captured MADs, derive the same.
+    #[test]
+    fn psn_convention_matches_the_kernel_captures() {
+        use transport::soft::cm::{AcceptParams, Cm, CmConfig, CmEvent, ConnectParams, StartPsns};
+        let Some(datagrams) = load("connect-io-mtu1024.pcap") else { return };
+        let (host, target) = (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)));
+        // Per connection: (REQ, REP, the host's first request PSN, the target's first request PSN).
+        let mut conns: Vec<(mad::Req, mad::Rep, Option<u32>, Option<u32>)> = Vec::new();
+        let mut reqs = Vec::new();
+        for d in &datagrams {
+            let (p, _) = PacketRepr::parse(&d.payload).unwrap();
+            if p.bth.opcode == Opcode::UdSendOnly {
+                match CmMessage::parse(p.payload).unwrap().1 {
+                    CmMessage::Req(req) => reqs.push(req),
+                    CmMessage::Rep(rep) => {
+                        let req = reqs.iter().find(|r| r.local_comm_id == rep.remote_comm_id).unwrap().clone();
+                        conns.push((req, rep, None, None));
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            if !p.bth.opcode.is_request() {
+                continue; // ACKs and READ responses carry the PSN of what they answer
+            }
+            // The newest connection whose queue pair this is addressed to.
+            let Some(c) = conns.iter_mut().rev().find(|(req, rep, _, _)| {
+                (d.src == host && p.bth.dest_qp == rep.local_qpn) || (d.src == target && p.bth.dest_qp == req.local_qpn)
+            }) else {
+                panic!("#{}: request for no connection", d.record)
+            };
+            let first = if d.src == host { &mut c.2 } else { &mut c.3 };
+            first.get_or_insert(p.bth.psn);
+        }
+        assert_eq!(conns.len(), 3, "discovery, admin and I/O queue");
+        for (req, rep, host_first, target_first) in &conns {
+            assert_eq!(*host_first, Some(rep.starting_psn), "host sends from the REP's PSN: {req:?}");
+            assert_eq!(*target_first, Some(req.starting_psn), "target sends from the REQ's PSN: {rep:?}");
+        }
+        let (req, rep, host_first, target_first) = conns[0].clone();
+        let (host_first, target_first) = (host_first.unwrap(), target_first.unwrap());
+        let mad_bytes = |attr: u16| {
+            mads("connect-io-mtu1024.pcap").unwrap().into_iter().find(|(h, _, _)| h.attr_id == attr).unwrap().2
+        };
+        let config = |first_comm_id| CmConfig { first_comm_id, ..CmConfig::default() };
+        let now = std::time::Instant::now();
+
+        // Our CM as the target: the kernel host's REQ, our REP advertising what the kernel target advertised.
+        let mut passive = Cm::new(config(rep.local_comm_id));
+        passive.listen(4420, 1).unwrap();
+        passive.handle_mad(now, host, target, &mad_bytes(mad::attr::REQ));
+        let Some(CmEvent::ConnectRequest { conn, .. }) = passive.poll_event() else { panic!("connect request") };
+        let accept = AcceptParams {
+            local_qpn: rep.local_qpn,
+            start_psn: rep.starting_psn,
+            responder_resources: rep.responder_resources,
+            initiator_depth: rep.initiator_depth,
+            rnr_retry_count: rep.rnr_retry_count,
+            private_data: rep.private_data.clone(),
+        };
+        passive.accept(now, conn, accept).unwrap();
+        passive.handle_mad(now, host, target, &mad_bytes(mad::attr::RTU));
+        let Some(CmEvent::Established { peer, .. }) = passive.poll_event() else { panic!("established") };
+        assert_eq!(StartPsns::new(rep.starting_psn, &peer), StartPsns { send: target_first, recv: host_first });
+
+        // Our CM as the host: our REQ advertising the kernel host's PSN, then the kernel target's REP.
+        let mut active = Cm::new(config(req.local_comm_id));
+        let (cma, private_data) = CmaHeader::parse(&req.private_data).unwrap();
+        let params = ConnectParams {
+            src: host,
+            dst: target,
+            src_port: cma.src_port,
+            dst_port: 4420,
+            local_qpn: req.local_qpn,
+            start_psn: req.starting_psn,
+            path_mtu: req.path_mtu,
+            responder_resources: req.responder_resources,
+            initiator_depth: req.initiator_depth,
+            retry_count: req.retry_count,
+            rnr_retry_count: req.rnr_retry_count,
+            private_data: private_data.to_vec(),
+        };
+        assert_eq!(active.connect(now, params).unwrap(), req.local_comm_id);
+        active.handle_mad(now, target, host, &mad_bytes(mad::attr::REP));
+        let Some(CmEvent::Established { peer, .. }) = active.poll_event() else { panic!("established") };
+        assert_eq!(StartPsns::new(req.starting_psn, &peer), StartPsns { send: host_first, recv: target_first });
+    }
+
     #[test]
     fn reject_for_a_port_without_listener() {
         let Some(all) = mads("cm-reject.pcap") else { return };

@@ -43,6 +43,22 @@ impl Default for CmConfig {
     }
 }
 
+/// The first PSNs of a connected RC queue pair. A REQ's or REP's starting PSN is the PSN its sender expects
+/// to *receive* first (Linux `cm.c`: the active side's `rq_psn` is its REQ's starting PSN, the passive side's its
+/// REP's; each side's `sq_psn` is the other's), so each side sends from the PSN its peer advertised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartPsns {
+    pub send: u32,
+    pub recv: u32,
+}
+
+impl StartPsns {
+    /// From the starting PSN we advertised in our REQ or REP and what the peer's REP or REQ said.
+    pub fn new(advertised: u32, peer: &PeerParams) -> StartPsns {
+        StartPsns { send: peer.start_psn, recv: advertised }
+    }
+}
+
 /// What the active side asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectParams {
@@ -53,6 +69,7 @@ pub struct ConnectParams {
     /// The listener's rdma_cm port (4420 for NVMe/RDMA).
     pub dst_port: u16,
     pub local_qpn: u32,
+    /// The PSN we expect to receive first (see [`StartPsns`]).
     pub start_psn: u32,
     /// IB MTU code: 1 = 256 … 5 = 4096.
     pub path_mtu: u8,
@@ -70,6 +87,7 @@ pub struct ConnectParams {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptParams {
     pub local_qpn: u32,
+    /// The PSN we expect to receive first (see [`StartPsns`]).
     pub start_psn: u32,
     pub responder_resources: u8,
     pub initiator_depth: u8,

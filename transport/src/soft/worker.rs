@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams, PeerParams};
+use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams, PeerParams, StartPsns};
 use super::device::SoftConfig;
 use super::memory_table::MemoryTable;
 use super::rc::{EngineState, RcConfig, RcQp, RecvWr, SendWr, WcOpcode, WcStatus, WorkCompletion};
@@ -36,6 +36,8 @@ struct QpSlot {
     early_sends: Vec<SendWr>,
     peer: Option<SocketAddr>,
     conn: Option<ConnId>,
+    /// The PSN this queue pair expects first, advertised in its REQ or REP (or, driven by hand, where it sends
+    /// from until RTS says otherwise).
     start_psn: u32,
     fatal_reported: bool,
     /// UDP source port of the connection's packets (rxe's, from the CM flow label), when the device serves the
@@ -610,6 +612,7 @@ impl Worker {
     fn start_engine(&mut self, qpn: u32, peer: &PeerParams, options: ConnectionOptions) {
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
         let mtu = (256usize << peer.path_mtu.clamp(1, 5).saturating_sub(1)).min(self.config.mtu);
+        let psns = StartPsns::new(slot.start_psn, peer);
         let config = RcConfig {
             mtu,
             retry_cnt: options.retry_count.min(self.config.retry_cnt),
@@ -619,7 +622,7 @@ impl Worker {
             // READs we issue: what we asked for, within what the peer grants; READs we serve: what we grant.
             max_rd_atomic: options.initiator_depth.min(peer.responder_resources).max(1),
             max_dest_rd_atomic: options.responder_resources.max(1),
-            ..RcConfig::new(qpn, peer.qpn, slot.start_psn, peer.start_psn)
+            ..RcConfig::new(qpn, peer.qpn, psns.send, psns.recv)
         };
         let Ok(mut engine) = RcQp::new(config) else {
             tracing::warn!(qpn, ?peer, "unusable connection parameters");
