@@ -339,25 +339,29 @@ fn lossy_handshakes_converge() {
     }
 }
 
-#[test]
-fn kernel_req_is_understood_and_answered() {
+/// The kernel host's first REQ in the capture (`shared/vectors`), or `None` (and a skip) without the vectors.
+fn kernel_req() -> Option<Vec<u8>> {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors");
     let Ok(file) = std::fs::read(dir.join("connect-io-mtu1024.pcap")) else {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true but the vectors are missing");
         eprintln!("SKIP: captured vectors not found");
-        return;
+        return None;
     };
     let datagrams = transport::soft::pcap::read_rocev2(&file).unwrap();
-    let req = datagrams
-        .iter()
-        .find_map(|d| {
-            let (p, _) = transport::soft::wire::PacketRepr::parse(&d.payload).ok()?;
-            (p.payload.len() == 256 && u16::from_be_bytes([p.payload[16], p.payload[17]]) == 0x10)
-                .then(|| p.payload.to_vec())
-        })
-        .unwrap();
-    let host = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
-    let target = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+    datagrams.iter().find_map(|d| {
+        let (p, _) = transport::soft::wire::PacketRepr::parse(&d.payload).ok()?;
+        (p.payload.len() == 256 && u16::from_be_bytes([p.payload[16], p.payload[17]]) == 0x10)
+            .then(|| p.payload.to_vec())
+    })
+}
+
+const KERNEL_HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
+const KERNEL_TARGET: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
+
+#[test]
+fn kernel_req_is_understood_and_answered() {
+    let Some(req) = kernel_req() else { return };
+    let (host, target) = (KERNEL_HOST, KERNEL_TARGET);
     let mut cm = cm(0x500);
     cm.listen(4420, 8).unwrap();
     let now = Instant::now();
@@ -388,6 +392,56 @@ fn kernel_req_is_understood_and_answered() {
     // And a retransmitted REQ now gets the REP again.
     cm.handle_mad(now, host, target, &req);
     assert_eq!(cm.poll_transmit().map(|(_, m)| m), Some(rep));
+}
+
+/// Our REP is lost every time (as rxe dropped ours while their ICRC was wrong) until its retries run out: the
+/// attempt is rejected (timeout) and reported unreachable once, and the kernel host's REQ, which it goes on
+/// retransmitting for 16 × 4.3 s, is the same attempt — answered with that REJ, never a second connection.
+#[test]
+fn a_duplicate_req_after_a_rep_timeout_is_the_same_attempt() {
+    let Some(req) = kernel_req() else { return };
+    let (host, target) = (KERNEL_HOST, KERNEL_TARGET);
+    let mut cm = cm(0x700);
+    cm.listen(4420, 8).unwrap();
+    let mut now = Instant::now();
+    cm.handle_mad(now, host, target, &req);
+    let Some(CmEvent::ConnectRequest { conn, .. }) = cm.poll_event() else { panic!("connect request") };
+    cm.accept(now, conn, accept_params()).unwrap();
+    let mut reps = 0;
+    let mut rejects = Vec::new();
+    let mut events = Vec::new();
+    // Time passes with nothing from the host; every MAD we send is lost. Then the host's retransmitted REQ,
+    // 4.3 s after the first, and later ones.
+    let (_, CmMessage::Req(kernel)) = CmMessage::parse(&req).unwrap() else { panic!("REQ") };
+    let resend_every = Duration::from_nanos(4096 << kernel.remote_cm_response_timeout);
+    let mut next_req = now + resend_every;
+    let end = now + resend_every * 5;
+    while now < end {
+        now = cm.poll_timeout().map_or(next_req, |t| t.min(next_req));
+        if now >= next_req {
+            cm.handle_mad(now, host, target, &req);
+            next_req += resend_every;
+        } else {
+            cm.handle_timeout(now);
+        }
+        while let Some((dst, mad)) = cm.poll_transmit() {
+            assert_eq!(dst, host);
+            match CmMessage::parse(&mad).unwrap().1 {
+                CmMessage::Rep(_) => reps += 1,
+                CmMessage::Rej(rej) => rejects.push((rej.reason, rej.message_rejected, rej.local_comm_id)),
+                other => panic!("{other:?}"),
+            }
+        }
+        events.extend(std::iter::from_fn(|| cm.poll_event()));
+    }
+    assert_eq!(events, vec![CmEvent::Unreachable { conn }], "one attempt, reported once");
+    assert!(reps >= 4, "the REP was retried ({reps})");
+    assert!(rejects.len() >= 2, "the REJ went out, and again for the duplicate REQs: {rejects:?}");
+    assert!(rejects.iter().all(|&r| r == (mad::reject_reason::TIMEOUT, mad::message::REP, conn)), "{rejects:?}");
+    // Forgotten once the host has stopped retransmitting (16 REQs), without another event.
+    assert_eq!(cm.connections(), 1);
+    cm.handle_timeout(now + resend_every * 16);
+    assert_eq!((cm.connections(), cm.poll_event()), (0, None));
 }
 
 #[test]

@@ -151,6 +151,10 @@ pub enum State {
     Established,
     DreqSent,
     TimeWait,
+    /// Passive side: our REP went unanswered through every retry, the attempt was rejected (timeout) and
+    /// reported unreachable. Kept while the peer may still retransmit its REQ, so that a duplicate is answered
+    /// with that REJ rather than taken for a new connection; then forgotten without an event.
+    Stale,
 }
 
 #[derive(Debug)]
@@ -166,10 +170,21 @@ struct Conn {
     peer: PeerParams,
     /// The listened port a passive connection came in on (0 for active connections).
     listener: u16,
+    /// Passive side: how long the peer goes on retransmitting its REQ (from the REQ's CM timeouts), which is
+    /// how long a stale attempt is remembered.
+    peer_req_span: Duration,
 }
 
 /// Service timeout announced in an MRA: 4.096 us * 2^20, about 4.3 s (rdma_cm's CMA_CM_MRA_SETTING).
 const MRA_SERVICE_TIMEOUT: u8 = 20;
+
+/// The longest a stale passive attempt is remembered, whatever its REQ claims.
+const MAX_STALE: Duration = Duration::from_secs(120);
+
+/// An IB CM timeout field: 4.096 us * 2^value.
+fn cm_timeout(value: u8) -> Duration {
+    Duration::from_nanos(4096u64 << value.min(31))
+}
 
 /// Private data after rdma_cm's header in a REQ (92 - 36).
 pub const REQ_PRIVATE_DATA_MAX: usize = mad::private_data_len::REQ - cma::CMA_HEADER_LEN;
@@ -318,6 +333,7 @@ impl Cm {
                 deadline: None,
                 peer,
                 listener: 0,
+                peer_req_span: Duration::ZERO,
             },
         );
         self.send(now, conn, mad, true);
@@ -367,7 +383,8 @@ impl Cm {
         if c.state != State::ReqReceived {
             return Err(CmError::WrongState { conn, state: c.state, action: "reject" });
         }
-        let mad = reject_mad(conn, c.remote_id, c.tid, reject_reason::CONSUMER_DEFINED, private_data);
+        let mad =
+            reject_mad(conn, c.remote_id, c.tid, mad::message::REQ, reject_reason::CONSUMER_DEFINED, private_data);
         self.transmit.push_back((c.peer_addr, mad));
         self.forget(conn);
         Ok(())
@@ -395,13 +412,14 @@ impl Cm {
                 // Nothing established yet: abandon the attempt.
                 let (addr, remote, tid) = (c.peer_addr, c.remote_id, c.tid);
                 if remote != 0 {
-                    self.transmit.push_back((addr, reject_mad(conn, remote, tid, reject_reason::TIMEOUT, &[])));
+                    let rej = reject_mad(conn, remote, tid, mad::message::REQ, reject_reason::TIMEOUT, &[]);
+                    self.transmit.push_back((addr, rej));
                 }
                 self.forget(conn);
                 self.events.push_back(CmEvent::Disconnected { conn });
                 Ok(())
             }
-            State::DreqSent | State::TimeWait => Ok(()),
+            State::DreqSent | State::TimeWait | State::Stale => Ok(()),
         }
     }
 
@@ -427,13 +445,24 @@ impl Cm {
                     self.forget(conn);
                     self.events.push_back(CmEvent::TimewaitExit { conn });
                 }
+                State::Stale => self.forget(conn),
                 State::ReqSent | State::RepSent | State::DreqSent if c.retries_left > 0 => {
                     c.retries_left -= 1;
                     let mad = c.last_sent.expect("a request was sent");
                     self.send(now, conn, mad, true);
                 }
-                State::ReqSent | State::RepSent => {
+                State::ReqSent => {
                     self.forget(conn);
+                    self.events.push_back(CmEvent::Unreachable { conn });
+                }
+                State::RepSent => {
+                    // As Linux's CM does for an unanswered REP: reject (timeout), and remember the attempt so
+                    // that the peer's retransmitted REQ gets this REJ again instead of a second connection.
+                    let rej = reject_mad(conn, c.remote_id, c.tid, mad::message::REP, reject_reason::TIMEOUT, &[]);
+                    c.state = State::Stale;
+                    c.last_sent = Some(rej);
+                    c.deadline = Some(now + c.peer_req_span);
+                    self.transmit.push_back((c.peer_addr, rej));
                     self.events.push_back(CmEvent::Unreachable { conn });
                 }
                 State::DreqSent => {
@@ -483,40 +512,45 @@ impl Cm {
 
     fn on_req(&mut self, src: IpAddr, dst: IpAddr, tid: u64, req: Req) {
         if let Some(&conn) = self.by_remote.get(&(src, req.local_comm_id)) {
-            // A retransmitted REQ: answer again with what we answered, or, while the application still decides,
-            // with an MRA asking the peer to wait longer.
-            match self.conns.get(&conn).and_then(|c| c.last_sent) {
-                Some(mad) => self.transmit.push_back((src, mad)),
-                None => {
-                    let mra = CmMessage::Mra {
-                        local_comm_id: conn,
-                        remote_comm_id: req.local_comm_id,
-                        message_mraed: mad::message::REQ,
-                        service_timeout: MRA_SERVICE_TIMEOUT,
-                        private_data: Vec::new(),
-                    }
-                    .emit(&MadHeader::cm(mad::attr::MRA, tid))
-                    .expect("no private data");
-                    self.transmit.push_back((src, mra));
+            // A retransmitted REQ: answer again with what we answered (a REP, or the REJ of a stale attempt);
+            // while the application still decides, with an MRA asking the peer to wait longer; after the
+            // connection closed, with a stale-connection REJ, as Linux's CM does.
+            let Some(c) = self.conns.get(&conn) else { return };
+            let answer = match (c.state, c.last_sent) {
+                (State::TimeWait, _) => {
+                    reject_mad(conn, req.local_comm_id, tid, mad::message::OTHER, reject_reason::STALE_CONNECTION, &[])
                 }
-            }
+                (_, Some(mad)) => mad,
+                (_, None) => CmMessage::Mra {
+                    local_comm_id: conn,
+                    remote_comm_id: req.local_comm_id,
+                    message_mraed: mad::message::REQ,
+                    service_timeout: MRA_SERVICE_TIMEOUT,
+                    private_data: Vec::new(),
+                }
+                .emit(&MadHeader::cm(mad::attr::MRA, tid))
+                .expect("no private data"),
+            };
+            self.transmit.push_back((src, answer));
             return;
         }
         let port = cma::port_of(req.service_id);
         let listening = port.and_then(|p| self.listeners.get(&p).map(|b| (p, *b)));
         let Some((port, backlog)) = listening else {
             // As Linux's CM answers a REQ for a service nobody listens on.
-            self.transmit
-                .push_back((src, reject_mad(0, req.local_comm_id, tid, reject_reason::INVALID_SERVICE_ID, &[])));
+            let rej = reject_mad(0, req.local_comm_id, tid, mad::message::REQ, reject_reason::INVALID_SERVICE_ID, &[]);
+            self.transmit.push_back((src, rej));
             return;
         };
         let waiting = self.conns.values().filter(|c| c.state == State::ReqReceived && c.listener == port).count();
         let Ok((cma_header, app_data)) = CmaHeader::parse(&req.private_data) else {
-            self.transmit.push_back((src, reject_mad(0, req.local_comm_id, tid, reject_reason::UNSUPPORTED, &[])));
+            let rej = reject_mad(0, req.local_comm_id, tid, mad::message::REQ, reject_reason::UNSUPPORTED, &[]);
+            self.transmit.push_back((src, rej));
             return;
         };
         if waiting >= backlog {
-            self.transmit.push_back((src, reject_mad(0, req.local_comm_id, tid, reject_reason::NO_RESOURCES, &[])));
+            let rej = reject_mad(0, req.local_comm_id, tid, mad::message::REQ, reject_reason::NO_RESOURCES, &[]);
+            self.transmit.push_back((src, rej));
             return;
         }
         let conn = self.new_id();
@@ -546,6 +580,9 @@ impl Cm {
                 deadline: None,
                 peer: peer.clone(),
                 listener: port,
+                // The active side resends its REQ every remote CM response timeout, max CM retries times.
+                peer_req_span: (cm_timeout(req.remote_cm_response_timeout) * (u32::from(req.max_cm_retries) + 1))
+                    .min(MAX_STALE),
             },
         );
         self.by_remote.insert((src, req.local_comm_id), conn);
@@ -633,11 +670,12 @@ impl Cm {
     }
 }
 
-fn reject_mad(local: u32, remote: u32, tid: u64, reason: u16, private_data: &[u8]) -> [u8; MAD_LEN] {
+/// A REJ of message `rejected` (`mad::message`), as the connection's state gives it.
+fn reject_mad(local: u32, remote: u32, tid: u64, rejected: u8, reason: u16, private_data: &[u8]) -> [u8; MAD_LEN] {
     CmMessage::Rej(Rej {
         local_comm_id: local,
         remote_comm_id: remote,
-        message_rejected: mad::message::REQ,
+        message_rejected: rejected,
         ari_len: 0,
         reason,
         ari: [0; 72],
