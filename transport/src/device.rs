@@ -238,7 +238,7 @@ impl Default for ConnectionOptions {
     }
 }
 
-/// Counts of what a device holds, for leak checks and stats.
+/// Counts of what a device holds, for leak checks and stats, and what it says of itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DeviceStats {
     pub protection_domains: usize,
@@ -252,6 +252,10 @@ pub struct DeviceStats {
     pub packets_dropped: u64,
     /// Link state of the netdev (true when not watched).
     pub port_up: bool,
+    /// The node GUID (as `ibv_query_device` gives it; the CA GUID of the device's CM messages).
+    pub node_guid: u64,
+    /// The port's active MTU in bytes: the path MTU new connections get (as `ibv_query_port` gives it).
+    pub active_mtu: usize,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;

@@ -16,11 +16,16 @@ use transport::soft::device::{
     CompletionQueue, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, SoftConfig,
 };
 use transport::soft::rc::{Access, SendOp, SendWr, WcStatus};
+use transport::soft::wire::mad::CmMessage;
 
 fn sh(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
+
+/// The veths' MACs: those of the kernel captures' bond0s, whose rxe node GUIDs are known.
+const MACS: [&str; 2] = ["52:54:00:aa:00:00", "52:54:00:bb:00:00"];
+const NODE_GUIDS: [u64; 2] = [0x5054_00ff_feaa_0000, 0x5054_00ff_febb_0000];
 
 /// Namespaces and veth created for one test run, removed when dropped (also on failure).
 struct Topology {
@@ -42,11 +47,12 @@ impl Topology {
             sh(&["netns", "add", ns]);
         }
         sh(&["link", "add", &t.veth[0], "type", "veth", "peer", "name", &t.veth[1]]);
-        for i in 0..2 {
-            sh(&["link", "set", &t.veth[i], "netns", &t.ns[i]]);
-            sh(&["-n", &t.ns[i], "addr", "add", &format!("{}/24", t.addrs[i]), "dev", &t.veth[i]]);
-            sh(&["-n", &t.ns[i], "link", "set", &t.veth[i], "up"]);
-            sh(&["-n", &t.ns[i], "link", "set", "lo", "up"]);
+        for (((veth, ns), addr), mac) in t.veth.iter().zip(&t.ns).zip(&t.addrs).zip(MACS) {
+            sh(&["link", "set", veth, "netns", ns]);
+            sh(&["-n", ns, "link", "set", veth, "address", mac]);
+            sh(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", veth]);
+            sh(&["-n", ns, "link", "set", veth, "up"]);
+            sh(&["-n", ns, "link", "set", "lo", "up"]);
         }
         t
     }
@@ -135,7 +141,10 @@ async fn link_down_up_address_and_removal() {
     let (a, b) = (topo.device(0), topo.device(1));
     let (pda, pdb) = (a.alloc_pd().await.unwrap(), b.alloc_pd().await.unwrap());
     let b_addr = b.local_addr();
-    assert!(a.stats().await.unwrap().port_up);
+    let stats = [a.stats().await.unwrap(), b.stats().await.unwrap()];
+    assert!(stats[0].port_up);
+    // A node GUID as rxe derives it from the MAC, and the path MTU a 1500-byte netdev carries.
+    assert_eq!(stats.map(|s| (s.node_guid, s.active_mtu)), NODE_GUIDS.map(|g| (g, 1024)));
     b.listen(4420, 8).await.unwrap();
     let (qa, cqa, qb, _, _) = connect((&a, &pda), (&b, &pdb), b_addr).await;
     let region = b.register(&pdb, vec![0; 64 << 20], Access::REMOTE_ALL).await.unwrap();
@@ -171,6 +180,17 @@ async fn link_down_up_address_and_removal() {
     expect(&a, |e| *e == DeviceEvent::PortActive).await;
     // Wait for the link to carry traffic (carrier comes back on both ends).
     tokio::time::sleep(Duration::from_millis(200)).await;
+    // Jumbo frames: the devices follow the netdev's MTU, and the next connection uses 4096-byte packets.
+    for i in 0..2 {
+        sh(&["-n", &topo.ns[i], "link", "set", &topo.veth[i], "mtu", "9000"]);
+    }
+    for dev in [&a, &b] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while dev.stats().await.unwrap().active_mtu != 4096 {
+            assert!(std::time::Instant::now() < deadline, "the device did not follow the MTU change");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let (qa2, cqa2, qb2, _, _) = connect((&a, &pda), (&b, &pdb), b_addr).await;
     let op = SendOp::RdmaWrite { remote_addr: region.keys.addr, rkey: region.keys.rkey };
     qa2.post_send(SendWr::new(1000, op, vec![0x77; 1 << 20])).unwrap();
@@ -200,12 +220,28 @@ async fn link_down_up_address_and_removal() {
     }
     drop(a);
     drop(b);
-    for (capture, ns) in captures.into_iter().zip(&topo.ns) {
-        let datagrams = capture.stop();
+    let captured = captures.map(|c| c.stop());
+    for (datagrams, ns) in captured.iter().zip(&topo.ns) {
         assert!(datagrams.len() > 50, "{ns}: {} datagrams captured", datagrams.len());
         eprintln!("{ns}: {} datagrams captured, every ICRC right for its IP header", datagrams.len());
-        support::capture::assert_icrcs_match_the_wire(ns, &datagrams);
+        support::capture::assert_icrcs_match_the_wire(ns, datagrams);
     }
+    // What A sent, as B's namespace received it: REQs carrying A's node GUID, RDMA WRITEs of 1024 bytes a
+    // packet at MTU 1500 and of 4096 at 9000.
+    let mut guids = Vec::new();
+    let mut write_sizes = std::collections::BTreeSet::new();
+    for d in &captured[1] {
+        let (p, _) = transport::soft::wire::PacketRepr::parse(&d.payload).unwrap();
+        if p.bth.opcode.is_write() {
+            write_sizes.insert(p.payload.len());
+        }
+        if let Ok((_, CmMessage::Req(req))) = CmMessage::parse(p.payload) {
+            guids.push(req.local_ca_guid);
+        }
+    }
+    assert!(!guids.is_empty() && guids.iter().all(|&g| g == NODE_GUIDS[0]), "{guids:x?}");
+    assert_eq!(write_sizes.iter().max(), Some(&4096), "{write_sizes:?}");
+    assert!(write_sizes.contains(&1024), "{write_sizes:?}");
     drop(topo);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(count("/proc/self/task"), threads0, "threads back to the baseline");

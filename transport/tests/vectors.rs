@@ -334,6 +334,20 @@ mod cm {
         assert_eq!(StartPsns::new(req.starting_psn, &peer), StartPsns { send: host_first, recv: target_first });
     }
 
+    /// rxe's node GUID is the EUI-64 of its netdev's MAC: the captured REQ (host, bond0 52:54:00:bb:00:00) and
+    /// REP (target, 52:54:00:aa:00:00) carry exactly what `node_guid_of_mac` derives from those MACs.
+    #[test]
+    fn ca_guids_are_the_eui64_of_the_mac() {
+        use transport::soft::cm::node_guid_of_mac;
+        let Some(all) = mads("connect-io-mtu1024.pcap") else { return };
+        let CmMessage::Req(req) = &all[0].1 else { panic!("REQ") };
+        let CmMessage::Rep(rep) = &all[1].1 else { panic!("REP") };
+        assert_eq!(req.local_ca_guid, 0x5054_00ff_febb_0000);
+        assert_eq!(rep.local_ca_guid, 0x5054_00ff_feaa_0000);
+        assert_eq!(node_guid_of_mac([0x52, 0x54, 0x00, 0xbb, 0x00, 0x00]), req.local_ca_guid);
+        assert_eq!(node_guid_of_mac([0x52, 0x54, 0x00, 0xaa, 0x00, 0x00]), rep.local_ca_guid);
+    }
+
     #[test]
     fn reject_for_a_port_without_listener() {
         let Some(all) = mads("cm-reject.pcap") else { return };

@@ -99,4 +99,18 @@ async fn every_datagram_on_the_wire_carries_the_icrc_of_its_real_headers() {
     for addr in addrs {
         assert!(datagrams.iter().any(|d| d.src == addr), "nothing captured from {addr}");
     }
+    // CA GUIDs: loopback has no MAC, so each device's comes from its address — never 0, never shared.
+    let mut guids = Vec::new();
+    for d in &datagrams {
+        let (p, _) = transport::soft::wire::PacketRepr::parse(&d.payload).unwrap();
+        match transport::soft::wire::mad::CmMessage::parse(p.payload).map(|(_, m)| m) {
+            Ok(transport::soft::wire::mad::CmMessage::Req(req)) => guids.push((d.src, req.local_ca_guid)),
+            Ok(transport::soft::wire::mad::CmMessage::Rep(rep)) => guids.push((d.src, rep.local_ca_guid)),
+            _ => {}
+        }
+    }
+    let expected = addrs.map(|a| (a, transport::soft::cm::node_guid_of_addr(a)));
+    assert_eq!(guids, expected.to_vec());
+    assert!(expected[0].1 != expected[1].1 && expected.iter().all(|(_, g)| *g != 0));
+    assert_eq!(a.stats().await.unwrap().node_guid, expected[0].1);
 }

@@ -19,7 +19,8 @@ pub use crate::connection::{ConnId, PeerParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CmConfig {
-    /// Our node GUID (CA GUID in REQ / REP), as rxe derives it from the MAC address.
+    /// Our node GUID (CA GUID in REQ / REP); 0 lets a soft device derive it from its netdev's MAC address, as
+    /// rxe does ([`node_guid_of_mac`]).
     pub node_guid: u64,
     /// Wait for a reply before retransmitting.
     pub response_timeout: Duration,
@@ -207,6 +208,22 @@ pub struct Cm {
     events: VecDeque<CmEvent>,
 }
 
+/// The node GUID of a device on a netdev with MAC address `mac`, as rxe derives it (`addrconf_addr_eui48`):
+/// the modified EUI-64 — universal/local bit flipped, ff:fe in the middle.
+pub fn node_guid_of_mac(mac: [u8; 6]) -> u64 {
+    u64::from_be_bytes([mac[0] ^ 0x02, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5]])
+}
+
+/// The node GUID of a device on a link without a MAC address (loopback): that of a locally administered MAC
+/// made of the device's address (its last four bytes), so that devices on different addresses differ.
+pub fn node_guid_of_addr(addr: IpAddr) -> u64 {
+    let tail = match addr {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => v6.octets()[12..].try_into().expect("4 bytes"),
+    };
+    node_guid_of_mac([0x02, 0, tail[0], tail[1], tail[2], tail[3]])
+}
+
 /// The RoCE GID of an IP address: IPv4-mapped for IPv4 (GID index 1 in rxe's table).
 pub fn gid_of(addr: IpAddr) -> [u8; 16] {
     match addr {
@@ -235,6 +252,16 @@ impl Cm {
         }
         self.listeners.insert(port, backlog.max(1));
         Ok(())
+    }
+
+    /// The node GUID our REQs and REPs carry as CA GUID.
+    pub fn node_guid(&self) -> u64 {
+        self.config.node_guid
+    }
+
+    /// Sets the node GUID, once the device knows its netdev (what is already sent keeps the old one).
+    pub fn set_node_guid(&mut self, guid: u64) {
+        self.config.node_guid = guid;
     }
 
     pub fn unlisten(&mut self, port: u16) {

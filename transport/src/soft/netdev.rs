@@ -20,6 +20,8 @@ pub enum NetdevEvent {
     AddressRemoved,
     AddressAdded,
     Removed,
+    /// The netdev's MTU changed (to this many bytes).
+    MtuChanged(u32),
 }
 
 /// The netdev holding an address.
@@ -29,6 +31,8 @@ pub struct Netdev {
     pub name: String,
     pub mtu: u32,
     pub up: bool,
+    /// The link-layer (MAC) address; `None` on links without a 6-byte one.
+    pub mac: Option<[u8; 6]>,
     /// The address entry (address, prefix) that covers the device's address.
     pub entry: (IpAddr, u8),
 }
@@ -76,6 +80,12 @@ fn link_mtu(msg: &LinkMessage) -> Option<u32> {
     msg.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None })
 }
 
+fn link_mac(msg: &LinkMessage) -> Option<[u8; 6]> {
+    msg.attributes
+        .iter()
+        .find_map(|a| if let LinkAttribute::Address(m) = a { m.as_slice().try_into().ok() } else { None })
+}
+
 async fn addresses(handle: &rtnetlink::Handle) -> Result<Vec<AddressMessage>, NetdevError> {
     let mut out = Vec::new();
     let mut stream = handle.address().get().execute();
@@ -112,6 +122,7 @@ pub async fn resolve(handle: &rtnetlink::Handle, addr: IpAddr) -> Result<Netdev,
         name: link_name(&l).unwrap_or_default(),
         mtu: link_mtu(&l).unwrap_or(1500),
         up: link_up(&l),
+        mac: link_mac(&l),
         entry,
     })
 }
@@ -151,6 +162,7 @@ pub async fn watch(addr: IpAddr, events: mpsc::UnboundedSender<NetdevEvent>) -> 
     };
     let (index, entry) = (netdev.index, netdev.entry);
     let mut up = netdev.up;
+    let mut mtu = netdev.mtu;
     let mut present = true;
     tokio::spawn(async move {
         let _handle = handle; // keeps the connection's request side alive
@@ -158,6 +170,12 @@ pub async fn watch(addr: IpAddr, events: mpsc::UnboundedSender<NetdevEvent>) -> 
             let NetlinkPayload::InnerMessage(msg) = msg.payload else { continue };
             let event = match msg {
                 RouteNetlinkMessage::NewLink(l) if l.header.index == index => {
+                    if let Some(now) = link_mtu(&l).filter(|m| *m != mtu) {
+                        mtu = now;
+                        if events.send(NetdevEvent::MtuChanged(now)).is_err() {
+                            break;
+                        }
+                    }
                     let now_up = link_up(&l);
                     if now_up == up {
                         continue;

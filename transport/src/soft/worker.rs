@@ -77,6 +77,8 @@ pub(super) struct Worker {
     srqs: HashMap<u32, (u32, VecDeque<RecvWr>)>,
     next_srq: u32,
     id_solver: icrc::IdentificationSolver,
+    /// The path MTU new connections get: the configured one, within what the netdev's MTU carries.
+    mtu: usize,
 }
 
 impl Worker {
@@ -95,7 +97,12 @@ impl Worker {
         // peer takes a new REQ for a duplicate of an old one: random, as Linux's CM makes them.
         let mut cm_config = config.cm;
         cm_config.first_comm_id = (std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), seed) as u32) | 1;
+        if cm_config.node_guid == 0 {
+            // Until the netdev is known (and for good where it is not watched).
+            cm_config.node_guid = super::cm::node_guid_of_addr(local.ip());
+        }
         Worker {
+            mtu: config.mtu,
             cm: Cm::new(cm_config),
             config,
             local,
@@ -136,10 +143,16 @@ impl Worker {
             match super::netdev::watch(self.local.ip(), netdev_tx).await {
                 Ok(netdev) => {
                     self.stats.port_up = netdev.up;
-                    // The largest RoCE MTU that fits the netdev's MTU with IP, UDP and RoCE headers.
-                    let fits = [4096usize, 2048, 1024, 512, 256].into_iter().find(|m| m + 80 <= netdev.mtu as usize);
-                    self.config.mtu = self.config.mtu.min(fits.unwrap_or(256));
-                    tracing::debug!(local = %self.local, netdev = %netdev.name, mtu = self.config.mtu, "watching");
+                    self.set_netdev_mtu(netdev.mtu);
+                    if self.config.cm.node_guid == 0
+                        && let Some(mac) = netdev.mac.filter(|m| m.iter().any(|&b| b != 0))
+                    {
+                        self.cm.set_node_guid(super::cm::node_guid_of_mac(mac));
+                    }
+                    tracing::debug!(
+                        local = %self.local, netdev = %netdev.name, mtu = self.mtu,
+                        node_guid = format_args!("{:#018x}", self.cm.node_guid()), "watching"
+                    );
                 }
                 Err(e) => tracing::warn!(local = %self.local, "not watching the netdev: {e}"),
             }
@@ -181,9 +194,23 @@ impl Worker {
         }
     }
 
+    /// The largest RoCE MTU that fits the netdev's MTU with the IP, UDP and RoCE headers, within the
+    /// configured one. Datagrams go out unfragmented (DF): a larger one would not go out at all.
+    fn set_netdev_mtu(&mut self, netdev_mtu: u32) {
+        let fits = [4096usize, 2048, 1024, 512, 256].into_iter().find(|m| m + 80 <= netdev_mtu as usize);
+        self.mtu = self.config.mtu.min(fits.unwrap_or(256));
+    }
+
     fn on_netdev(&mut self, event: super::netdev::NetdevEvent) {
         use super::netdev::NetdevEvent;
         let out = match event {
+            NetdevEvent::MtuChanged(mtu) => {
+                // New connections get the new path MTU; live ones keep theirs (a smaller netdev MTU fails
+                // their larger datagrams, and they reconnect).
+                self.set_netdev_mtu(mtu);
+                tracing::info!(local = %self.local, netdev_mtu = mtu, path_mtu = self.mtu, "netdev MTU changed");
+                return;
+            }
             NetdevEvent::PortActive => {
                 self.stats.port_up = true;
                 DeviceEvent::PortActive
@@ -409,6 +436,8 @@ impl Worker {
                     regions: self.memory.len(),
                     region_bytes: self.memory.bytes(),
                     connections: self.cm.connections(),
+                    node_guid: self.cm.node_guid(),
+                    active_mtu: self.mtu,
                     ..self.stats
                 });
             }
@@ -472,7 +501,7 @@ impl Worker {
                     return bad(slot.state, "RTR");
                 }
                 let config = RcConfig {
-                    mtu: path_mtu.min(self.config.mtu),
+                    mtu: path_mtu.min(self.mtu),
                     min_rnr_timer,
                     max_dest_rd_atomic,
                     window: self.config.window,
@@ -557,7 +586,7 @@ impl Worker {
                 dst_port: port,
                 local_qpn: qpn,
                 start_psn,
-                path_mtu: mtu_code(self.config.mtu),
+                path_mtu: mtu_code(self.mtu),
                 responder_resources: options.responder_resources,
                 initiator_depth: options.initiator_depth,
                 retry_count: options.retry_count,
@@ -611,7 +640,7 @@ impl Worker {
     /// rdma_cm does).
     fn start_engine(&mut self, qpn: u32, peer: &PeerParams, options: ConnectionOptions) {
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        let mtu = (256usize << peer.path_mtu.clamp(1, 5).saturating_sub(1)).min(self.config.mtu);
+        let mtu = (256usize << peer.path_mtu.clamp(1, 5).saturating_sub(1)).min(self.mtu);
         let psns = StartPsns::new(slot.start_psn, peer);
         let config = RcConfig {
             mtu,

@@ -480,6 +480,11 @@ impl Context {
         info.has_device() && info.node_guid == self.node_guid && info.ibdev_index == self.ibdev_index
     }
 
+    /// The device's node GUID, as a number (the kernel stores it big-endian).
+    pub fn node_guid(&self) -> u64 {
+        u64::from_be(self.node_guid)
+    }
+
     /// The port the anchor id is bound to.
     pub fn port_num(&self) -> u8 {
         self.port_num

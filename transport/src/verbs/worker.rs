@@ -253,6 +253,7 @@ impl Worker {
         context.set_async_nonblocking().map_err(verbs)?;
         let (port_up, mtu) = context.port_state(port).map_err(verbs)?;
         let comp = ffi::CompChannel::new(&context).map_err(verbs)?;
+        let node_guid = context.node_guid();
         tracing::info!(addr = %config.addr, device = %context.device_name(), port, mtu, port_up, "verbs device open");
         Ok(Worker {
             config,
@@ -275,7 +276,7 @@ impl Worker {
             next_conn: 1,
             parked: Vec::new(),
             removed_qps: HashMap::new(),
-            stats: DeviceStats { port_up, ..DeviceStats::default() },
+            stats: DeviceStats { port_up, node_guid, active_mtu: mtu, ..DeviceStats::default() },
             removed: false,
         })
     }
@@ -483,6 +484,10 @@ impl Worker {
                 let staging: usize = self.qps.values().map(|q| q.staging.count()).sum::<usize>()
                     + self.srqs.values().map(|s| s.staging.count()).sum::<usize>();
                 tracing::trace!(staging, pending = self.pending.len(), "verbs stats");
+                // The active MTU follows the netdev's MTU.
+                if let Some(Ok((_, mtu))) = self.live.as_ref().map(|l| l.context.port_state(self.port)) {
+                    self.stats.active_mtu = mtu;
+                }
                 let _ = reply.send(DeviceStats {
                     protection_domains: self.pds.len(),
                     shared_receive_queues: self.srqs.len(),
