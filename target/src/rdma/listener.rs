@@ -74,6 +74,10 @@ pub struct ListenerStatus {
     pub repairs: u64,
     pub accepted: u64,
     pub rejected: u64,
+    /// What the listener's device says of itself (filled in by the stats snapshot; `None` without a device):
+    /// the path MTU new connections get, and its node GUID as rxe's sysfs writes it (`5054:00ff:feaa:0000`).
+    pub active_mtu: Option<usize>,
+    pub node_guid: Option<String>,
     #[serde(skip)]
     pub device: Option<Arc<Device>>,
 }
@@ -132,6 +136,8 @@ impl Listener {
             repairs: 0,
             accepted: 0,
             rejected: 0,
+            active_mtu: None,
+            node_guid: None,
             device: Some(device.clone()),
         }));
         let (own, rx) = mpsc::unbounded_channel();

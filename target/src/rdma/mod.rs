@@ -252,15 +252,21 @@ impl StatsHandle {
                 groups.push(s);
             }
         }
-        let listeners = self.listener_status();
+        let mut listeners = self.listener_status();
         let (mut qpairs, mut connections, mut memory_regions) = (0, 0, 0);
-        for l in &listeners {
+        for l in &mut listeners {
             if let Some(d) = &l.device
                 && let Ok(s) = d.stats().await
             {
                 qpairs += s.queue_pairs;
                 connections += s.connections;
                 memory_regions += s.regions;
+                l.active_mtu = Some(s.active_mtu);
+                let g = s.node_guid.to_be_bytes();
+                l.node_guid = Some(format!(
+                    "{:02x}{:02x}:{:02x}{:02x}:{:02x}{:02x}:{:02x}{:02x}",
+                    g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]
+                ));
             }
         }
         Stats {
