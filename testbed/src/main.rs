@@ -29,7 +29,8 @@ enum Cmd {
     },
     /// Run a scenario; writes DIR/result.json and prints a summary.
     Scenario {
-        /// kernel-smoke | kernel-flap | capture | target-kernel-host | initiator-kernel-target | target-flap | device-removal
+        /// kernel-smoke | kernel-flap | capture | target-kernel-host | initiator-kernel-target | target-flap |
+        /// device-removal | soft-target-kernel-host | soft-initiator-kernel-target | soft-target-flap
         name: String,
         /// Run directory (scripts, consoles, logs, result.json).
         #[arg(long, default_value = "build/testbed-run")]
@@ -40,7 +41,8 @@ enum Cmd {
         /// kernel-flap, target-flap: number of flaps.
         #[arg(long, default_value_t = 10)]
         flaps: u32,
-        /// kernel-flap, target-flap: whose bond flaps.
+        /// kernel-flap, target-flap: whose bond flaps (target | initiator); soft-target-flap: target (the tap,
+        /// our side), initiator (the VM's bond0) or both (a run each).
         #[arg(long, default_value = "target")]
         side: String,
         /// kernel-flap, target-flap: seconds without I/O progress that count as a stall.
@@ -202,13 +204,55 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     println!("{}", r.summary());
                     r.passed
                 }
-                other => return Err(format!("unknown scenario {other:?} (kernel-smoke, kernel-flap, capture, target-kernel-host, initiator-kernel-target, target-flap, device-removal)").into()),
+                "soft-target-flap" => {
+                    // target: the tap, our side (the seed's case); initiator: the VM's bond0; both: a run each.
+                    let sides: Vec<(&str, scenario::flap::Side)> = match side.as_str() {
+                        "both" => vec![
+                            ("target", scenario::flap::Side::Target),
+                            ("initiator", scenario::flap::Side::Initiator),
+                        ],
+                        one => vec![(one, flap_side(one)?)],
+                    };
+                    let mut all = true;
+                    let mut results = Vec::new();
+                    for (name, side) in sides {
+                        let setup = Setup { dir: dir.join(name), ..setup.clone() };
+                        let r = scenario::flap::run_with(
+                            &setup,
+                            scenario::flap::TargetKind::Soft,
+                            scenario::flap::HostKind::Kernel { verify: true },
+                            flaps,
+                            side,
+                            Duration::from_secs(stall),
+                            timeout,
+                        )?;
+                        println!("{}", r.summary());
+                        all &= r.passed();
+                        results.push(r);
+                    }
+                    scenario::write_json(&dir, "result.json", &results)?;
+                    all
+                }
+                "soft-initiator-kernel-target" => {
+                    let r = scenario::soft_initiator::run(&setup, timeout)?;
+                    println!("{}", r.summary());
+                    r.passed
+                }
+                "soft-target-kernel-host" => {
+                    let r = scenario::soft_target::run(&setup, timeout)?;
+                    println!("{}", r.summary());
+                    r.passed
+                }
+                other => return Err(format!("unknown scenario {other:?} ({SCENARIOS})").into()),
             };
             println!("result: {}", dir.join("result.json").display());
             Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }
+
+const SCENARIOS: &str = "kernel-smoke, kernel-flap, capture, target-kernel-host, initiator-kernel-target, target-flap, \
+    device-removal, soft-target-kernel-host, soft-initiator-kernel-target, soft-target-flap";
 
 fn flap_side(side: &str) -> Result<scenario::flap::Side, String> {
     match side {

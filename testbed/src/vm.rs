@@ -77,6 +77,8 @@ pub struct VmOutcome {
 pub struct Run {
     pub shared: PathBuf,
     netns: Option<String>,
+    /// The tap devices' names, in the order of the `taps` the run was started with.
+    tap_devices: Vec<String>,
     sockets: PathBuf,
     vms: Vec<(VmSpec, Child)>,
     started: Instant,
@@ -273,6 +275,7 @@ impl Run {
         let mut run = Run {
             shared: shared.to_owned(),
             netns: netns.clone(),
+            tap_devices: tap_names.iter().map(|(_, name)| name.clone()).collect(),
             sockets: sockets.clone(),
             vms: Vec::new(),
             started: Instant::now(),
@@ -326,6 +329,11 @@ impl Run {
     /// The network namespace holding the run's tap devices, if it has any.
     pub fn netns(&self) -> Option<&str> {
         self.netns.as_deref()
+    }
+
+    /// The name of tap device `i` (in the order the taps were given), inside [`Run::netns`].
+    pub fn tap_device(&self, i: usize) -> Option<&str> {
+        self.tap_devices.get(i).map(String::as_str)
     }
 
     pub fn elapsed(&self) -> Duration {

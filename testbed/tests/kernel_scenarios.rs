@@ -8,15 +8,24 @@
 //! deleted and added back under our host's I/O). Those need the binaries
 //! built with the verbs provider (`--features target/verbs,initiator/verbs`, as scripts/test-all does).
 //!
-//! Needs qemu-system-x86, nvme-cli, fio and kmod on the host (scripts/test-all installs them) and root (the VMs'
-//! 9p share of `/`); without them the tests skip with a message, except under `CI=true`, where they must run.
+//! The soft provider against the kernel, across a tap (our binaries on the host in the run's namespace, the VM's
+//! rxe0 on bond0 over the tap): `soft-target-kernel-host` (the kernel host on our soft target at MTU 1500 and
+//! 9000, with several queue options), `soft-initiator-kernel-target` (our soft `nvmf` on nvmet-rdma at both
+//! MTUs) and `soft-target-flap` (the seed's loop on the tap and on the VM's bond0 under fio verify); every
+//! datagram the tap carried must check with our codecs against its real headers.
+//!
+//! Needs qemu-system-x86, nvme-cli, fio, kmod and tcpdump on the host (scripts/test-all installs them) and root
+//! (the VMs' 9p share of `/`); without them the tests skip with a message, except under `CI=true`, where they
+//! must run.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use testbed::image;
-use testbed::scenario::{Setup, capture, device_removal, flap, kernel_host, kernel_target, smoke};
+use testbed::scenario::{
+    Setup, capture, device_removal, flap, kernel_host, kernel_target, smoke, soft_initiator, soft_target,
+};
 use testbed::vm;
 
 /// At most two single-vCPU VMs at once on two cores: one scenario at a time.
@@ -24,7 +33,7 @@ static VMS: Mutex<()> = Mutex::new(());
 
 fn setup(name: &str) -> Option<Setup> {
     let ci = std::env::var("CI").as_deref() == Ok("true");
-    let mut missing: Vec<&str> = ["qemu-system-x86_64", "nvme", "fio", "depmod"]
+    let mut missing: Vec<&str> = ["qemu-system-x86_64", "nvme", "fio", "depmod", "tcpdump"]
         .into_iter()
         .filter(|t| image::require(t, "").is_err())
         .collect();
@@ -227,4 +236,69 @@ fn device_removal_our_target_lets_go_and_listens_again() {
     assert!(r.perf.reconnects >= 1 && r.perf.verify_errors == Some(0), "{:?}", r.perf);
     assert!(r.stats.back_to_baseline, "{:?}", r.stats);
     assert!(r.passed, "{:?}", r.problems);
+}
+
+/// The kernel host on our soft target across the tap, at MTU 1500 and 9000: discover, connect (one I/O queue
+/// of 32; a read, a write and a poll queue of 128), id-ctrl, fio 4 KiB and 128 KiB writes with crc32c verify
+/// (and a polled read-back), disconnect; our target back at its baseline; every datagram checks.
+#[test]
+fn kernel_host_passes_fio_verify_on_our_soft_target() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup("soft-target-kernel-host") else { return };
+    let r = soft_target::run(&setup, Duration::from_secs(600)).expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert_eq!(r.phases.len(), 2);
+    for p in &r.phases {
+        assert!(p.connected && p.fio_4k.passed && p.fio_128k.passed && p.disconnected, "{p:#?}");
+        assert_eq!(p.target_active_mtu, Some(p.phase.path_mtu), "{p:#?}");
+    }
+    assert!(r.phases[1].fio_polled.is_some_and(|f| f.passed), "{:#?}", r.phases[1]);
+    assert!(r.wire.passed() && r.wire.bad_icrc == 0 && r.wire.from_ours > 1000, "{:#?}", r.wire);
+    assert!(r.our_target.clean(), "{:#?}", r.our_target);
+    assert!(r.passed, "{:?}", r.problems);
+}
+
+/// Our soft `nvmf` on the kernel's nvmet-rdma across the tap, at MTU 1500 and 9000: discover, id-ctrl, perf
+/// --verify with 0 errors; every datagram checks.
+#[test]
+fn our_soft_initiator_passes_perf_verify_on_the_kernel_target() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup("soft-initiator-kernel-target") else { return };
+    let r = soft_initiator::run(&setup, Duration::from_secs(600)).expect("scenario ran");
+    eprintln!("{}", r.summary());
+    assert_eq!(r.phases.len(), 2);
+    for p in &r.phases {
+        assert_eq!(p.model, "Linux", "id-ctrl read from nvmet");
+        assert!(p.perf.exit == Some(0) && p.perf.errors == 0 && p.perf.verify_errors == Some(0), "{p:#?}");
+        assert!(p.perf.final_verified_blocks > 0, "{p:#?}");
+    }
+    assert!(r.wire.passed() && r.wire.largest_rc_payload_ours == 4096, "{:#?}", r.wire);
+    assert!(r.passed, "{:?}", r.problems);
+}
+
+/// The seed's loop against our soft target with the kernel host running fio verify: on our side of the tap,
+/// then on the VM's bond0 — every flap recovered, verify clean, our target back at its baseline.
+#[test]
+fn soft_target_flap_every_flap_recovered_on_both_sides() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(base) = setup("soft-target-flap") else { return };
+    for (name, side) in [("target", flap::Side::Target), ("initiator", flap::Side::Initiator)] {
+        let setup = Setup { dir: base.dir.join(name), ..base.clone() };
+        let r = flap::run_with(
+            &setup,
+            flap::TargetKind::Soft,
+            flap::HostKind::Kernel { verify: true },
+            flaps(),
+            side,
+            Duration::from_secs(45),
+            Duration::from_secs(1200),
+        )
+        .expect("scenario ran");
+        eprintln!("{}", r.summary());
+        assert!(r.flaps_toggled(), "{:#?}", r.flaps);
+        let ours = r.our_target.as_ref().expect("our target's side");
+        assert!(ours.clean(), "our target died, did not stop cleanly or did not come back: {ours:#?}");
+        assert!(r.wire.as_ref().is_some_and(|w| w.passed()), "{:#?}", r.wire);
+        assert!(r.passed(), "{r:#?}");
+    }
 }

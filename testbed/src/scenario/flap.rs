@@ -25,12 +25,14 @@ pub enum Side {
     Initiator,
 }
 
-/// Who serves: the kernel's nvmet-rdma, or our nvmf-target on the verbs provider.
+/// Who serves: the kernel's nvmet-rdma, our nvmf-target on the verbs provider (in a VM), or our nvmf-target
+/// on the soft provider (on the host side of a tap, the kernel host's rxe across it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
     Kernel,
     Ours,
+    Soft,
 }
 
 /// Who drives I/O: the kernel host with fio (with crc32c verify when `verify`), or our `nvmf perf --verify`.
@@ -45,6 +47,7 @@ pub enum HostKind {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PerfSummary {
     pub exit: Option<i32>,
+    pub iops: f64,
     pub ios: u64,
     pub errors: u64,
     pub reconnects: u64,
@@ -57,10 +60,15 @@ pub struct PerfSummary {
 impl PerfSummary {
     /// From `perf.json` (`nvmf perf -o json`) and `perf.exit` in the run directory.
     pub fn read(run: &Run) -> PerfSummary {
-        let p: serde_json::Value =
-            run.read("perf.json").and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        PerfSummary::of(run.read("perf.json"), run.read("perf.exit").and_then(|t| t.trim().parse().ok()))
+    }
+
+    /// From `nvmf perf -o json`'s output and its exit code.
+    pub fn of(json: Option<String>, exit: Option<i32>) -> PerfSummary {
+        let p: serde_json::Value = json.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
         PerfSummary {
-            exit: run.read("perf.exit").and_then(|t| t.trim().parse().ok()),
+            exit,
+            iops: p["iops"].as_f64().unwrap_or(0.0),
             ios: p["ios"].as_u64().unwrap_or(0),
             errors: p["errors"].as_u64().unwrap_or(0),
             reconnects: p["reconnects"].as_u64().unwrap_or(0),
@@ -72,7 +80,7 @@ impl PerfSummary {
     }
 }
 
-/// Our target's side of a run.
+/// Our target's side of a run (in a VM, or on the host side of a tap).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct OurTarget {
     /// Still running when the host finished (a crash would say no), and its exit code after SIGINT.
@@ -81,6 +89,13 @@ pub struct OurTarget {
     pub stats: StatsCheck,
     pub listener_repairs: Option<u64>,
     pub log_problems: Vec<String>,
+}
+
+impl OurTarget {
+    /// Alive to the end, stopped with exit 0, back at its baseline.
+    pub fn clean(&self) -> bool {
+        self.alive_at_end && self.exit == Some(0) && self.stats.back_to_baseline
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -141,12 +156,76 @@ pub struct FlapResult {
     pub perf: Option<PerfSummary>,
     /// With our target.
     pub our_target: Option<OurTarget>,
+    /// With our soft target on the host side of a tap: what the tap carried, checked.
+    pub wire: Option<super::tap_side::WireCheck>,
     pub seconds: f64,
     pub time_bound: f64,
     pub vms: Vec<VmOutcome>,
 }
 
+/// What a flap run was, for its result.
+pub(crate) struct FlapRun {
+    pub scenario: &'static str,
+    pub target: TargetKind,
+    pub host: HostKind,
+    pub side: Side,
+    pub flaps: u32,
+    pub time_bound: Duration,
+}
+
 impl FlapResult {
+    /// The result of a finished run: what [`watch`] saw, and what the VMs left in the run directory.
+    pub(crate) fn assemble(
+        setup: &Setup,
+        run: &FlapRun,
+        vm_run: &Run,
+        watched: Watched,
+        vms: Vec<VmOutcome>,
+        our_target: Option<OurTarget>,
+        seconds: Duration,
+    ) -> FlapResult {
+        let Watched { outcome, longest_gap, recovered_after, evidence, counts } = watched;
+        let records = flap_records(vm_run, &recovered_after);
+        let fio: Option<serde_json::Value> = vm_run.read("fio.json").and_then(|t| serde_json::from_str(&t).ok());
+        let host_dmesg = vm_run.read("host.dmesg").unwrap_or_default();
+        let target_dmesg = vm_run.read("target.dmesg").unwrap_or_default();
+        FlapResult {
+            scenario: run.scenario,
+            kernel: setup.image.version.clone(),
+            accel: setup.accel,
+            target: run.target,
+            host: run.host,
+            side: run.side,
+            flaps_requested: run.flaps,
+            outcome,
+            time_to_recover: if outcome == Outcome::Recovered {
+                records.last().and_then(|r| r.recovered_after)
+            } else {
+                None
+            },
+            flaps: records,
+            longest_gap,
+            reads_completed: counts.0,
+            writes_completed: counts.1,
+            fio_exit: vm_run.read("fio.exit").and_then(|t| t.trim().parse().ok()),
+            // total_err is there when fio went on through errors; otherwise the job's error code says.
+            fio_errors: fio
+                .as_ref()
+                .and_then(|f| f["jobs"][0]["total_err"].as_u64().or(f["jobs"][0]["error"].as_u64())),
+            host_io_error_lines: host_dmesg.lines().filter(|l| l.contains("I/O error")).count(),
+            reconnects: host_dmesg.lines().filter(|l| l.contains("Successfully reconnected")).count(),
+            host_kernel_errors: kernel_errors(&host_dmesg),
+            target_kernel_errors: kernel_errors(&target_dmesg),
+            evidence,
+            perf: (run.host == HostKind::Ours).then(|| PerfSummary::read(vm_run)),
+            our_target,
+            wire: None,
+            seconds: seconds.as_secs_f64(),
+            time_bound: run.time_bound.as_secs_f64(),
+            vms,
+        }
+    }
+
     /// Every flap toggled the bond (down, then back up), as seen in the VM.
     pub fn flaps_toggled(&self) -> bool {
         self.flaps.len() as u32 == self.flaps_requested
@@ -162,9 +241,9 @@ impl FlapResult {
                 p.exit == Some(0) && p.errors == 0 && p.verify_errors == Some(0) && p.final_verified_blocks > 0
             }),
         };
-        let target_clean =
-            self.our_target.as_ref().is_none_or(|t| t.alive_at_end && t.exit == Some(0) && t.stats.back_to_baseline);
+        let target_clean = self.our_target.as_ref().is_none_or(OurTarget::clean);
         self.flaps_toggled()
+            && self.wire.as_ref().is_none_or(|w| w.passed())
             && self.outcome == Outcome::Recovered
             && self.flaps.iter().all(|f| f.recovered_after.is_some())
             && host_clean
@@ -194,9 +273,11 @@ impl FlapResult {
             self.seconds,
             self.time_bound
         );
+        // Our soft target is on the host side of a tap: its own link is the tap.
+        let link = if (self.target, self.side) == (TargetKind::Soft, Side::Target) { "tap" } else { "bond0" };
         for f in &self.flaps {
             s.push_str(&format!(
-                "  flap {}: bond0 {} → {}, I/O back after {}\n",
+                "  flap {}: {link} {} → {}, I/O back after {}\n",
                 f.flap,
                 f.operstate_after_down,
                 f.operstate_after_up,
@@ -228,6 +309,9 @@ impl FlapResult {
                 s.push_str(&format!("  our target log: {line}\n"));
             }
         }
+        if let Some(w) = &self.wire {
+            s.push_str(&format!("  {}\n", w.summary()));
+        }
         if let Some(e) = &self.evidence {
             s.push_str(&format!("  stalled: controller {}\n", e.controller_state.trim()));
             for line in e.blocked_tasks.lines().take(12) {
@@ -245,7 +329,7 @@ impl FlapResult {
 }
 
 /// The flapping loop, in whichever VM flaps.
-fn flap_loop(flaps: u32) -> String {
+pub(crate) fn flap_loop(flaps: u32) -> String {
     format!(
         r#"wait_file $T/io-started 600 || exit 6
 for i in $(seq 1 {flaps}); do
@@ -265,7 +349,12 @@ touch $T/flaps-done
 
 /// The kernel host: connect, fio in the background (random writes with crc32c verify of what was written, or
 /// random reads and writes going on through I/O errors), progress every second; on `finish` or `evidence`, act.
-fn host_script(runtime: u64, verify: bool) -> String {
+pub(crate) fn host_script(addr: &str, runtime: u64, verify: bool) -> String {
+    host_script_holding(addr, runtime, verify, "")
+}
+
+/// `host_script`, running `hold` (shell) after it said it is done or gave its evidence, before it exits.
+pub(crate) fn host_script_holding(addr: &str, runtime: u64, verify: bool, hold: &str) -> String {
     let stop = if verify { ":" } else { "kill $fio_pid 2>/dev/null" };
     let workload = if verify {
         "--rw=randwrite --verify=crc32c --verify_backlog=256 --verify_fatal=1 --do_verify=1"
@@ -274,7 +363,7 @@ fn host_script(runtime: u64, verify: bool) -> String {
     };
     format!(
         r#"wait_file $T/target-ready 300 || {{ log "target not ready"; exit 3; }}
-nvme connect -t rdma -a {TARGET_ADDR} -s 4420 -n {NQN} --hostnqn {HOSTNQN} --reconnect-delay=2 --ctrl-loss-tmo=60
+nvme connect -t rdma -a {addr} -s 4420 -n {NQN} --hostnqn {HOSTNQN} --reconnect-delay=2 --ctrl-loss-tmo=60
 n=0; until [ -b /dev/nvme0n1 ]; do sleep 0.2; n=$((n+1)); [ $n -gt 150 ] && break; done
 [ -b /dev/nvme0n1 ] || {{ log "no /dev/nvme0n1"; exit 5; }}
 fio --name=flap --filename=/dev/nvme0n1 {workload} --bs=4k --size=64m --ioengine=libaio --iodepth=4 --direct=1 \
@@ -304,6 +393,7 @@ while true; do
         sleep 1
         dmesg > $T/host.dmesg
         touch $T/evidence-done
+        {hold}
         exit 0
     fi
     if [ -e $T/finish ] || ! kill -0 $fio_pid 2>/dev/null; then
@@ -315,6 +405,7 @@ while true; do
         touch $T/host-done
         (nvme disconnect -n {NQN} >/dev/null 2>&1 &)
         sleep 2
+        {hold}
         exit 0
     fi
     sleep 1
@@ -378,6 +469,15 @@ pub(crate) fn kernel_errors(dmesg: &str) -> Vec<String> {
         .collect()
 }
 
+/// How long the host's I/O runs, and the run's time bound: I/O runs through the flaps and a little after (a
+/// verifying kernel host runs fio to its end: not much longer than the flaps); the bound covers boots, the
+/// flaps and the stall limit.
+pub(crate) fn timing(flaps: u32, host: HostKind, stall: Duration, timeout: Duration) -> (u64, Duration) {
+    let flapping = flaps as u64 * 11;
+    let runtime = flapping + if host == (HostKind::Kernel { verify: true }) { 20 } else { 40 };
+    (runtime, Duration::from_secs(60 + flapping + stall.as_secs() + 60).min(timeout))
+}
+
 /// `kernel-flap`: the kernel's target and host.
 pub fn run(
     setup: &Setup,
@@ -398,16 +498,13 @@ pub fn run_with(
     stall: Duration,
     timeout: Duration,
 ) -> Result<FlapResult, ScenarioError> {
-    // I/O runs through the flaps and a little after; the bound covers boots, the flaps and the stall limit.
-    let flapping = flaps as u64 * 11;
-    // A verifying kernel host runs fio to its end: not much longer than the flaps.
-    let runtime = flapping + if host_kind == (HostKind::Kernel { verify: true }) { 20 } else { 40 };
-    let time_bound = Duration::from_secs(60 + flapping + stall.as_secs() + 60).min(timeout);
+    let (runtime, time_bound) = timing(flaps, host_kind, stall, timeout);
     let mut target = match target_kind {
         TargetKind::Kernel => format!("{}touch $T/target-ready\n", nvmet_target_setup(TARGET_ADDR)),
         TargetKind::Ours => {
             format!("{}touch $T/target-ready\n", ours::start_target(&ours::in_vm("nvmf-target"), TARGET_ADDR))
         }
+        TargetKind::Soft => return super::soft_flap::run(setup, host_kind, flaps, side, stall, timeout),
     };
     let mut host = String::new();
     match side {
@@ -436,7 +533,7 @@ pub fn run_with(
     }
     target.push_str("dmesg > $T/target.dmesg\n");
     match host_kind {
-        HostKind::Kernel { verify } => host.push_str(&host_script(runtime, verify)),
+        HostKind::Kernel { verify } => host.push_str(&host_script(TARGET_ADDR, runtime, verify)),
         HostKind::Ours => host.push_str(&our_host_script(&ours::in_vm("nvmf"), runtime)),
     }
     let (vms, cables) = two_bonded_hosts(target, host);
@@ -450,6 +547,56 @@ pub fn run_with(
     let files = ours::files(&ours_needed)?;
     let mut vm_run = Run::start_with_files(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir, &files)?;
 
+    let started = Instant::now();
+    let watched = watch(&mut vm_run, stall, time_bound);
+    // Let the host write its logs (a stalled host may never: the VMs are stopped regardless).
+    // Time for the host to finish and for our target (when it serves) to be checked and stopped.
+    let grace = match (watched.outcome, target_kind) {
+        (Outcome::Recovered, _) => 60,
+        (_, TargetKind::Ours) => 45,
+        _ => 5,
+    };
+    let outcomes = vm_run.wait(Duration::from_secs(grace));
+    let our_target = (target_kind == TargetKind::Ours).then(|| {
+        let after: Option<serde_json::Value> =
+            vm_run.read("stats.after").and_then(|t| serde_json::from_str(t.trim()).ok());
+        OurTarget {
+            alive_at_end: vm_run.read("nvmf-target.alive").is_some_and(|t| t.trim() == "yes"),
+            exit: vm_run.read("nvmf-target.exit").and_then(|t| t.trim().parse().ok()),
+            stats: StatsCheck::from_texts(vm_run.read("stats.before"), vm_run.read("stats.after")),
+            listener_repairs: after.and_then(|a| a["listeners"][0]["repairs"].as_u64()),
+            log_problems: ours::log_problems(&vm_run.read("nvmf-target.log").unwrap_or_default()),
+        }
+    });
+    let run = FlapRun {
+        scenario: if target_kind == TargetKind::Ours { "target-flap" } else { "kernel-flap" },
+        target: target_kind,
+        host: host_kind,
+        side,
+        flaps,
+        time_bound,
+    };
+    let result = FlapResult::assemble(setup, &run, &vm_run, watched, outcomes, our_target, started.elapsed());
+    write_json(&setup.dir, "result.json", &result)?;
+    Ok(result)
+}
+
+/// What [`watch`] saw of a flap run.
+pub(crate) struct Watched {
+    pub outcome: Outcome,
+    pub longest_gap: f64,
+    /// Per flap (in the order of the `upcmd` lines), seconds from its `up` to the next I/O progress.
+    pub recovered_after: Vec<Option<f64>>,
+    pub evidence: Option<Evidence>,
+    /// The last progress line's counts.
+    pub counts: (u64, u64),
+}
+
+/// Watches a flap run through the shared directory until it recovers after the last flap (then `finish` is
+/// touched) or stalls for `stall` (then `evidence` is touched and collected), at most `time_bound`. The host
+/// writes `io-started` and a `progress` line a second (`TIME COUNT COUNT …`); whoever flaps writes `flaps`
+/// (`N down STATE`, `N upcmd`, `N up STATE`) and `flaps-done`.
+pub(crate) fn watch(vm_run: &mut Run, stall: Duration, time_bound: Duration) -> Watched {
     let started = Instant::now();
     let mut last_counts: Option<(u64, u64)> = None;
     let mut last_progress = Instant::now();
@@ -519,14 +666,11 @@ pub fn run_with(
             break;
         }
     }
-    // Let the host write its logs (a stalled host may never: the VMs are stopped regardless).
-    // Time for the host to finish and for our target (when it serves) to be checked and stopped.
-    let grace = match (outcome, target_kind) {
-        (Outcome::Recovered, _) => 60,
-        (_, TargetKind::Ours) => 45,
-        _ => 5,
-    };
-    let outcomes = vm_run.wait(Duration::from_secs(grace));
+    Watched { outcome, longest_gap, recovered_after, evidence, counts }
+}
+
+/// The flaps as `flaps` in the run directory records them, with their recovery times.
+pub(crate) fn flap_records(vm_run: &Run, recovered_after: &[Option<f64>]) -> Vec<FlapRecord> {
     let flap_text = vm_run.read("flaps").unwrap_or_default();
     let state = |n: u32, what: &str| {
         flap_text
@@ -538,63 +682,14 @@ pub fn run_with(
             .unwrap_or_default()
     };
     let done = flap_text.lines().filter(|l| l.ends_with("upcmd")).count() as u32;
-    let records: Vec<FlapRecord> = (1..=done)
+    (1..=done)
         .map(|n| FlapRecord {
             flap: n,
             operstate_after_down: state(n, "down"),
             operstate_after_up: state(n, "up"),
             recovered_after: recovered_after.get(n as usize - 1).copied().flatten(),
         })
-        .collect();
-    let fio: Option<serde_json::Value> = vm_run.read("fio.json").and_then(|t| serde_json::from_str(&t).ok());
-    let host_dmesg = vm_run.read("host.dmesg").unwrap_or_default();
-    let target_dmesg = vm_run.read("target.dmesg").unwrap_or_default();
-    let perf = (host_kind == HostKind::Ours).then(|| PerfSummary::read(&vm_run));
-    let our_target = (target_kind == TargetKind::Ours).then(|| {
-        let after: Option<serde_json::Value> =
-            vm_run.read("stats.after").and_then(|t| serde_json::from_str(t.trim()).ok());
-        OurTarget {
-            alive_at_end: vm_run.read("nvmf-target.alive").is_some_and(|t| t.trim() == "yes"),
-            exit: vm_run.read("nvmf-target.exit").and_then(|t| t.trim().parse().ok()),
-            stats: StatsCheck::from_texts(vm_run.read("stats.before"), vm_run.read("stats.after")),
-            listener_repairs: after.and_then(|a| a["listeners"][0]["repairs"].as_u64()),
-            log_problems: ours::log_problems(&vm_run.read("nvmf-target.log").unwrap_or_default()),
-        }
-    });
-    let result = FlapResult {
-        scenario: if target_kind == TargetKind::Ours { "target-flap" } else { "kernel-flap" },
-        kernel: setup.image.version.clone(),
-        accel: setup.accel,
-        target: target_kind,
-        host: host_kind,
-        side,
-        flaps_requested: flaps,
-        outcome,
-        time_to_recover: if outcome == Outcome::Recovered {
-            records.last().and_then(|r| r.recovered_after)
-        } else {
-            None
-        },
-        flaps: records,
-        longest_gap,
-        reads_completed: counts.0,
-        writes_completed: counts.1,
-        fio_exit: vm_run.read("fio.exit").and_then(|t| t.trim().parse().ok()),
-        // total_err is there when fio went on through errors; otherwise the job's error code says.
-        fio_errors: fio.as_ref().and_then(|f| f["jobs"][0]["total_err"].as_u64().or(f["jobs"][0]["error"].as_u64())),
-        host_io_error_lines: host_dmesg.lines().filter(|l| l.contains("I/O error")).count(),
-        reconnects: host_dmesg.lines().filter(|l| l.contains("Successfully reconnected")).count(),
-        host_kernel_errors: kernel_errors(&host_dmesg),
-        target_kernel_errors: kernel_errors(&target_dmesg),
-        evidence,
-        perf,
-        our_target,
-        seconds: started.elapsed().as_secs_f64(),
-        time_bound: time_bound.as_secs_f64(),
-        vms: outcomes,
-    };
-    write_json(&setup.dir, "result.json", &result)?;
-    Ok(result)
+        .collect()
 }
 
 #[cfg(test)]
@@ -605,8 +700,8 @@ mod tests {
     #[test]
     fn generated_scripts_parse() {
         let both = [
-            format!("{}{}", crate::guest::PRELUDE, host_script(60, false)),
-            format!("{}{}", crate::guest::PRELUDE, host_script(60, true)),
+            format!("{}{}", crate::guest::PRELUDE, host_script(TARGET_ADDR, 60, false)),
+            format!("{}{}", crate::guest::PRELUDE, host_script(TARGET_ADDR, 60, true)),
             format!("{}{}", crate::guest::PRELUDE, our_host_script(std::path::Path::new("/x/nvmf"), 60)),
             format!("{}{}", crate::guest::PRELUDE, flap_loop(3)),
             format!("{}{}", crate::guest::PRELUDE, crate::scenario::nvmet_target_setup(TARGET_ADDR)),

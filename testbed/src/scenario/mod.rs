@@ -8,8 +8,14 @@ pub mod kernel_host;
 pub mod kernel_target;
 pub mod ours;
 pub mod smoke;
+pub mod soft_flap;
+pub mod soft_initiator;
+pub mod soft_target;
+pub mod tap_side;
 
 use std::path::{Path, PathBuf};
+
+use serde::Serialize;
 
 use crate::image::Image;
 use crate::vm::{Accel, VmError, VmSpec};
@@ -105,7 +111,7 @@ pub fn vm_problems(outcomes: &[crate::vm::VmOutcome], timeout: std::time::Durati
 }
 
 /// A kernel host's fio write + crc32c verify, as `fio.exit` and `fio.json` in the run directory report it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct FioVerify {
     pub exit: Option<i32>,
     pub write_iops: f64,
@@ -116,8 +122,14 @@ pub struct FioVerify {
 
 impl FioVerify {
     pub fn read(run: &crate::vm::Run, min_bytes: u64) -> FioVerify {
-        let exit = run.read("fio.exit").and_then(|t| t.trim().parse().ok());
-        let fio: Option<serde_json::Value> = run.read("fio.json").and_then(|t| serde_json::from_str(&t).ok());
+        FioVerify::read_named(run, "fio", min_bytes)
+    }
+
+    /// From `NAME.exit` and `NAME.json` in the run directory.
+    pub fn read_named(run: &crate::vm::Run, name: &str, min_bytes: u64) -> FioVerify {
+        let exit = run.read(&format!("{name}.exit")).and_then(|t| t.trim().parse().ok());
+        let fio: Option<serde_json::Value> =
+            run.read(&format!("{name}.json")).and_then(|t| serde_json::from_str(&t).ok());
         let job = fio.as_ref().map(|f| &f["jobs"][0]);
         let write_iops = job.and_then(|j| j["write"]["iops"].as_f64()).unwrap_or(0.0);
         let verified_bytes = job.and_then(|j| j["read"]["io_bytes"].as_u64()).unwrap_or(0);

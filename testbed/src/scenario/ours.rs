@@ -24,7 +24,7 @@ pub fn files(names: &[&str]) -> Result<Vec<(PathBuf, String)>, ScenarioError> {
 }
 
 /// `name` built beside this binary (`build/debug/` or `build/release/`).
-fn host_binary(name: &str) -> Result<PathBuf, ScenarioError> {
+pub(crate) fn host_binary(name: &str) -> Result<PathBuf, ScenarioError> {
     let exe = std::env::current_exe().map_err(|source| ScenarioError::Io { path: "current_exe".into(), source })?;
     let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
     // Test binaries live one level further down (build/debug/deps/).

@@ -16,6 +16,8 @@ pub enum PcapError {
     LinkType(u32),
     #[error("record {index} at byte {offset} runs past the end of the file")]
     Truncated { index: usize, offset: usize },
+    #[error("reading the capture: {0}")]
+    Io(String),
 }
 
 /// One RoCEv2 datagram found in a capture.
@@ -38,48 +40,116 @@ const LINKTYPE_RAW: u32 = 101;
 /// Every UDP datagram to port 4791 in a classic pcap (either byte order, µs or ns timestamps). Frames that are
 /// not IPv4/IPv6 UDP to 4791, or are cut short, are skipped: a capture may hold anything.
 pub fn read_rocev2(file: &[u8]) -> Result<Vec<Datagram>, PcapError> {
-    let word = |b: &[u8], le: bool| {
-        let a: [u8; 4] = b.try_into().expect("4 bytes");
-        if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
-    };
-    let magic = file.get(0..4).map(|m| u32::from_le_bytes(m.try_into().expect("4 bytes"))).unwrap_or(0);
-    let (le, nanos) = match magic {
-        0xa1b2_c3d4 => (true, false),
-        0xa1b2_3c4d => (true, true),
-        0xd4c3_b2a1 => (false, false),
-        0x4d3c_b2a1 => (false, true),
-        other => return Err(PcapError::Magic(other)),
-    };
-    if file.len() < 24 {
-        return Err(PcapError::Truncated { index: 0, offset: 0 });
-    }
-    let linktype = word(&file[20..24], le);
-    if linktype != LINKTYPE_ETHERNET && linktype != LINKTYPE_RAW {
-        return Err(PcapError::LinkType(linktype));
-    }
-    let mut out = Vec::new();
-    let mut at = 24;
-    let mut index = 0;
-    while at < file.len() {
-        index += 1;
-        let header = file.get(at..at + 16).ok_or(PcapError::Truncated { index, offset: at })?;
-        let (secs, frac, incl) = (word(&header[0..4], le), word(&header[4..8], le), word(&header[8..12], le) as usize);
-        let frame = file.get(at + 16..at + 16 + incl).ok_or(PcapError::Truncated { index, offset: at })?;
-        at += 16 + incl;
-        let timestamp_us = secs as u64 * 1_000_000 + if nanos { frac as u64 / 1000 } else { frac as u64 };
-        let ip = match linktype {
-            LINKTYPE_ETHERNET if frame.len() >= 14 => match u16::from_be_bytes([frame[12], frame[13]]) {
-                0x0800 | 0x86dd => &frame[14..],
-                _ => continue,
-            },
-            LINKTYPE_RAW => frame,
-            _ => continue,
+    Reader::new(file)?.collect()
+}
+
+/// A classic pcap read record by record (a capture of a long run need not fit in memory): yields its RoCEv2
+/// datagrams, as [`read_rocev2`] does.
+pub struct Reader<R> {
+    input: R,
+    little_endian: bool,
+    nanos: bool,
+    linktype: u32,
+    index: usize,
+    offset: usize,
+    frame: Vec<u8>,
+}
+
+impl<R: std::io::Read> Reader<R> {
+    /// Reads and checks the file header.
+    pub fn new(mut input: R) -> Result<Reader<R>, PcapError> {
+        let mut header = [0u8; 24];
+        let got = read_full(&mut input, &mut header).map_err(|e| PcapError::Io(e.to_string()))?;
+        let magic = if got >= 4 { u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) } else { 0 };
+        let (little_endian, nanos) = match magic {
+            0xa1b2_c3d4 => (true, false),
+            0xa1b2_3c4d => (true, true),
+            0xd4c3_b2a1 => (false, false),
+            0x4d3c_b2a1 => (false, true),
+            other => return Err(PcapError::Magic(other)),
         };
-        if let Some(d) = from_ip(ip) {
-            out.push(Datagram { record: index, timestamp_us, ..d });
+        if got < header.len() {
+            return Err(PcapError::Truncated { index: 0, offset: 0 });
+        }
+        let linktype = word(&header[20..24], little_endian);
+        if linktype != LINKTYPE_ETHERNET && linktype != LINKTYPE_RAW {
+            return Err(PcapError::LinkType(linktype));
+        }
+        Ok(Reader { input, little_endian, nanos, linktype, index: 0, offset: 24, frame: Vec::new() })
+    }
+
+    /// The next record's frame and timestamp; `None` at the end of the file.
+    fn next_record(&mut self) -> Result<Option<u64>, PcapError> {
+        let mut header = [0u8; 16];
+        let (index, offset) = (self.index + 1, self.offset);
+        let truncated = PcapError::Truncated { index, offset };
+        match read_full(&mut self.input, &mut header).map_err(|e| PcapError::Io(e.to_string()))? {
+            0 => return Ok(None),
+            16 => {}
+            _ => return Err(truncated),
+        }
+        let le = self.little_endian;
+        let (secs, frac, incl) = (word(&header[0..4], le), word(&header[4..8], le), word(&header[8..12], le) as usize);
+        // No record is larger than the biggest snapshot length tcpdump takes.
+        if incl > MAX_RECORD {
+            return Err(truncated);
+        }
+        self.frame.resize(incl, 0);
+        if read_full(&mut self.input, &mut self.frame).map_err(|e| PcapError::Io(e.to_string()))? != incl {
+            return Err(truncated);
+        }
+        self.index = index;
+        self.offset += 16 + incl;
+        Ok(Some(secs as u64 * 1_000_000 + if self.nanos { frac as u64 / 1000 } else { frac as u64 }))
+    }
+}
+
+impl<R: std::io::Read> Iterator for Reader<R> {
+    type Item = Result<Datagram, PcapError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let timestamp_us = match self.next_record() {
+                Ok(Some(t)) => t,
+                Ok(None) => return None,
+                Err(e) => return Some(Err(e)),
+            };
+            let frame = &self.frame[..];
+            let ip = match self.linktype {
+                LINKTYPE_ETHERNET if frame.len() >= 14 => match u16::from_be_bytes([frame[12], frame[13]]) {
+                    0x0800 | 0x86dd => &frame[14..],
+                    _ => continue,
+                },
+                LINKTYPE_RAW => frame,
+                _ => continue,
+            };
+            if let Some(d) = from_ip(ip) {
+                return Some(Ok(Datagram { record: self.index, timestamp_us, ..d }));
+            }
         }
     }
-    Ok(out)
+}
+
+/// The largest record read (tcpdump's largest snapshot length).
+const MAX_RECORD: usize = 262_144;
+
+fn word(b: &[u8], little_endian: bool) -> u32 {
+    let a: [u8; 4] = b.try_into().expect("4 bytes");
+    if little_endian { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) }
+}
+
+/// Fills `buf` as far as the input goes; returns how much was read.
+fn read_full(input: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 /// The RoCEv2 datagram in an IP packet (header included, as a capture or a raw socket holds it), if it is
