@@ -2,6 +2,8 @@
 //! private data, SEND, 1 GiB of RDMA WRITE and READ verified byte for byte (`SOFT_BULK_MIB` changes the
 //! size), reject with private data, disconnect from either side, and nothing left behind afterwards.
 
+mod support;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -295,7 +297,7 @@ async fn rxe_source_ports_on_the_standard_port() {
     let mut p = PacketRepr::new(Bth::new(Opcode::RcSendOnly, qa.qpn, req.starting_psn));
     p.bth.ack_req = true;
     p.payload = b"from the peer";
-    peer.send_to(&kernel_datagram(&p, [127, 0, 0, 4], [127, 0, 0, 3]), "127.0.0.3:4791").unwrap();
+    peer.send_to(&support::kernel_datagram(&p, [127, 0, 0, 4], [127, 0, 0, 3]), "127.0.0.3:4791").unwrap();
     let (ack, _) = recv(&mut buf);
     let (ack, _) = PacketRepr::parse(&ack).unwrap();
     assert_eq!((ack.bth.opcode, ack.bth.psn), (Opcode::RcAcknowledge, req.starting_psn));
@@ -304,96 +306,6 @@ async fn rxe_source_ports_on_the_standard_port() {
     assert_eq!(
         (got.wr_id, got.status, &got.buf[..got.byte_len as usize]),
         (2, WcStatus::Success, &b"from the peer"[..])
-    );
-}
-
-/// A RoCEv2 datagram as a kernel peer sends it: its ICRC over an IPv4 identification the receiver cannot see.
-fn kernel_datagram(p: &transport::soft::wire::PacketRepr<'_>, from: [u8; 4], to: [u8; 4]) -> Vec<u8> {
-    use transport::soft::wire::{IpHeader, icrc};
-    let mut out = Vec::new();
-    p.emit(&mut out).unwrap();
-    let ip = IpHeader::ipv4(from.into(), to.into(), 0x1d2e, (8 + out.len() + 4) as u16);
-    icrc::append(&ip, 4791, &mut out).unwrap();
-    out
-}
-
-/// Our device as the target of a kernel host, from the kernel's own bytes: the REQ the stock nvme-rdma host sent
-/// (`shared/vectors`) is replayed from a bare socket; the device accepts; its first request carries the REQ's
-/// starting PSN, and the host's Connect capsule, sent from our REP's starting PSN as the kernel does, is
-/// received and acknowledged.
-#[tokio::test]
-async fn answers_the_kernel_hosts_captured_req() {
-    use transport::soft::wire::ext::{Deth, GSI_QKEY};
-    use transport::soft::wire::mad::{self, CmMessage, MadHeader};
-    use transport::soft::wire::{Bth, Opcode, PacketRepr};
-
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors");
-    let Ok(file) = std::fs::read(dir.join("connect-io-mtu1024.pcap")) else {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true but the vectors are missing");
-        eprintln!("SKIP: captured vectors not found");
-        return;
-    };
-    let captured = transport::soft::pcap::read_rocev2(&file).unwrap();
-    let packet = |record: usize| PacketRepr::parse(&captured[record - 1].payload).unwrap().0;
-    // Record 1 is the host's REQ of the discovery queue, record 4 its first request (the Connect capsule).
-    let req_mad = packet(1).payload.to_vec();
-    let (req_header, CmMessage::Req(req)) = CmMessage::parse(&req_mad).unwrap() else { panic!("REQ") };
-    let connect_capsule = packet(4).payload.to_vec();
-    assert_eq!(connect_capsule.len(), 64);
-
-    let dev = Device::open(SoftConfig::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 7)))).unwrap();
-    let host = std::net::UdpSocket::bind("127.0.0.8:4791").unwrap();
-    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let mut recv = || {
-        let n = host.recv(&mut buf).expect("datagram from the device");
-        buf[..n].to_vec()
-    };
-    let mad = |attr, message: CmMessage| {
-        let bytes = message.emit(&MadHeader::cm(attr, req_header.transaction_id)).unwrap();
-        let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, 0));
-        p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
-        p.payload = &bytes;
-        kernel_datagram(&p, [127, 0, 0, 8], [127, 0, 0, 7])
-    };
-    let pd = dev.alloc_pd().await.unwrap();
-    let cq = CompletionQueue::new();
-    dev.listen(4420, 4).await.unwrap();
-    let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, 0));
-    p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
-    p.payload = &req_mad;
-    host.send_to(&kernel_datagram(&p, [127, 0, 0, 8], [127, 0, 0, 7]), "127.0.0.7:4791").unwrap();
-    let DeviceEvent::ConnectRequest { conn, peer, .. } = event(&dev).await else { panic!("connect request") };
-    assert_eq!((peer.qpn, peer.start_psn), (req.local_qpn, req.starting_psn));
-    let qp = dev.create_qp(&pd, &cq, &cq).await.unwrap();
-    qp.post_recv(RecvWr::new(1, vec![0; 4096])).unwrap();
-    let accept = CmAccept { recfmt: 0, crqsize: 32 }.to_bytes();
-    dev.accept(conn, &qp, ConnectionOptions::default(), &accept).await.unwrap();
-    let (_, CmMessage::Rep(rep)) = CmMessage::parse(PacketRepr::parse(&recv()).unwrap().0.payload).unwrap() else {
-        panic!("REP")
-    };
-    assert_eq!((rep.remote_comm_id, rep.local_qpn), (req.local_comm_id, qp.qpn));
-    let rtu =
-        CmMessage::Rtu { local_comm_id: req.local_comm_id, remote_comm_id: rep.local_comm_id, private_data: vec![] };
-    host.send_to(&mad(mad::attr::RTU, rtu), "127.0.0.7:4791").unwrap();
-    assert!(matches!(event(&dev).await, DeviceEvent::Established { .. }));
-
-    // The host's Connect capsule, from the PSN our REP advertised, to our queue pair.
-    let mut p = PacketRepr::new(Bth::new(Opcode::RcSendOnly, qp.qpn, rep.starting_psn));
-    p.bth.ack_req = true;
-    p.payload = &connect_capsule;
-    host.send_to(&kernel_datagram(&p, [127, 0, 0, 8], [127, 0, 0, 7]), "127.0.0.7:4791").unwrap();
-    let (ack, _) = PacketRepr::parse(&recv()).map(|(p, c)| (p.bth, c)).unwrap();
-    assert_eq!((ack.opcode, ack.dest_qp, ack.psn), (Opcode::RcAcknowledge, req.local_qpn, rep.starting_psn));
-    let got = tokio::time::timeout(Duration::from_secs(5), cq.next()).await.unwrap().wc;
-    assert_eq!((got.status, &got.buf[..got.byte_len as usize]), (WcStatus::Success, &connect_capsule[..]));
-    // Our first request (the Connect response) goes out from the PSN the host's REQ advertised.
-    qp.post_send(SendWr::new(2, SendOp::Send, vec![0; 16])).unwrap();
-    let response = recv();
-    let (response, _) = PacketRepr::parse(&response).unwrap();
-    assert_eq!(
-        (response.bth.opcode, response.bth.dest_qp, response.bth.psn),
-        (Opcode::RcSendOnly, req.local_qpn, req.starting_psn)
     );
 }
 

@@ -1,11 +1,18 @@
 //! Known answers from the kernel: every RoCEv2 packet that Linux rxe sent in `shared/vectors` decodes, its ICRC
-//! recomputes to the captured value, and re-emitting the decoded packet gives the captured bytes back.
+//! recomputes to the captured value, and re-emitting the decoded packet gives the captured bytes back; a soft
+//! device answers the kernel host's captured connection setup as the kernel target did.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::time::Duration;
 
+use nvme_proto::rdma_cm::CmAccept;
+use transport::soft::device::{CompletionQueue, ConnectionOptions, Device, DeviceEvent, SoftConfig};
 use transport::soft::pcap::{self, Datagram};
+use transport::soft::rc::{RecvWr, SendOp, SendWr, WcStatus};
 use transport::soft::wire::ext::{GSI_QKEY, Syndrome};
 use transport::soft::wire::{IpHeader, Opcode, PacketRepr, WireError, icrc, udp_port};
 
@@ -379,4 +386,82 @@ fn ipv4_identification_is_recovered_from_the_icrc() {
         assert_eq!(solver.solve(&IpHeader::V4(hidden), d.udp_src, &bad), None, "record {}", d.record);
     }
     assert!(nonzero > 600, "the kernel used real identifications: {nonzero}");
+}
+
+/// A soft device as the target of a kernel host, from the kernel's own bytes: the REQ the stock nvme-rdma host sent
+/// (`shared/vectors`) is replayed from a bare socket; the device accepts; its first request carries the REQ's
+/// starting PSN, and the host's Connect capsule, sent from our REP's starting PSN as the kernel does, is
+/// received and acknowledged.
+#[tokio::test]
+async fn answers_the_kernel_hosts_captured_req() {
+    use transport::soft::wire::ext::{Deth, GSI_QKEY};
+    use transport::soft::wire::mad::{self, CmMessage, MadHeader};
+    use transport::soft::wire::{Bth, Opcode, PacketRepr};
+
+    let Some(captured) = load("connect-io-mtu1024.pcap") else { return };
+    let packet = |record: usize| PacketRepr::parse(&captured[record - 1].payload).unwrap().0;
+    // Record 1 is the host's REQ of the discovery queue, record 4 its first request (the Connect capsule).
+    let req_mad = packet(1).payload.to_vec();
+    let (req_header, CmMessage::Req(req)) = CmMessage::parse(&req_mad).unwrap() else { panic!("REQ") };
+    let connect_capsule = packet(4).payload.to_vec();
+    assert_eq!(connect_capsule.len(), 64);
+
+    let dev = Device::open(SoftConfig::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 7)))).unwrap();
+    let host = std::net::UdpSocket::bind("127.0.0.8:4791").unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut recv = || {
+        let n = host.recv(&mut buf).expect("datagram from the device");
+        buf[..n].to_vec()
+    };
+    let mad = |attr, message: CmMessage| {
+        let bytes = message.emit(&MadHeader::cm(attr, req_header.transaction_id)).unwrap();
+        let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, 0));
+        p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
+        p.payload = &bytes;
+        support::kernel_datagram(&p, [127, 0, 0, 8], [127, 0, 0, 7])
+    };
+    let pd = dev.alloc_pd().await.unwrap();
+    let cq = CompletionQueue::new();
+    dev.listen(4420, 4).await.unwrap();
+    let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, 0));
+    p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
+    p.payload = &req_mad;
+    host.send_to(&support::kernel_datagram(&p, [127, 0, 0, 8], [127, 0, 0, 7]), "127.0.0.7:4791").unwrap();
+    let DeviceEvent::ConnectRequest { conn, peer, .. } = next_event(&dev).await else { panic!("connect request") };
+    assert_eq!((peer.qpn, peer.start_psn), (req.local_qpn, req.starting_psn));
+    let qp = dev.create_qp(&pd, &cq, &cq).await.unwrap();
+    qp.post_recv(RecvWr::new(1, vec![0; 4096])).unwrap();
+    let accept = CmAccept { recfmt: 0, crqsize: 32 }.to_bytes();
+    dev.accept(conn, &qp, ConnectionOptions::default(), &accept).await.unwrap();
+    let (_, CmMessage::Rep(rep)) = CmMessage::parse(PacketRepr::parse(&recv()).unwrap().0.payload).unwrap() else {
+        panic!("REP")
+    };
+    assert_eq!((rep.remote_comm_id, rep.local_qpn), (req.local_comm_id, qp.qpn));
+    let rtu =
+        CmMessage::Rtu { local_comm_id: req.local_comm_id, remote_comm_id: rep.local_comm_id, private_data: vec![] };
+    host.send_to(&mad(mad::attr::RTU, rtu), "127.0.0.7:4791").unwrap();
+    assert!(matches!(next_event(&dev).await, DeviceEvent::Established { .. }));
+
+    // The host's Connect capsule, from the PSN our REP advertised, to our queue pair.
+    let mut p = PacketRepr::new(Bth::new(Opcode::RcSendOnly, qp.qpn, rep.starting_psn));
+    p.bth.ack_req = true;
+    p.payload = &connect_capsule;
+    host.send_to(&support::kernel_datagram(&p, [127, 0, 0, 8], [127, 0, 0, 7]), "127.0.0.7:4791").unwrap();
+    let (ack, _) = PacketRepr::parse(&recv()).map(|(p, c)| (p.bth, c)).unwrap();
+    assert_eq!((ack.opcode, ack.dest_qp, ack.psn), (Opcode::RcAcknowledge, req.local_qpn, rep.starting_psn));
+    let got = tokio::time::timeout(Duration::from_secs(5), cq.next()).await.unwrap().wc;
+    assert_eq!((got.status, &got.buf[..got.byte_len as usize]), (WcStatus::Success, &connect_capsule[..]));
+    // Our first request (the Connect response) goes out from the PSN the host's REQ advertised.
+    qp.post_send(SendWr::new(2, SendOp::Send, vec![0; 16])).unwrap();
+    let response = recv();
+    let (response, _) = PacketRepr::parse(&response).unwrap();
+    assert_eq!(
+        (response.bth.opcode, response.bth.dest_qp, response.bth.psn),
+        (Opcode::RcSendOnly, req.local_qpn, req.starting_psn)
+    );
+}
+
+async fn next_event(dev: &Device) -> DeviceEvent {
+    tokio::time::timeout(Duration::from_secs(10), dev.next_event()).await.expect("event within 10 s").expect("open")
 }

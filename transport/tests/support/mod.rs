@@ -235,3 +235,13 @@ impl SimNet {
         PacketRepr::parse(bytes).expect("well-formed packet").0
     }
 }
+
+/// A RoCEv2 datagram as a kernel peer sends it: its ICRC over an IPv4 identification the receiver cannot see.
+pub fn kernel_datagram(p: &transport::soft::wire::PacketRepr<'_>, from: [u8; 4], to: [u8; 4]) -> Vec<u8> {
+    use transport::soft::wire::{IpHeader, icrc};
+    let mut out = Vec::new();
+    p.emit(&mut out).unwrap();
+    let ip = IpHeader::ipv4(from.into(), to.into(), 0x1d2e, (8 + out.len() + 4) as u16);
+    icrc::append(&ip, 4791, &mut out).unwrap();
+    out
+}
