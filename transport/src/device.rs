@@ -247,6 +247,9 @@ pub struct DeviceStats {
     pub regions: usize,
     pub region_bytes: usize,
     pub connections: usize,
+    /// Connection attempts given up on but still remembered, so that the peer's retransmissions are recognised
+    /// (soft provider; each goes away on its own).
+    pub stale_connection_attempts: usize,
     pub packets_sent: u64,
     pub packets_received: u64,
     pub packets_dropped: u64,

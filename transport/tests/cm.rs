@@ -438,10 +438,35 @@ fn a_duplicate_req_after_a_rep_timeout_is_the_same_attempt() {
     assert!(reps >= 4, "the REP was retried ({reps})");
     assert!(rejects.len() >= 2, "the REJ went out, and again for the duplicate REQs: {rejects:?}");
     assert!(rejects.iter().all(|&r| r == (mad::reject_reason::TIMEOUT, mad::message::REP, conn)), "{rejects:?}");
-    // Forgotten once the host has stopped retransmitting (16 REQs), without another event.
-    assert_eq!(cm.connections(), 1);
+    // Not a connection, but counted; forgotten once the host has stopped retransmitting (16 REQs), without
+    // another event.
+    assert_eq!((cm.connections(), cm.stale_attempts()), (0, 1));
     cm.handle_timeout(now + resend_every * 16);
-    assert_eq!((cm.connections(), cm.poll_event()), (0, None));
+    assert_eq!((cm.connections(), cm.stale_attempts(), cm.poll_event()), (0, 0, None));
+}
+
+/// However many attempts a peer leaves unanswered, what the CM remembers of them is bounded.
+#[test]
+fn stale_attempts_are_bounded() {
+    let (mut a, mut b) = (cm(1), cm(0x10_0000));
+    b.listen(4420, 2000).unwrap();
+    let now = Instant::now();
+    for i in 0..1100u16 {
+        a.connect(now, ConnectParams { src_port: 20000 + i, ..connect_params(vec![]) }).unwrap();
+    }
+    while let Some((_, req)) = a.poll_transmit() {
+        b.handle_mad(now, A, B, &req);
+    }
+    while let Some(event) = b.poll_event() {
+        let CmEvent::ConnectRequest { conn, .. } = event else { panic!("{event:?}") };
+        b.accept(now, conn, accept_params()).unwrap();
+    }
+    // No RTU ever comes: every REP runs out of retries (the stale attempts are kept far longer).
+    while let Some(t) = b.poll_timeout().filter(|t| *t < now + Duration::from_secs(5)) {
+        b.handle_timeout(t);
+        while b.poll_transmit().is_some() {}
+    }
+    assert_eq!((b.connections(), b.stale_attempts()), (0, 1024));
 }
 
 #[test]

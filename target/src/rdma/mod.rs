@@ -63,6 +63,9 @@ pub struct Stats {
     pub poll_groups: usize,
     /// Connections the devices' connection managers track (time-wait included).
     pub connections: usize,
+    /// Attempts whose accept went unanswered, remembered while the host may still retransmit its request
+    /// (each goes away on its own within two minutes).
+    pub stale_connection_attempts: usize,
     /// Registered memory regions of every device.
     pub memory_regions: usize,
     pub pool_buffers_in_use: usize,
@@ -253,13 +256,14 @@ impl StatsHandle {
             }
         }
         let mut listeners = self.listener_status();
-        let (mut qpairs, mut connections, mut memory_regions) = (0, 0, 0);
+        let (mut qpairs, mut connections, mut stale_connection_attempts, mut memory_regions) = (0, 0, 0, 0);
         for l in &mut listeners {
             if let Some(d) = &l.device
                 && let Ok(s) = d.stats().await
             {
                 qpairs += s.queue_pairs;
                 connections += s.connections;
+                stale_connection_attempts += s.stale_connection_attempts;
                 memory_regions += s.regions;
                 l.active_mtu = Some(s.active_mtu);
                 let g = s.node_guid.to_be_bytes();
@@ -275,6 +279,7 @@ impl StatsHandle {
             pollers: groups.iter().map(|g| g.queues).sum(),
             poll_groups: self.groups.senders.len(),
             connections,
+            stale_connection_attempts,
             memory_regions,
             pool_buffers_in_use: groups.iter().map(|g| g.pool_buffers_in_use).sum(),
             pool_buffers: groups.iter().map(|g| g.pool_buffers).sum(),

@@ -179,8 +179,10 @@ struct Conn {
 /// Service timeout announced in an MRA: 4.096 us * 2^20, about 4.3 s (rdma_cm's CMA_CM_MRA_SETTING).
 const MRA_SERVICE_TIMEOUT: u8 = 20;
 
-/// The longest a stale passive attempt is remembered, whatever its REQ claims.
+/// The longest a stale passive attempt is remembered, whatever its REQ claims, and how many are at most
+/// (beyond that the one due to be forgotten first goes at once).
 const MAX_STALE: Duration = Duration::from_secs(120);
+const MAX_STALE_ATTEMPTS: usize = 1024;
 
 /// An IB CM timeout field: 4.096 us * 2^value.
 fn cm_timeout(value: u8) -> Duration {
@@ -206,6 +208,8 @@ pub struct Cm {
     by_remote: HashMap<(IpAddr, u32), ConnId>,
     transmit: VecDeque<(IpAddr, [u8; MAD_LEN])>,
     events: VecDeque<CmEvent>,
+    /// How many of `conns` are stale attempts.
+    stale: usize,
 }
 
 /// The node GUID of a device on a netdev with MAC address `mac`, as rxe derives it (`addrconf_addr_eui48`):
@@ -243,6 +247,7 @@ impl Cm {
             by_remote: HashMap::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
+            stale: 0,
         }
     }
 
@@ -272,9 +277,15 @@ impl Cm {
         self.conns.get(&conn).map(|c| c.state)
     }
 
-    /// Connections the CM still tracks (time-wait included).
+    /// Connections the CM still tracks (time-wait included; stale attempts are not connections).
     pub fn connections(&self) -> usize {
-        self.conns.len()
+        self.conns.len() - self.stale
+    }
+
+    /// Passive attempts whose REP went unanswered, remembered so that the peer's retransmitted REQs are
+    /// recognised (each goes away on its own once the peer has stopped retransmitting).
+    pub fn stale_attempts(&self) -> usize {
+        self.stale
     }
 
     fn new_id(&mut self) -> ConnId {
@@ -491,6 +502,18 @@ impl Cm {
                     c.deadline = Some(now + c.peer_req_span);
                     self.transmit.push_back((c.peer_addr, rej));
                     self.events.push_back(CmEvent::Unreachable { conn });
+                    self.stale += 1;
+                    if self.stale > MAX_STALE_ATTEMPTS {
+                        let oldest = self
+                            .conns
+                            .iter()
+                            .filter(|(_, c)| c.state == State::Stale)
+                            .min_by_key(|(_, c)| c.deadline)
+                            .map(|(id, _)| *id);
+                        if let Some(oldest) = oldest {
+                            self.forget(oldest);
+                        }
+                    }
                 }
                 State::DreqSent => {
                     self.enter_timewait(now, conn);
@@ -693,6 +716,7 @@ impl Cm {
     fn forget(&mut self, conn: ConnId) {
         if let Some(c) = self.conns.remove(&conn) {
             self.by_remote.remove(&(c.peer_addr, c.remote_id));
+            self.stale -= usize::from(c.state == State::Stale);
         }
     }
 }

@@ -436,6 +436,7 @@ impl Worker {
                     regions: self.memory.len(),
                     region_bytes: self.memory.bytes(),
                     connections: self.cm.connections(),
+                    stale_connection_attempts: self.cm.stale_attempts(),
                     node_guid: self.cm.node_guid(),
                     active_mtu: self.mtu,
                     ..self.stats
