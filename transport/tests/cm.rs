@@ -428,7 +428,7 @@ fn a_duplicate_req_after_a_rep_timeout_is_the_same_attempt() {
             assert_eq!(dst, host);
             match CmMessage::parse(&mad).unwrap().1 {
                 CmMessage::Rep(_) => reps += 1,
-                CmMessage::Rej(rej) => rejects.push((rej.reason, rej.message_rejected, rej.local_comm_id)),
+                CmMessage::Rej(rej) => rejects.push(rej),
                 other => panic!("{other:?}"),
             }
         }
@@ -436,13 +436,73 @@ fn a_duplicate_req_after_a_rep_timeout_is_the_same_attempt() {
     }
     assert_eq!(events, vec![CmEvent::Unreachable { conn }], "one attempt, reported once");
     assert!(reps >= 4, "the REP was retried ({reps})");
-    assert!(rejects.len() >= 2, "the REJ went out, and again for the duplicate REQs: {rejects:?}");
-    assert!(rejects.iter().all(|&r| r == (mad::reject_reason::TIMEOUT, mad::message::REP, conn)), "{rejects:?}");
+    assert!(rejects.len() >= 2, "the REJ went out, and one for each duplicate REQ: {rejects:?}");
+    // First the REP's timeout, with our CA GUID as its additional information (how a peer that got the REP
+    // finds the connection); then each duplicate gets a stale-connection REJ of its REQ, which the kernel
+    // matches by its own communication id — the REJ's remote id — and so stops retransmitting.
+    let (_, CmMessage::Req(kernel_req)) = CmMessage::parse(&req).unwrap() else { panic!("REQ") };
+    let first = &rejects[0];
+    assert_eq!(
+        (first.reason, first.message_rejected, first.ari_len),
+        (mad::reject_reason::TIMEOUT, mad::message::REP, 8)
+    );
+    assert_eq!(first.ari[..8], cm.node_guid().to_be_bytes());
+    for dup in &rejects[1..] {
+        assert_eq!(
+            (dup.reason, dup.message_rejected, dup.local_comm_id, dup.remote_comm_id),
+            (mad::reject_reason::STALE_CONNECTION, mad::message::REQ, conn, kernel_req.local_comm_id)
+        );
+    }
+    // The peer cannot keep the attempt: an MRA does not extend it.
+    let mra = CmMessage::Mra {
+        local_comm_id: kernel_req.local_comm_id,
+        remote_comm_id: conn,
+        message_mraed: mad::message::REP,
+        service_timeout: 31,
+        private_data: vec![],
+    }
+    .emit(&mad::MadHeader::cm(mad::attr::MRA, 1))
+    .unwrap();
+    cm.handle_mad(now, host, target, &mra);
+    assert!(cm.poll_timeout().is_some_and(|t| t <= now + Duration::from_secs(120)));
     // Not a connection, but counted; forgotten once the host has stopped retransmitting (16 REQs), without
     // another event.
     assert_eq!((cm.connections(), cm.stale_attempts()), (0, 1));
     cm.handle_timeout(now + resend_every * 16);
     assert_eq!((cm.connections(), cm.stale_attempts(), cm.poll_event()), (0, 0, None));
+}
+
+/// A REQ retransmitted after its connection closed gets a stale-connection REJ of the REQ, as Linux's CM
+/// answers, not a second connection.
+#[test]
+fn a_req_for_a_connection_in_time_wait_is_rejected_as_stale() {
+    let (mut a, mut b) = (cm(1), cm(0x20_0000));
+    b.listen(4420, 4).unwrap();
+    let now = Instant::now();
+    let active = a.connect(now, connect_params(vec![])).unwrap();
+    let (_, req) = a.poll_transmit().unwrap();
+    b.handle_mad(now, A, B, &req);
+    let Some(CmEvent::ConnectRequest { conn: passive, .. }) = b.poll_event() else { panic!("connect request") };
+    b.accept(now, passive, accept_params()).unwrap();
+    let (_, rep) = b.poll_transmit().unwrap();
+    a.handle_mad(now, B, A, &rep);
+    let (_, rtu) = a.poll_transmit().unwrap();
+    b.handle_mad(now, A, B, &rtu);
+    a.disconnect(now, active).unwrap();
+    let (_, dreq) = a.poll_transmit().unwrap();
+    b.handle_mad(now, A, B, &dreq);
+    let (_, drep) = b.poll_transmit().unwrap();
+    assert!(matches!(CmMessage::parse(&drep).unwrap().1, CmMessage::Drep { .. }));
+    assert_eq!(b.state(passive), Some(State::TimeWait));
+    while b.poll_event().is_some() {}
+    b.handle_mad(now, A, B, &req);
+    assert_eq!(b.poll_event(), None, "not a new connection");
+    let (_, answer) = b.poll_transmit().unwrap();
+    let CmMessage::Rej(rej) = CmMessage::parse(&answer).unwrap().1 else { panic!("REJ") };
+    assert_eq!(
+        (rej.reason, rej.message_rejected, rej.local_comm_id, rej.remote_comm_id),
+        (mad::reject_reason::STALE_CONNECTION, mad::message::REQ, passive, active)
+    );
 }
 
 /// However many attempts a peer leaves unanswered, what the CM remembers of them is bounded.

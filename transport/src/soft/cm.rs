@@ -154,7 +154,7 @@ pub enum State {
     TimeWait,
     /// Passive side: our REP went unanswered through every retry, the attempt was rejected (timeout) and
     /// reported unreachable. Kept while the peer may still retransmit its REQ, so that a duplicate is answered
-    /// with that REJ rather than taken for a new connection; then forgotten without an event.
+    /// with a stale-connection REJ rather than taken for a new connection; then forgotten without an event.
     Stale,
 }
 
@@ -450,7 +450,7 @@ impl Cm {
                 // Nothing established yet: abandon the attempt.
                 let (addr, remote, tid) = (c.peer_addr, c.remote_id, c.tid);
                 if remote != 0 {
-                    let rej = reject_mad(conn, remote, tid, mad::message::REQ, reject_reason::TIMEOUT, &[]);
+                    let rej = timeout_reject_mad(conn, remote, tid, mad::message::REQ, self.config.node_guid);
                     self.transmit.push_back((addr, rej));
                 }
                 self.forget(conn);
@@ -494,9 +494,10 @@ impl Cm {
                     self.events.push_back(CmEvent::Unreachable { conn });
                 }
                 State::RepSent => {
-                    // As Linux's CM does for an unanswered REP: reject (timeout), and remember the attempt so
-                    // that the peer's retransmitted REQ gets this REJ again instead of a second connection.
-                    let rej = reject_mad(conn, c.remote_id, c.tid, mad::message::REP, reject_reason::TIMEOUT, &[]);
+                    // An unanswered REP: reject it (timeout; the additional information is our CA GUID, by
+                    // which a peer that got the REP finds the connection), and remember the attempt so that
+                    // the peer's retransmitted REQ is answered rather than taken for a second connection.
+                    let rej = timeout_reject_mad(conn, c.remote_id, c.tid, mad::message::REP, self.config.node_guid);
                     c.state = State::Stale;
                     c.last_sent = Some(rej);
                     c.deadline = Some(now + c.peer_req_span);
@@ -551,8 +552,11 @@ impl Cm {
                 }
             }
             CmMessage::Mra { remote_comm_id, service_timeout, .. } => {
-                // The peer needs longer: wait its service timeout (4.096 us * 2^n) on top of ours.
-                if let Some(c) = self.conns.get_mut(&remote_comm_id).filter(|c| c.peer_addr == src) {
+                // The peer needs longer to answer our REQ or REP: wait its service timeout (4.096 us * 2^n) on
+                // top of ours. In any other state there is nothing to wait for (and a stale attempt or a
+                // time-wait must not be kept by the peer).
+                let awaiting = |c: &Conn| matches!(c.state, State::ReqSent | State::RepSent);
+                if let Some(c) = self.conns.get_mut(&remote_comm_id).filter(|c| c.peer_addr == src && awaiting(c)) {
                     let extra = Duration::from_nanos(4096u64 << service_timeout.min(31));
                     c.deadline = c.deadline.map(|d| d.max(now + self.config.response_timeout + extra));
                 }
@@ -562,13 +566,14 @@ impl Cm {
 
     fn on_req(&mut self, src: IpAddr, dst: IpAddr, tid: u64, req: Req) {
         if let Some(&conn) = self.by_remote.get(&(src, req.local_comm_id)) {
-            // A retransmitted REQ: answer again with what we answered (a REP, or the REJ of a stale attempt);
-            // while the application still decides, with an MRA asking the peer to wait longer; after the
-            // connection closed, with a stale-connection REJ, as Linux's CM does.
+            // A retransmitted REQ: answer again with what we answered (a REP); while the application still
+            // decides, with an MRA asking the peer to wait longer; for an attempt given up on or a connection
+            // closed since, with a stale-connection REJ of the REQ — which a peer still waiting for its REP
+            // finds by its own communication id (Linux's CM matches a REJ of a REQ so) and stops at once.
             let Some(c) = self.conns.get(&conn) else { return };
             let answer = match (c.state, c.last_sent) {
-                (State::TimeWait, _) => {
-                    reject_mad(conn, req.local_comm_id, tid, mad::message::OTHER, reject_reason::STALE_CONNECTION, &[])
+                (State::TimeWait | State::Stale, _) => {
+                    reject_mad(conn, req.local_comm_id, tid, mad::message::REQ, reject_reason::STALE_CONNECTION, &[])
                 }
                 (_, Some(mad)) => mad,
                 (_, None) => CmMessage::Mra {
@@ -734,6 +739,23 @@ fn reject_mad(local: u32, remote: u32, tid: u64, rejected: u8, reason: u16, priv
     })
     .emit(&MadHeader::cm(mad::attr::REJ, tid))
     .expect("private data length checked by the caller")
+}
+
+/// A REJ for a timeout: its additional rejection information is the rejecting CA's GUID (IBTA 12.6.7).
+fn timeout_reject_mad(local: u32, remote: u32, tid: u64, rejected: u8, node_guid: u64) -> [u8; MAD_LEN] {
+    let mut ari = [0; 72];
+    ari[..8].copy_from_slice(&node_guid.to_be_bytes());
+    CmMessage::Rej(Rej {
+        local_comm_id: local,
+        remote_comm_id: remote,
+        message_rejected: rejected,
+        ari_len: 8,
+        reason: reject_reason::TIMEOUT,
+        ari,
+        private_data: Vec::new(),
+    })
+    .emit(&MadHeader::cm(mad::attr::REJ, tid))
+    .expect("no private data")
 }
 
 fn rtu_mad(local: u32, remote: u32, tid: u64) -> [u8; MAD_LEN] {
