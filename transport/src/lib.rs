@@ -20,6 +20,7 @@
 
 pub mod connection;
 pub mod device;
+pub mod mtu;
 pub mod provider;
 pub mod region;
 pub mod soft;

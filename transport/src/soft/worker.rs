@@ -587,7 +587,7 @@ impl Worker {
                 dst_port: port,
                 local_qpn: qpn,
                 start_psn,
-                path_mtu: mtu_code(self.mtu),
+                path_mtu: crate::mtu::mtu_code(self.mtu),
                 responder_resources: options.responder_resources,
                 initiator_depth: options.initiator_depth,
                 retry_count: options.retry_count,
@@ -641,7 +641,7 @@ impl Worker {
     /// rdma_cm does).
     fn start_engine(&mut self, qpn: u32, peer: &PeerParams, options: ConnectionOptions) {
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        let mtu = (256usize << peer.path_mtu.clamp(1, 5).saturating_sub(1)).min(self.mtu);
+        let mtu = crate::mtu::mtu_bytes(peer.path_mtu).min(self.mtu);
         let psns = StartPsns::new(slot.start_psn, peer);
         let config = RcConfig {
             mtu,
@@ -882,16 +882,6 @@ fn to_v6(a: IpAddr) -> std::net::Ipv6Addr {
     }
 }
 
-fn mtu_code(mtu: usize) -> u8 {
-    match mtu {
-        0..=256 => 1,
-        257..=512 => 2,
-        513..=1024 => 3,
-        1025..=2048 => 4,
-        _ => 5,
-    }
-}
-
 /// Receives complete on the receive queue's CQ, everything else on the send queue's.
 fn completion_queue<'a>(
     send: &'a CompletionQueue,
@@ -920,10 +910,11 @@ pub(super) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv4() {
         // The ICRC covers the IPv4 identification, which the kernel picks as it sends. With path MTU discovery
-        // "do" (DF set, never fragmented) an unconnected socket's datagrams go out with identification 0 — the
-        // header `ip_header` computes the ICRC over. Without it the kernel numbers them and every ICRC we send
-        // is wrong for the header on the wire: rxe drops all of it.
-        rustix::net::sockopt::set_ip_mtu_discover(&socket, rustix::net::sockopt::Ipv4PathMtuDiscovery::DO)?;
+        // "probe" (DF set, never fragmented) an unconnected socket's datagrams go out with identification 0 —
+        // the header `ip_header` computes the ICRC over. Without it the kernel numbers them and every ICRC we
+        // send is wrong for the header on the wire: rxe drops all of it. "Probe" rather than "do": the device's
+        // MTU governs, as for rxe, not a path MTU an ICMP message (perhaps forged) would lower.
+        rustix::net::sockopt::set_ip_mtu_discover(&socket, rustix::net::sockopt::Ipv4PathMtuDiscovery::PROBE)?;
     }
     // Bursts of a window of MTU-sized packets must not overflow the default socket buffers.
     let _ = socket.set_recv_buffer_size(8 << 20);

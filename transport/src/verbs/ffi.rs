@@ -553,7 +553,7 @@ impl Context {
         // SAFETY: the context is valid; attr is written by the call.
         check("ibv_query_port", unsafe { sys::ibv_query_port(self.raw.as_ptr(), port, &mut attr) })?;
         let active = attr.state == sys::ibv_port_state::IBV_PORT_ACTIVE;
-        Ok((active, 128usize << attr.active_mtu.clamp(1, 5)))
+        Ok((active, crate::mtu::mtu_bytes(u8::try_from(attr.active_mtu).unwrap_or(u8::MAX))))
     }
 }
 

@@ -221,17 +221,6 @@ fn address_present(addr: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(addr, 0)).is_ok()
 }
 
-/// rdma_cm's path MTU code (1 = 256 … 5 = 4096) of an MTU in bytes.
-fn mtu_code(mtu: usize) -> u8 {
-    match mtu {
-        4096.. => 5,
-        2048.. => 4,
-        1024.. => 3,
-        512.. => 2,
-        _ => 1,
-    }
-}
-
 impl Worker {
     /// Opens the device that serves `config.addr`: a connection-manager id bound to the address picks it.
     pub(super) fn open(config: VerbsConfig, events: mpsc::UnboundedSender<DeviceEvent>) -> Result<Worker, DeviceError> {
@@ -1196,7 +1185,7 @@ impl Worker {
             port: peer_addr.port(),
             qpn: ev.conn.qp_num,
             start_psn: 0,
-            path_mtu: mtu_code(mtu),
+            path_mtu: crate::mtu::mtu_code(mtu),
             responder_resources: ev.conn.responder_resources,
             initiator_depth: ev.conn.initiator_depth,
             retry_count: ev.conn.retry_count,

@@ -25,7 +25,7 @@ pub enum IpHeader {
 
 impl IpHeader {
     /// The IPv4 header Linux sends a UDP datagram with: no options, DF set (we send with
-    /// `IP_PMTUDISC_DO`), the given identification, TTL 64, correct checksum. `udp_len` counts the UDP header.
+    /// `IP_PMTUDISC_PROBE`), the given identification, TTL 64, correct checksum. `udp_len` counts the UDP header.
     pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, id: u16, udp_len: u16) -> IpHeader {
         let mut h = [0u8; IPV4_HEADER_LEN];
         h[0] = 0x45;
