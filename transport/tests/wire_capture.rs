@@ -109,6 +109,8 @@ async fn every_datagram_on_the_wire_carries_the_icrc_of_its_real_headers() {
             _ => {}
         }
     }
+    // (A REQ or REP retransmitted on a slow machine appears twice.)
+    guids.dedup();
     let expected = addrs.map(|a| (a, transport::soft::cm::node_guid_of_addr(a)));
     assert_eq!(guids, expected.to_vec());
     assert!(expected[0].1 != expected[1].1 && expected.iter().all(|(_, g)| *g != 0));

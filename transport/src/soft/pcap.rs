@@ -16,6 +16,8 @@ pub enum PcapError {
     LinkType(u32),
     #[error("record {index} at byte {offset} runs past the end of the file")]
     Truncated { index: usize, offset: usize },
+    #[error("record {index} at byte {offset} claims {len} bytes (at most {MAX_RECORD} are read)")]
+    RecordTooLarge { index: usize, offset: usize, len: usize },
     #[error("reading the capture: {0}")]
     Io(String),
 }
@@ -53,6 +55,8 @@ pub struct Reader<R> {
     index: usize,
     offset: usize,
     frame: Vec<u8>,
+    /// After an error the rest of the file cannot be framed: the reader ends.
+    failed: bool,
 }
 
 impl<R: std::io::Read> Reader<R> {
@@ -75,7 +79,7 @@ impl<R: std::io::Read> Reader<R> {
         if linktype != LINKTYPE_ETHERNET && linktype != LINKTYPE_RAW {
             return Err(PcapError::LinkType(linktype));
         }
-        Ok(Reader { input, little_endian, nanos, linktype, index: 0, offset: 24, frame: Vec::new() })
+        Ok(Reader { input, little_endian, nanos, linktype, index: 0, offset: 24, frame: Vec::new(), failed: false })
     }
 
     /// The next record's frame and timestamp; `None` at the end of the file.
@@ -92,7 +96,7 @@ impl<R: std::io::Read> Reader<R> {
         let (secs, frac, incl) = (word(&header[0..4], le), word(&header[4..8], le), word(&header[8..12], le) as usize);
         // No record is larger than the biggest snapshot length tcpdump takes.
         if incl > MAX_RECORD {
-            return Err(truncated);
+            return Err(PcapError::RecordTooLarge { index, offset, len: incl });
         }
         self.frame.resize(incl, 0);
         if read_full(&mut self.input, &mut self.frame).map_err(|e| PcapError::Io(e.to_string()))? != incl {
@@ -108,11 +112,14 @@ impl<R: std::io::Read> Iterator for Reader<R> {
     type Item = Result<Datagram, PcapError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        loop {
+        while !self.failed {
             let timestamp_us = match self.next_record() {
                 Ok(Some(t)) => t,
                 Ok(None) => return None,
-                Err(e) => return Some(Err(e)),
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
             };
             let frame = &self.frame[..];
             let ip = match self.linktype {
@@ -127,6 +134,7 @@ impl<R: std::io::Read> Iterator for Reader<R> {
                 return Some(Ok(Datagram { record: self.index, timestamp_us, ..d }));
             }
         }
+        None
     }
 }
 

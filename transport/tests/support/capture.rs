@@ -17,7 +17,7 @@ use transport::soft::wire::{PacketRepr, icrc};
 /// A capture running on its own thread until [`WireCapture::stop`].
 pub struct WireCapture {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Vec<Datagram>>,
+    thread: Option<JoinHandle<Vec<Datagram>>>,
 }
 
 impl WireCapture {
@@ -50,14 +50,24 @@ impl WireCapture {
             out
         });
         ready_rx.recv().expect("capture socket opened");
-        WireCapture { stop, thread }
+        WireCapture { stop, thread: Some(thread) }
     }
 
     /// Stops (after a moment for datagrams still on their way) and returns what was captured.
-    pub fn stop(self) -> Vec<Datagram> {
+    pub fn stop(mut self) -> Vec<Datagram> {
         std::thread::sleep(Duration::from_millis(100));
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("capture thread")
+        self.thread.take().map(|t| t.join().expect("capture thread")).unwrap_or_default()
+    }
+}
+
+impl Drop for WireCapture {
+    /// A test that failed before `stop` still ends the capture (and closes its socket).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
