@@ -153,30 +153,13 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 "target-flap" => {
                     use scenario::flap::{HostKind, TargetKind};
                     let side = flap_side(&side)?;
-                    let hosts: Vec<(&str, HostKind)> = match host.as_str() {
-                        "ours" => vec![("ours", HostKind::Ours)],
-                        "kernel" => vec![("kernel", HostKind::Kernel { verify: true })],
-                        _ => vec![("ours", HostKind::Ours), ("kernel", HostKind::Kernel { verify: true })],
+                    let (ours, kernel) = (HostKind::Ours, HostKind::Kernel { verify: true });
+                    let runs: Vec<FlapRunSpec> = match host.as_str() {
+                        "ours" => vec![("ours", TargetKind::Ours, ours, side)],
+                        "kernel" => vec![("kernel", TargetKind::Ours, kernel, side)],
+                        _ => vec![("ours", TargetKind::Ours, ours, side), ("kernel", TargetKind::Ours, kernel, side)],
                     };
-                    let mut all = true;
-                    let mut results = Vec::new();
-                    for (name, kind) in hosts {
-                        let setup = Setup { dir: dir.join(name), ..setup.clone() };
-                        let r = scenario::flap::run_with(
-                            &setup,
-                            TargetKind::Ours,
-                            kind,
-                            flaps,
-                            side,
-                            Duration::from_secs(stall),
-                            timeout,
-                        )?;
-                        println!("{}", r.summary());
-                        all &= r.passed();
-                        results.push(r);
-                    }
-                    scenario::write_json(&dir, "result.json", &results)?;
-                    all
+                    flap_runs(&setup, &runs, flaps, Duration::from_secs(stall), timeout)?
                 }
                 "kernel-flap" => {
                     let side = flap_side(&side)?;
@@ -205,33 +188,17 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     r.passed
                 }
                 "soft-target-flap" => {
+                    use scenario::flap::{HostKind, Side, TargetKind};
                     // target: the tap, our side (the seed's case); initiator: the VM's bond0; both: a run each.
-                    let sides: Vec<(&str, scenario::flap::Side)> = match side.as_str() {
+                    let kernel = HostKind::Kernel { verify: true };
+                    let runs: Vec<FlapRunSpec> = match side.as_str() {
                         "both" => vec![
-                            ("target", scenario::flap::Side::Target),
-                            ("initiator", scenario::flap::Side::Initiator),
+                            ("target", TargetKind::Soft, kernel, Side::Target),
+                            ("initiator", TargetKind::Soft, kernel, Side::Initiator),
                         ],
-                        one => vec![(one, flap_side(one)?)],
+                        one => vec![(one, TargetKind::Soft, kernel, flap_side(one)?)],
                     };
-                    let mut all = true;
-                    let mut results = Vec::new();
-                    for (name, side) in sides {
-                        let setup = Setup { dir: dir.join(name), ..setup.clone() };
-                        let r = scenario::flap::run_with(
-                            &setup,
-                            scenario::flap::TargetKind::Soft,
-                            scenario::flap::HostKind::Kernel { verify: true },
-                            flaps,
-                            side,
-                            Duration::from_secs(stall),
-                            timeout,
-                        )?;
-                        println!("{}", r.summary());
-                        all &= r.passed();
-                        results.push(r);
-                    }
-                    scenario::write_json(&dir, "result.json", &results)?;
-                    all
+                    flap_runs(&setup, &runs, flaps, Duration::from_secs(stall), timeout)?
                 }
                 "soft-initiator-kernel-target" => {
                     let r = scenario::soft_initiator::run(&setup, timeout)?;
@@ -253,6 +220,31 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 const SCENARIOS: &str = "kernel-smoke, kernel-flap, capture, target-kernel-host, initiator-kernel-target, target-flap, \
     device-removal, soft-target-kernel-host, soft-initiator-kernel-target, soft-target-flap";
+
+/// A flap run: its subdirectory, who serves, who drives I/O, whose link flaps.
+type FlapRunSpec<'a> = (&'a str, scenario::flap::TargetKind, scenario::flap::HostKind, scenario::flap::Side);
+
+/// Flap runs one after another, each in its own subdirectory of the run directory, their results together in
+/// its result.json; whether every one passed.
+fn flap_runs(
+    setup: &Setup,
+    runs: &[FlapRunSpec],
+    flaps: u32,
+    stall: Duration,
+    timeout: Duration,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let mut all = true;
+    let mut results = Vec::new();
+    for &(name, target, host, side) in runs {
+        let setup = Setup { dir: setup.dir.join(name), ..setup.clone() };
+        let r = scenario::flap::run_with(&setup, target, host, flaps, side, stall, timeout)?;
+        println!("{}", r.summary());
+        all &= r.passed();
+        results.push(r);
+    }
+    scenario::write_json(&setup.dir, "result.json", &results)?;
+    Ok(all)
+}
 
 fn flap_side(side: &str) -> Result<scenario::flap::Side, String> {
     match side {

@@ -25,27 +25,6 @@ pub struct CaptureResult {
     pub vms: Vec<VmOutcome>,
 }
 
-/// Records in a pcap file (classic format), or 0 when it is not one.
-pub fn pcap_records(bytes: &[u8]) -> usize {
-    let Some(magic) = bytes.get(..4) else { return 0 };
-    let le = match magic {
-        [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => true,
-        [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => false,
-        _ => return 0,
-    };
-    let (mut at, mut n) = (24usize, 0usize);
-    while let Some(h) = bytes.get(at..at + 16) {
-        let b = [h[8], h[9], h[10], h[11]];
-        let incl = if le { u32::from_le_bytes(b) } else { u32::from_be_bytes(b) } as usize;
-        if at + 16 + incl > bytes.len() {
-            break;
-        }
-        at += 16 + incl;
-        n += 1;
-    }
-    n
-}
-
 const START_CAPTURE: &str =
     "tcpdump -i bond0 -s 0 -U -w $T/$NAME.pcap udp port 4791 2> $T/$NAME.tcpdump &\ndump=$!\nsleep 1\n";
 const STOP_CAPTURE: &str = "sleep 1\nkill -INT $dump\nwait $dump\n";
@@ -97,7 +76,11 @@ nvme disconnect -n {NQN}
     let (vms, cables) = two_bonded_hosts(target, host);
     let mut vm_run = Run::start(&setup.image, setup.accel, &vms, &cables, &[], &setup.dir)?;
     let vms = vm_run.wait(timeout);
-    let count = |name: &str| std::fs::read(setup.dir.join(name)).map(|b| pcap_records(&b)).unwrap_or(0);
+    // RoCEv2 datagrams in each capture (0 when it is not a capture).
+    let count = |name: &str| {
+        let bytes = std::fs::read(setup.dir.join(name)).unwrap_or_default();
+        transport::soft::pcap::read_rocev2(&bytes).map(|d| d.len()).unwrap_or(0)
+    };
     let (target_packets, host_packets) = (count("target.pcap"), count("host.pcap"));
     let patterns_verified = vm_run.read("patterns-ok").is_some();
     let result = CaptureResult {

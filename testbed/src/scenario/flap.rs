@@ -500,11 +500,12 @@ pub fn run_with(
 ) -> Result<FlapResult, ScenarioError> {
     let (runtime, time_bound) = timing(flaps, host_kind, stall, timeout);
     let mut target = match target_kind {
+        // Our soft target runs on the host side of a tap: a topology of its own.
+        TargetKind::Soft => return super::soft_flap::run(setup, host_kind, flaps, side, stall, timeout),
         TargetKind::Kernel => format!("{}touch $T/target-ready\n", nvmet_target_setup(TARGET_ADDR)),
         TargetKind::Ours => {
             format!("{}touch $T/target-ready\n", ours::start_target(&ours::in_vm("nvmf-target"), TARGET_ADDR))
         }
-        TargetKind::Soft => return super::soft_flap::run(setup, host_kind, flaps, side, stall, timeout),
     };
     let mut host = String::new();
     match side {

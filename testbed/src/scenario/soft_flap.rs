@@ -30,7 +30,7 @@ pub fn run(
     };
     let (runtime, time_bound) = flap::timing(flaps, host, stall, timeout);
     // The VM holds its NIC (the tap goes with QEMU) until our target on the host side has been checked.
-    let hold = format!("wait_file $T/{RELEASED} 120 || log 'never released'");
+    let hold = tap_side::hold_until_released();
     let mut script = String::new();
     if side == Side::Initiator {
         script.push_str(&format!("( {} ) &\n", flap::flap_loop(flaps).replace('\n', "\n  ")));
@@ -39,6 +39,7 @@ pub fn run(
     let vm = tap_vm("host", script);
     let mut vm_run = Run::start(&setup.image, setup.accel, &[vm], &[], &[tap_side::tap()], &setup.dir)?;
     let tap = TapSide::of(&vm_run)?;
+    let expected_guid = tap.mac().map(transport::soft::cm::node_guid_of_mac).unwrap_or(0);
     let capture = Arc::new(Mutex::new(tap.capture(&setup.dir.join("tap.pcap"))?));
     let target = HostTarget::start(
         &tap,
@@ -57,6 +58,10 @@ pub fn run(
     });
     let watched = flap::watch(&mut vm_run, stall, time_bound);
     stop.store(true, Ordering::Relaxed);
+    // Our side's link is back up before anything is checked.
+    if let Some(handle) = flapper {
+        let _ = handle.join();
+    }
     // A verifying fio runs to its end after the last flap, then the host says it is done (or it stalled and
     // gave its evidence).
     let deadline = Instant::now() + Duration::from_secs(runtime + 60);
@@ -67,16 +72,16 @@ pub fn run(
         std::thread::sleep(Duration::from_millis(250));
     }
     let our_target = target.stop(before);
-    if let Some(handle) = flapper {
-        let _ = handle.join();
-    }
+    // The flapper is joined: the capture has one owner again (were it not, the run has no wire check: an
+    // empty one, which does not pass).
     let capture = Arc::try_unwrap(capture).ok().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()));
-    let wire = capture.map(|c| c.stop(HOST_SIDE_ADDR.parse().expect("address")));
+    let wire =
+        capture.map(|c| c.stop(HOST_SIDE_ADDR.parse().expect("address"), expected_guid, &[1024])).unwrap_or_default();
     vm_run.touch(RELEASED);
     let outcomes = vm_run.wait(Duration::from_secs(30));
     let run = FlapRun { scenario: "soft-target-flap", target: TargetKind::Soft, host, side, flaps, time_bound };
     let mut result = FlapResult::assemble(setup, &run, &vm_run, watched, outcomes, Some(our_target), started.elapsed());
-    result.wire = wire;
+    result.wire = Some(wire);
     write_json(&setup.dir, "result.json", &result)?;
     Ok(result)
 }

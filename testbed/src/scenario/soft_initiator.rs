@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::flap::PerfSummary;
-use super::soft_target::{tap_vm, wire_problems};
+use super::soft_target::tap_vm;
 use super::tap_side::{self, HOST_SIDE_ADDR, TapSide, VM_ADDR, WireCheck};
 use super::{HOSTNQN, NQN, ScenarioError, Setup, nvmet_target_setup, write_json};
 use crate::vm::{Accel, Run, VmOutcome};
@@ -245,10 +245,10 @@ pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftInitiatorResult, Scen
         }
         phases.push(r);
     }
-    let wire = capture.stop(HOST_SIDE_ADDR.parse().expect("address"));
+    let wire = capture.stop(HOST_SIDE_ADDR.parse().expect("address"), expected_guid, &PHASES.map(|p| p.path_mtu));
     vm_run.touch("host-done");
     let outcomes = vm_run.wait(Duration::from_secs(60));
-    problems.extend(wire_problems(&wire, expected_guid, &PHASES.map(|p| p.path_mtu)));
+    problems.extend(wire.problems());
     problems.extend(super::vm_problems(&outcomes, timeout));
     let result = SoftInitiatorResult {
         scenario: "soft-initiator-kernel-target",

@@ -204,7 +204,7 @@ phase() {{
         let polled = if p.nr_poll_queues > 0 { "POLLED=1 " } else { "" };
         s.push_str(&format!("{polled}phase {} {}\n", p.name, p.connect_options()));
     }
-    s.push_str(super::tap_side::HOST_DONE);
+    s.push_str(&tap_side::host_done());
     s
 }
 
@@ -264,7 +264,7 @@ pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftTargetResult, Scenari
         std::thread::sleep(Duration::from_millis(200));
     }
     let our_target = target.stop(before);
-    let wire = capture.stop(HOST_SIDE_ADDR.parse().expect("address"));
+    let wire = capture.stop(HOST_SIDE_ADDR.parse().expect("address"), expected_guid, &PHASES.map(|p| p.path_mtu));
     vm_run.touch(tap_side::RELEASED);
     let outcomes = vm_run.wait(Duration::from_secs(30));
 
@@ -344,7 +344,7 @@ pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftTargetResult, Scenari
     if u64::from_str_radix(&node_guid.replace(':', ""), 16).ok() != Some(expected_guid) {
         problems.push(format!("our target's node GUID {node_guid:?}, the tap's MAC gives {expected_guid:#018x}"));
     }
-    problems.extend(wire_problems(&wire, expected_guid, &PHASES.map(|p| p.path_mtu)));
+    problems.extend(wire.problems());
     problems.extend(super::vm_problems(&outcomes, timeout));
     let result = SoftTargetResult {
         scenario: "soft-target-kernel-host",
@@ -361,31 +361,6 @@ pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftTargetResult, Scenari
     };
     write_json(&setup.dir, "result.json", &result)?;
     Ok(result)
-}
-
-/// What the capture must show: every datagram right, our CA GUID `guid` (never 0), and every path MTU the
-/// phases asked for in use on both sides.
-pub(crate) fn wire_problems(wire: &WireCheck, guid: u64, path_mtus: &[u64]) -> Vec<String> {
-    let mut problems = Vec::new();
-    if !wire.passed() {
-        problems.push(format!("{} {:?}", wire.summary(), wire.problems));
-    }
-    if guid == 0 || wire.our_ca_guids != [guid] {
-        problems.push(format!("our CA GUIDs on the wire {:x?}, expected {guid:#x}", wire.our_ca_guids));
-    }
-    for mtu in path_mtus {
-        if !wire.req_path_mtus.contains(&(*mtu as usize)) {
-            problems.push(format!("no connection with path MTU {mtu} on the wire: {:?}", wire.req_path_mtus));
-        }
-    }
-    let largest = *path_mtus.iter().max().unwrap_or(&0) as usize;
-    if wire.largest_rc_payload_ours != largest || wire.largest_rc_payload_kernel != largest {
-        problems.push(format!(
-            "largest RC payloads: ours {}, the kernel's {} (path MTU {largest})",
-            wire.largest_rc_payload_ours, wire.largest_rc_payload_kernel
-        ));
-    }
-    problems
 }
 
 #[cfg(test)]

@@ -20,11 +20,19 @@ use crate::vm::{Run, Tap, VmError};
 pub const VM_ADDR: &str = "198.18.1.1";
 pub const HOST_SIDE_ADDR: &str = "198.18.1.254";
 
-/// The end of a VM script whose peer is on the host side: it says it is done, then keeps its NIC (the tap
-/// goes away with QEMU) until the host side has checked and stopped what it runs and touched [`RELEASED`].
-pub const HOST_DONE: &str =
-    "dmesg > $T/host.dmesg\ntouch $T/host-done\nwait_file $T/released 120 || log 'never released'\n";
+/// What the host side touches once it has checked and stopped what it runs: until then a VM whose peer is on
+/// the host side keeps its NIC (the tap goes away with QEMU).
 pub const RELEASED: &str = "released";
+
+/// Shell that waits (at most 120 s) for [`RELEASED`].
+pub fn hold_until_released() -> String {
+    format!("wait_file $T/{RELEASED} 120 || log 'never released'")
+}
+
+/// The end of a kernel host's script whose target is on the host side: it says it is done, then holds.
+pub fn host_done() -> String {
+    format!("dmesg > $T/host.dmesg\ntouch $T/host-done\n{}\n", hold_until_released())
+}
 
 /// The VM's first NIC as a tap holding the host side's address.
 pub fn tap() -> Tap {
@@ -105,18 +113,7 @@ impl TapSide {
             .stderr(stderr)
             .spawn()
             .ok()?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_or_kill(&mut child, timeout)
     }
 
     pub fn set_mtu(&self, mtu: u32) -> Result<(), ScenarioError> {
@@ -178,12 +175,7 @@ impl TapCapture {
     fn end_segment(&mut self) {
         if let Some(mut child) = self.child.take() {
             signal(&child, nix::sys::signal::Signal::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            wait_or_kill(&mut child, Duration::from_secs(10));
         }
     }
 
@@ -193,10 +185,12 @@ impl TapCapture {
         self.start_segment()
     }
 
-    /// Stops the capture and checks every datagram in it; `ours` is the host side's address.
-    pub fn stop(mut self, ours: IpAddr) -> WireCheck {
+    /// Stops the capture and checks every datagram in it (`ours` is the host side's address), and that our CA
+    /// GUID was `guid` and every one of `path_mtus` in use ([`WireCheck::expect`]).
+    pub fn stop(mut self, ours: IpAddr, guid: u64, path_mtus: &[u64]) -> WireCheck {
         self.end_segment();
         let mut check = WireCheck::of_pcaps(&self.segments, ours);
+        check.expect(guid, path_mtus);
         // What tcpdump could not keep up with is not in the files (and so not checked): say how much.
         check.dropped_by_kernel = self
             .segments
@@ -233,6 +227,22 @@ fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     }
 }
 
+/// Waits for `child` to exit, at most `grace`; then kills it. Its exit code, if it exited by itself.
+fn wait_or_kill(child: &mut Child, grace: Duration) -> Option<i32> {
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// What the tap carried, checked with our codecs: every datagram must parse and carry the ICRC that is right
 /// for the IP and UDP headers it was really sent with — ours and the kernel's alike.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -257,6 +267,8 @@ pub struct WireCheck {
     pub our_ca_guids: Vec<u64>,
     /// Datagrams tcpdump reported it dropped (not in the files, so not checked).
     pub dropped_by_kernel: u64,
+    /// What [`WireCheck::expect`] found missing: our CA GUID, or a path MTU not in use.
+    pub unmet: Vec<String>,
 }
 
 impl WireCheck {
@@ -319,7 +331,7 @@ impl WireCheck {
                     } else {
                         let guid = match CmMessage::parse(p.payload) {
                             Ok((_, CmMessage::Req(req))) => {
-                                check.req_path_mtus.push(128 << req.path_mtu.clamp(1, 5));
+                                check.req_path_mtus.push(transport::mtu::mtu_bytes(req.path_mtu));
                                 Some(req.local_ca_guid)
                             }
                             Ok((_, CmMessage::Rep(rep))) => Some(rep.local_ca_guid),
@@ -340,9 +352,43 @@ impl WireCheck {
         }
     }
 
-    /// Both sides talked, and every datagram parsed and verified.
+    /// Both sides talked, every datagram parsed and verified, and what was expected of the run was there.
     pub fn passed(&self) -> bool {
+        self.clean() && self.unmet.is_empty()
+    }
+
+    /// Both sides talked, and every datagram parsed and verified.
+    fn clean(&self) -> bool {
         self.from_ours > 0 && self.from_kernel > 0 && self.bad_icrc == 0 && self.unparsable == 0
+    }
+
+    /// What the run must show on the wire: our CA GUID `guid` (never 0) in every REQ and REP we sent, and each
+    /// of `path_mtus` set up by some connection and in use by both sides (the largest filling their packets).
+    fn expect(&mut self, guid: u64, path_mtus: &[u64]) {
+        if guid == 0 || self.our_ca_guids != [guid] {
+            self.unmet.push(format!("our CA GUIDs on the wire {:x?}, expected {guid:#x}", self.our_ca_guids));
+        }
+        for mtu in path_mtus {
+            if !self.req_path_mtus.contains(&(*mtu as usize)) {
+                self.unmet.push(format!("no connection with path MTU {mtu} on the wire"));
+            }
+        }
+        let largest = *path_mtus.iter().max().unwrap_or(&0) as usize;
+        if self.largest_rc_payload_ours != largest || self.largest_rc_payload_kernel != largest {
+            self.unmet.push(format!(
+                "largest RC payloads: ours {}, the kernel's {} (path MTU {largest})",
+                self.largest_rc_payload_ours, self.largest_rc_payload_kernel
+            ));
+        }
+    }
+
+    /// What is wrong, for a scenario's problem list.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = self.unmet.clone();
+        if !self.clean() {
+            problems.insert(0, format!("{} {:?}", self.summary(), self.problems));
+        }
+        problems
     }
 
     pub fn summary(&self) -> String {
@@ -433,15 +479,7 @@ impl HostTarget {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
             .and_then(|a| a["listeners"][0]["repairs"].as_u64());
         signal(&self.child, nix::sys::signal::Signal::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut exit = None;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                exit = status.code();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let exit = wait_or_kill(&mut self.child, Duration::from_secs(20));
         let _ = std::fs::remove_file(&self.control);
         OurTarget {
             alive_at_end,
