@@ -308,3 +308,104 @@ fn soft_target_flap_our_side_recovers_every_flap_and_our_target_survives_both() 
         }
     }
 }
+
+/// The kernel host's REQ retransmitted after our REP was lost: our CM (fed by a bare socket in the run's
+/// namespace, its REPs dropped) takes it for the same attempt — one connect request in all — and answers it
+/// with a stale-connection REJ of the REQ, which the kernel must act on at once ("Connect rejected: status 10")
+/// instead of retransmitting until its own retries run out.
+#[test]
+fn kernel_host_retransmitted_req_after_our_rep_timed_out_is_rejected_as_stale() {
+    use std::time::Instant;
+    use transport::soft::cm::{AcceptParams, Cm, CmConfig, CmEvent};
+    use transport::soft::wire::mad::{self, CmMessage};
+    use transport::soft::wire::{IpHeader, PacketRepr, icrc};
+
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup("stale-req") else { return };
+    let host = "198.18.1.1";
+    let script = format!(
+        "{}touch $T/ready\nstart=$(now)\nnvme connect -t rdma -a 198.18.1.254 -s 4420 -n {} --hostnqn {} > $T/connect.out 2>&1\necho $? > $T/connect.exit\necho \"$start $(now)\" > $T/connect.times\ndmesg > $T/host.dmesg\n",
+        testbed::guest::network_with(1, &[0], Some(host), true),
+        testbed::scenario::NQN,
+        testbed::scenario::HOSTNQN
+    );
+    let spec = vm::VmSpec { name: "host".into(), nics: 1, memory_mib: 1024, script };
+    let tap = vm::Tap { vm: 0, nic: 0, host_addr: "198.18.1.254/24".into() };
+    let mut run = vm::Run::start(&setup.image, setup.accel, &[spec], &[], &[tap], &setup.dir).expect("VM");
+    let ns = format!("/var/run/netns/{}", run.netns().expect("a namespace for the tap"));
+    let (requests, rejects, answered) = std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).expect("namespace");
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let ours: std::net::Ipv4Addr = "198.18.1.254".parse().unwrap();
+        let socket = transport::soft::device::bind_udp("198.18.1.254:4791".parse().unwrap()).expect("bind");
+        socket.set_nonblocking(false).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        // Our REPs are lost until the attempt is given up on; then what our CM answers goes out.
+        let mut cm = Cm::new(CmConfig {
+            response_timeout: Duration::from_millis(200),
+            max_retries: 3,
+            node_guid: 0x0200_00ff_fe12_0001,
+            ..CmConfig::default()
+        });
+        cm.listen(4420, 4).unwrap();
+        let (mut requests, mut rejects, mut answered) = (0, Vec::new(), false);
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(150);
+        while Instant::now() < deadline && !answered {
+            let now = Instant::now();
+            if let Ok((n, from)) = socket.recv_from(&mut buf)
+                && let Ok((p, _)) = PacketRepr::parse(&buf[..n])
+                && p.bth.dest_qp == 1
+            {
+                cm.handle_mad(now, from.ip(), ours.into(), p.payload);
+            }
+            if cm.poll_timeout().is_some_and(|t| t <= now) {
+                cm.handle_timeout(now);
+            }
+            while let Some(event) = cm.poll_event() {
+                if let CmEvent::ConnectRequest { conn, .. } = event {
+                    requests += 1;
+                    let accept = AcceptParams {
+                        local_qpn: 0x99,
+                        start_psn: 1,
+                        responder_resources: 16,
+                        initiator_depth: 16,
+                        rnr_retry_count: 7,
+                        private_data: vec![0; 32], // the REP is lost anyway
+                    };
+                    cm.accept(now, conn, accept).unwrap();
+                }
+            }
+            while let Some((dst, bytes)) = cm.poll_transmit() {
+                let Ok((_, CmMessage::Rej(rej))) = CmMessage::parse(&bytes) else { continue }; // lost REPs
+                rejects.push((rej.reason, rej.message_rejected));
+                if cm.stale_attempts() == 0 || rej.reason != mad::reject_reason::STALE_CONNECTION {
+                    continue; // the REP's own timeout REJ: lost too
+                }
+                let mut out = Vec::new();
+                PacketRepr::cm_mad(0, &bytes).emit(&mut out).unwrap();
+                let port = socket.local_addr().unwrap().port();
+                let std::net::IpAddr::V4(dst4) = dst else { panic!("IPv4") };
+                let ip = IpHeader::ipv4(ours, dst4, 0, (8 + out.len() + 4) as u16);
+                icrc::append(&ip, port, &mut out).unwrap();
+                socket.send_to(&out, std::net::SocketAddr::new(dst, 4791)).unwrap();
+                answered = true;
+            }
+        }
+        (requests, rejects, answered)
+    })
+    .join()
+    .expect("CM thread");
+    let outcomes = run.wait(Duration::from_secs(120));
+    let exit = run.read("connect.exit").and_then(|t| t.trim().parse::<i32>().ok());
+    let times: Vec<f64> =
+        run.read("connect.times").unwrap_or_default().split_whitespace().filter_map(|t| t.parse().ok()).collect();
+    let dmesg = run.read("host.dmesg").unwrap_or_default();
+    eprintln!("requests {requests}, rejects {rejects:?}, connect exit {exit:?}, times {times:?}");
+    assert_eq!(requests, 1, "the retransmitted REQ is the same attempt");
+    assert!(answered, "the retransmitted REQ got a stale-connection REJ: {rejects:?}");
+    assert!(exit.is_some_and(|e| e != 0), "the kernel's connect failed: {outcomes:?}");
+    assert!(dmesg.contains("Connect rejected: status 10"), "the kernel acted on the REJ:\n{dmesg}");
+    // Rejected at its first retransmission, not after its own retries (16 × 4.3 s).
+    assert!(times.len() == 2 && times[1] - times[0] < 30.0, "{times:?}");
+}

@@ -220,7 +220,7 @@ async fn ipv6_loopback() {
 /// cannot see. The peer here is a bare UDP socket speaking the protocol by hand.
 #[tokio::test]
 async fn rxe_source_ports_on_the_standard_port() {
-    use transport::soft::wire::ext::{Deth, GSI_QKEY, Syndrome};
+    use transport::soft::wire::ext::Syndrome;
     use transport::soft::wire::mad::{self, CmMessage, MadHeader, Rep};
     use transport::soft::wire::{Bth, IpHeader, Opcode, PacketRepr, icrc, udp_port};
 
@@ -262,9 +262,7 @@ async fn rxe_source_ports_on_the_standard_port() {
         private_data: Vec::new(),
     };
     let mad = CmMessage::Rep(rep).emit(&MadHeader::cm(mad::attr::REP, header.transaction_id)).unwrap();
-    let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, 0));
-    p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
-    p.payload = &mad;
+    let p = PacketRepr::cm_mad(0, &mad);
     let mut out = Vec::new();
     p.emit(&mut out).unwrap();
     // Computed over identification 0x5a5a, as a kernel peer's would be over its own: the device cannot see

@@ -394,7 +394,6 @@ fn ipv4_identification_is_recovered_from_the_icrc() {
 /// received and acknowledged.
 #[tokio::test]
 async fn answers_the_kernel_hosts_captured_req() {
-    use transport::soft::wire::ext::{Deth, GSI_QKEY};
     use transport::soft::wire::mad::{self, CmMessage, MadHeader};
     use transport::soft::wire::{Bth, Opcode, PacketRepr};
 
@@ -416,18 +415,13 @@ async fn answers_the_kernel_hosts_captured_req() {
     };
     let mad = |attr, message: CmMessage| {
         let bytes = message.emit(&MadHeader::cm(attr, req_header.transaction_id)).unwrap();
-        let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, 0));
-        p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
-        p.payload = &bytes;
-        support::kernel_datagram(&p, [127, 0, 0, 8], [127, 0, 0, 7])
+        support::kernel_datagram(&PacketRepr::cm_mad(0, &bytes), [127, 0, 0, 8], [127, 0, 0, 7])
     };
     let pd = dev.alloc_pd().await.unwrap();
     let cq = CompletionQueue::new();
     dev.listen(4420, 4).await.unwrap();
-    let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, 0));
-    p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
-    p.payload = &req_mad;
-    host.send_to(&support::kernel_datagram(&p, [127, 0, 0, 8], [127, 0, 0, 7]), "127.0.0.7:4791").unwrap();
+    let req_packet = support::kernel_datagram(&PacketRepr::cm_mad(0, &req_mad), [127, 0, 0, 8], [127, 0, 0, 7]);
+    host.send_to(&req_packet, "127.0.0.7:4791").unwrap();
     let DeviceEvent::ConnectRequest { conn, peer, .. } = next_event(&dev).await else { panic!("connect request") };
     assert_eq!((peer.qpn, peer.start_psn), (req.local_qpn, req.starting_psn));
     let qp = dev.create_qp(&pd, &cq, &cq).await.unwrap();

@@ -53,6 +53,12 @@ impl SoftConfig {
     }
 }
 
+/// A UDP socket as a soft device sends RoCEv2 from: non-blocking, large buffers, IPv4 unfragmented with
+/// identification 0 (the header its ICRCs are computed over) — for tools and tests that speak RoCEv2 by hand.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    worker::bind(addr)
+}
+
 impl Device {
     /// Binds the UDP socket and starts the worker thread.
     pub fn open(config: SoftConfig) -> Result<Device, DeviceError> {

@@ -13,9 +13,9 @@ use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams, PeerParams, St
 use super::device::SoftConfig;
 use super::memory_table::MemoryTable;
 use super::rc::{EngineState, RcConfig, RcQp, RecvWr, SendWr, WcOpcode, WcStatus, WorkCompletion};
-use super::wire::ext::{Deth, GSI_QKEY};
+use super::wire::ext::GSI_QKEY;
 use super::wire::icrc::{self, IpHeader};
-use super::wire::{Bth, MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
+use super::wire::{MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
 use crate::device::{
     Command, Completion, CompletionQueue, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
     ProtectionDomain, QpState, QpTransition,
@@ -773,10 +773,8 @@ impl Worker {
         let mad_port = self.mad_source_port();
         while let Some((dst, mad)) = self.cm.poll_transmit() {
             let port = self.peer_ports.get(&dst).copied().unwrap_or(ROCEV2_UDP_PORT);
-            let mut p = PacketRepr::new(Bth::new(Opcode::UdSendOnly, 1, self.mad_psn));
+            let p = PacketRepr::cm_mad(self.mad_psn, &mad);
             self.mad_psn = (self.mad_psn + 1) & MASK_24;
-            p.deth = Some(Deth { qkey: GSI_QKEY, src_qp: 1 });
-            p.payload = &mad;
             let mut bytes = Vec::with_capacity(300);
             if p.emit(&mut bytes).is_ok() {
                 out.push((SocketAddr::new(dst, port), bytes, mad_port));

@@ -45,6 +45,14 @@ impl<'a> PacketRepr<'a> {
         }
     }
 
+    /// A CM MAD as QP1 sends it: UD SEND to QP 1 with the GSI Q_Key, from QP 1.
+    pub fn cm_mad(psn: u32, mad: &'a [u8]) -> Self {
+        let mut p = PacketRepr::new(Bth::new(super::Opcode::UdSendOnly, 1, psn));
+        p.deth = Some(Deth { qkey: super::ext::GSI_QKEY, src_qp: 1 });
+        p.payload = mad;
+        p
+    }
+
     /// Parses a UDP payload. Returns the packet and the ICRC it carries (little-endian on the wire, as rxe
     /// stores it). Nothing here trusts a length field: every slice is bounds-checked first.
     pub fn parse(b: &'a [u8]) -> Result<Packet<'a>, WireError> {
