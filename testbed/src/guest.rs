@@ -46,6 +46,14 @@ log() { echo "[$(now)] $*"; }
 wait_file() { n=0; while [ ! -e "$1" ]; do sleep 0.2; n=$((n+1)); [ $n -ge $(($2*5)) ] && return 1; done; return 0; }
 "#;
 
+/// Asserts that `script`, after the prelude, is valid shell for the host's sh (the one the VMs run).
+#[cfg(test)]
+pub(crate) fn assert_parses(script: &str) {
+    let script = format!("{PRELUDE}{script}");
+    let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().expect("sh");
+    assert!(out.status.success(), "{}\n{script}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Network setup: `nics` NICs (eth0..), a bond over all of them when `bond`, the address on the bond (or eth0),
 /// and an rxe device on it when `rxe`.
 pub fn network(nics: usize, bond: bool, addr: &str, rxe: bool) -> String {

@@ -700,17 +700,16 @@ mod tests {
     /// The scripts the VMs run are valid shell (checked by the host's sh, the same one the VMs use).
     #[test]
     fn generated_scripts_parse() {
-        let both = [
-            format!("{}{}", crate::guest::PRELUDE, host_script(TARGET_ADDR, 60, false)),
-            format!("{}{}", crate::guest::PRELUDE, host_script(TARGET_ADDR, 60, true)),
-            format!("{}{}", crate::guest::PRELUDE, our_host_script(std::path::Path::new("/x/nvmf"), 60)),
-            format!("{}{}", crate::guest::PRELUDE, flap_loop(3)),
-            format!("{}{}", crate::guest::PRELUDE, crate::scenario::nvmet_target_setup(TARGET_ADDR)),
+        for script in [
+            host_script(TARGET_ADDR, 60, false),
+            host_script(TARGET_ADDR, 60, true),
+            host_script_holding(TARGET_ADDR, 60, true, &crate::scenario::tap_side::hold_until_released()),
+            our_host_script(std::path::Path::new("/x/nvmf"), 60),
+            flap_loop(3),
+            crate::scenario::nvmet_target_setup(TARGET_ADDR),
             crate::guest::network(2, true, "198.18.0.1", true),
-        ];
-        for script in both {
-            let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().expect("sh");
-            assert!(out.status.success(), "{}\n{script}", String::from_utf8_lossy(&out.stderr));
+        ] {
+            crate::guest::assert_parses(&script);
         }
     }
 }

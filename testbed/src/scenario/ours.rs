@@ -154,13 +154,7 @@ mod tests {
 
     #[test]
     fn scripts_parse() {
-        let script = format!(
-            "{}{}{}",
-            crate::guest::PRELUDE,
-            start_target(std::path::Path::new("/x/nvmf-target"), "198.18.0.1"),
-            stop_target()
-        );
-        let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().expect("sh");
-        assert!(out.status.success(), "{}\n{script}", String::from_utf8_lossy(&out.stderr));
+        let script = format!("{}{}", start_target(std::path::Path::new("/x/nvmf-target"), "198.18.0.1"), stop_target());
+        crate::guest::assert_parses(&script);
     }
 }
