@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::flap::{self, FlapResult, FlapRun, HostKind, Side, TargetKind};
-use super::soft_target::tap_vm;
 use super::tap_side::{self, HOST_SIDE_ADDR, HostTarget, RELEASED, TapCapture, TapSide};
 use super::{NQN, ScenarioError, Setup, write_json};
 use crate::vm::Run;
@@ -36,7 +35,7 @@ pub fn run(
         script.push_str(&format!("( {} ) &\n", flap::flap_loop(flaps).replace('\n', "\n  ")));
     }
     script.push_str(&flap::host_script_holding(HOST_SIDE_ADDR, runtime, verify, &hold));
-    let vm = tap_vm("host", script);
+    let vm = tap_side::tap_vm("host", script);
     let mut vm_run = Run::start(&setup.image, setup.accel, &[vm], &[], &[tap_side::tap()], &setup.dir)?;
     let tap = TapSide::of(&vm_run)?;
     let expected_guid = tap.mac().map(transport::soft::cm::node_guid_of_mac).unwrap_or(0);

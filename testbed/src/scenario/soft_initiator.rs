@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::flap::PerfSummary;
-use super::soft_target::tap_vm;
 use super::tap_side::{self, HOST_SIDE_ADDR, TapSide, VM_ADDR, WireCheck};
 use super::{HOSTNQN, NQN, ScenarioError, Setup, nvmet_target_setup, write_json};
 use crate::vm::{Accel, Run, VmOutcome};
@@ -138,7 +137,7 @@ fn target_script(secs: u64) -> String {
 pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftInitiatorResult, ScenarioError> {
     let started = Instant::now();
     let nvmf = super::ours::host_binary("nvmf")?;
-    let vm = tap_vm("target", target_script(timeout.as_secs()));
+    let vm = tap_side::tap_vm("target", target_script(timeout.as_secs()));
     let mut vm_run = Run::start(&setup.image, setup.accel, &[vm], &[], &[tap_side::tap()], &setup.dir)?;
     let side = TapSide::of(&vm_run)?;
     let expected_guid = side.mac().map(transport::soft::cm::node_guid_of_mac).unwrap_or(0);

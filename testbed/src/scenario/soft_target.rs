@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::flap::OurTarget;
 use super::tap_side::{self, HOST_SIDE_ADDR, HostTarget, TapSide, WireCheck};
 use super::{FioVerify, HOSTNQN, NQN, ScenarioError, Setup, write_json};
-use crate::vm::{Accel, Run, VmOutcome, VmSpec};
+use crate::vm::{Accel, Run, VmOutcome};
 
 /// One connection of the kernel host: the netdev MTU on both ends of the tap and `nvme connect`'s options.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -208,16 +208,6 @@ phase() {{
     s
 }
 
-/// The kernel host's VM: one NIC, a tap, bond0 over it with rxe0.
-pub(crate) fn tap_vm(name: &str, script: String) -> VmSpec {
-    VmSpec {
-        name: name.into(),
-        nics: 1,
-        memory_mib: 1024,
-        script: format!("{}{script}", crate::guest::network_with(1, &[0], Some(tap_side::VM_ADDR), true)),
-    }
-}
-
 /// Our listener's node GUID and path MTU from a stats snapshot.
 fn listener_view(stats: &serde_json::Value) -> (String, Option<u64>) {
     let l = &stats["listeners"][0];
@@ -226,7 +216,7 @@ fn listener_view(stats: &serde_json::Value) -> (String, Option<u64>) {
 
 pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftTargetResult, ScenarioError> {
     let started = Instant::now();
-    let vm = tap_vm("host", host_script(timeout.as_secs()));
+    let vm = tap_side::tap_vm("host", host_script(timeout.as_secs()));
     let mut vm_run = Run::start(&setup.image, setup.accel, &[vm], &[], &[tap_side::tap()], &setup.dir)?;
     let side = TapSide::of(&vm_run)?;
     let expected_guid = side.mac().map(transport::soft::cm::node_guid_of_mac).unwrap_or(0);

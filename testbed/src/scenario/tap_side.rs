@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::ScenarioError;
 use super::flap::OurTarget;
 use super::ours::StatsCheck;
-use crate::vm::{Run, Tap, VmError};
+use crate::vm::{Run, Tap, VmError, VmSpec};
 
 /// The VM's address on its tap NIC (on bond0, rxe0 on top), and the host side's, on the tap.
 pub const VM_ADDR: &str = "198.18.1.1";
@@ -37,6 +37,16 @@ pub fn host_done() -> String {
 /// The VM's first NIC as a tap holding the host side's address.
 pub fn tap() -> Tap {
     Tap { vm: 0, nic: 0, host_addr: format!("{HOST_SIDE_ADDR}/24") }
+}
+
+/// The VM of a tap run: one NIC, the tap; bond0 over it with the VM's address and rxe0; then `script`.
+pub fn tap_vm(name: &str, script: String) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        nics: 1,
+        memory_mib: 1024,
+        script: format!("{}{script}", crate::guest::network_with(1, &[0], Some(VM_ADDR), true)),
+    }
 }
 
 /// The run's namespace and its tap.

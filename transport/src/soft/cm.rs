@@ -499,7 +499,6 @@ impl Cm {
                     // the peer's retransmitted REQ is answered rather than taken for a second connection.
                     let rej = timeout_reject_mad(conn, c.remote_id, c.tid, mad::message::REP, self.config.node_guid);
                     c.state = State::Stale;
-                    c.last_sent = Some(rej);
                     c.deadline = Some(now + c.peer_req_span);
                     self.transmit.push_back((c.peer_addr, rej));
                     self.events.push_back(CmEvent::Unreachable { conn });

@@ -197,8 +197,8 @@ impl Worker {
     /// The largest RoCE MTU that fits the netdev's MTU with the IP, UDP and RoCE headers, within the
     /// configured one. Datagrams go out unfragmented (DF): a larger one would not go out at all.
     fn set_netdev_mtu(&mut self, netdev_mtu: u32) {
-        let fits = [4096usize, 2048, 1024, 512, 256].into_iter().find(|m| m + 80 <= netdev_mtu as usize);
-        self.mtu = self.config.mtu.min(fits.unwrap_or(256));
+        let fits = crate::mtu::mtu_bytes(crate::mtu::mtu_code((netdev_mtu as usize).saturating_sub(80)));
+        self.mtu = self.config.mtu.min(fits);
     }
 
     fn on_netdev(&mut self, event: super::netdev::NetdevEvent) {
