@@ -6,6 +6,7 @@
 //! (`kernel-smoke`, `kernel-flap`), each writing a JSON result and a one-screen summary.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cpio;
 pub mod guest;
 pub mod image;

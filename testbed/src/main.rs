@@ -27,6 +27,11 @@ enum Cmd {
         #[command(subcommand)]
         command: VmCmd,
     },
+    /// Benchmarks: ratios against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCmd,
+    },
     /// Run a scenario; writes DIR/result.json and prints a summary.
     Scenario {
         /// kernel-smoke | kernel-flap | capture | target-kernel-host | initiator-kernel-target | target-flap |
@@ -52,6 +57,30 @@ enum Cmd {
         /// each (DIR/ours/, DIR/kernel/).
         #[arg(long, default_value = "both", value_parser = ["ours", "kernel", "both"])]
         host: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Our target and host (soft provider, RAM namespace) on loopback beside plain UDP moving the same bytes,
+    /// measured in the same run; prints a table of ratios and writes DIR/bench.json. Uses the nvmf-target and
+    /// nvmf binaries built beside this one (cargo build --release).
+    Loopback {
+        #[arg(long, default_value = "build/bench-loopback")]
+        dir: PathBuf,
+        /// Seconds per perf run.
+        #[arg(long, default_value_t = 20)]
+        runtime: u64,
+        /// Runs per job (the medians are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Jobs to run (default: all of randread-4k-qd1, randread-4k-qd32, randwrite-4k-qd32, read-128k-qd8,
+        /// write-128k-qd8).
+        #[arg(long, value_delimiter = ',')]
+        jobs: Vec<String>,
+        /// Target poll groups = host I/O queues, one configuration each.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        queues: Vec<usize>,
     },
 }
 
@@ -99,6 +128,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if let Cmd::Bench { command: BenchCmd::Loopback { dir, runtime, runs, jobs, queues } } = args.command {
+        return bench_loopback(dir, runtime, runs, &jobs, queues);
+    }
     let cache = args.cache.unwrap_or_else(default_cache);
     let image = image::build(&cache)?;
     match args.command {
@@ -140,6 +172,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Cmd::Bench { .. } => unreachable!("handled before the image is built"),
         Cmd::Scenario { name, dir, timeout, flaps, side, stall, host } => {
             let accel = vm::probe_accel(&image, &cache);
             let setup = Setup { image, accel, dir: dir.clone() };
@@ -244,6 +277,37 @@ fn flap_runs(
     }
     scenario::write_json(&setup.dir, "result.json", &results)?;
     Ok(all)
+}
+
+fn bench_loopback(
+    dir: PathBuf,
+    runtime: u64,
+    runs: usize,
+    jobs: &[String],
+    queues: Vec<usize>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use testbed::bench::loopback::{JOBS, LoopbackBench, text};
+    let jobs = if jobs.is_empty() {
+        JOBS.to_vec()
+    } else {
+        jobs.iter()
+            .map(|name| {
+                JOBS.iter()
+                    .copied()
+                    .find(|j| j.name == name)
+                    .ok_or_else(|| format!("--jobs: unknown job {name:?} ({})", JOBS.map(|j| j.name).join(", ")))
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if runs == 0 || runtime == 0 || queues.is_empty() || queues.contains(&0) {
+        return Err("--runs, --runtime and every --queues value must be at least 1".into());
+    }
+    let bench = LoopbackBench { jobs, queues, runtime: Duration::from_secs(runtime), runs, dir: dir.clone() };
+    let report = bench.run()?;
+    print!("{}", text(&report));
+    let path = scenario::write_json(&dir, "bench.json", &report)?;
+    println!("result: {}", path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn flap_side(side: &str) -> Result<scenario::flap::Side, String> {

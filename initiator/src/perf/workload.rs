@@ -136,6 +136,9 @@ pub struct PerfReport {
     pub longest_gap: Duration,
     pub verify: Option<VerifyReport>,
     pub paths: Vec<PathReport>,
+    /// CPU time (user + system) this process spent during the timed run, every thread included — what the host
+    /// costs per I/O, beside the target's own figure in its stats. `None` where the OS does not say.
+    pub cpu: Option<Duration>,
 }
 
 impl PerfReport {
@@ -146,6 +149,20 @@ impl PerfReport {
     pub fn mib_per_s(&self) -> f64 {
         self.bytes as f64 / (1 << 20) as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// Host CPU microseconds per completed I/O.
+    pub fn cpu_us_per_io(&self) -> Option<f64> {
+        let ios = self.reads + self.writes;
+        self.cpu.filter(|_| ios > 0).map(|c| c.as_secs_f64() * 1e6 / ios as f64)
+    }
+}
+
+/// CPU time (user + system) of this whole process so far.
+pub fn process_cpu_time() -> Option<Duration> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    let us = |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    Some(us(usage.user_time()) + us(usage.system_time()))
 }
 
 impl PerfJob {
@@ -279,6 +296,7 @@ pub async fn run(
     let max_transfer = session.controller().await?.max_transfer();
     let span = plan(&job, ns.blocks, ns.block_size, max_transfer)?;
     let run_id = (job.seed ^ (job.seed >> 32)) & 0xffff_ffff;
+    let cpu_before = process_cpu_time();
     let start = Instant::now();
     let shared = Arc::new(Shared {
         start,
@@ -326,6 +344,7 @@ pub async fn run(
         }
     }
     let elapsed = start.elapsed().max(Duration::from_millis(1));
+    let cpu = process_cpu_time().zip(cpu_before).map(|(after, before)| after.saturating_sub(before));
     // A stall that lasted to the end of the run is a gap too.
     let tail = (elapsed.as_nanos() as u64).saturating_sub(shared.last_completion_ns.load(Ordering::Relaxed));
     let longest_gap = Duration::from_nanos(shared.longest_gap_ns.load(Ordering::Relaxed).max(tail));
@@ -343,6 +362,7 @@ pub async fn run(
         longest_gap,
         verify: job.verify.then(VerifyReport::default),
         paths: Vec::new(),
+        cpu,
     };
     let mut owned = Vec::new();
     for r in results {

@@ -41,6 +41,8 @@ pub(crate) enum GroupMsg {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GroupStats {
     pub queues: usize,
+    /// Commands answered (a response sent or attempted) since the group started.
+    pub commands_completed: u64,
     pub pool_buffers_in_use: usize,
     pub pool_buffers: usize,
 }
@@ -105,6 +107,7 @@ async fn run(
     pool_buffers: usize,
 ) {
     let pool = Rc::new(BufferPool::new(pool_buffers, target.limits.max_io_size as usize));
+    let commands_completed = Rc::new(std::cell::Cell::new(0u64));
     let mut queues: HashMap<u64, Entry> = HashMap::new();
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     while let Some(msg) = messages.recv().await {
@@ -117,7 +120,7 @@ async fn run(
                 let key = setup.key;
                 let device = setup.device_id;
                 let (control, control_rx) = mpsc::unbounded_channel();
-                let queue = Queue::new(*setup, index, target.clone(), pool.clone());
+                let queue = Queue::new(*setup, index, target.clone(), pool.clone(), commands_completed.clone());
                 tracing::debug!(group = index, key, conn = queue.conn(), "queue adopted");
                 queues.insert(key, Entry { control, device });
                 let own = own.clone();
@@ -147,6 +150,7 @@ async fn run(
             GroupMsg::Stats(reply) => {
                 let _ = reply.send(GroupStats {
                     queues: queues.len(),
+                    commands_completed: commands_completed.get(),
                     pool_buffers_in_use: pool.in_use(),
                     pool_buffers: pool.capacity(),
                 });

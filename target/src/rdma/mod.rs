@@ -70,11 +70,32 @@ pub struct Stats {
     pub memory_regions: usize,
     pub pool_buffers_in_use: usize,
     pub pool_buffers: usize,
+    /// Commands the poll groups have answered since the target started (every queue, admin included).
+    pub commands_completed: u64,
+    /// CPU time (user + system) of the whole process since it started: with `commands_completed`, two
+    /// snapshots give the target's CPU per I/O.
+    pub cpu_seconds: f64,
+    /// Resident memory of the process.
+    pub rss_bytes: u64,
     /// Threads and file descriptors of the process.
     pub threads: usize,
     pub fds: usize,
     pub listeners: Vec<ListenerStatus>,
     pub controller_detail: Vec<ControllerStats>,
+}
+
+/// User + system CPU seconds of this process (0 where the OS does not say).
+fn process_cpu_seconds() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 * 1e-6;
+    getrusage(UsageWho::RUSAGE_SELF).map_or(0.0, |u| secs(u.user_time()) + secs(u.system_time()))
+}
+
+/// Resident set size, from `/proc/self/status` (0 where unreadable).
+fn process_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().strip_suffix("kB"));
+    kib.and_then(|k| k.trim().parse::<u64>().ok()).map_or(0, |k| k * 1024)
 }
 
 fn count_dir(dir: &str) -> usize {
@@ -283,6 +304,9 @@ impl StatsHandle {
             memory_regions,
             pool_buffers_in_use: groups.iter().map(|g| g.pool_buffers_in_use).sum(),
             pool_buffers: groups.iter().map(|g| g.pool_buffers).sum(),
+            commands_completed: groups.iter().map(|g| g.commands_completed).sum(),
+            cpu_seconds: process_cpu_seconds(),
+            rss_bytes: process_rss_bytes(),
             threads: count_dir("/proc/self/task"),
             fds: count_dir("/proc/self/fd"),
             listeners,

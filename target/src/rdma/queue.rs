@@ -122,6 +122,8 @@ pub(crate) struct Queue {
     me: QueueRef,
     target: Arc<Target>,
     pool: Rc<BufferPool>,
+    /// The group's count of commands answered.
+    commands_completed: Rc<Cell<u64>>,
     kind: QueueKind,
     binding: RefCell<Binding>,
     draining: Cell<bool>,
@@ -150,13 +152,20 @@ fn lost(wr_id: u64, opcode: WcOpcode) -> WorkCompletion {
 }
 
 impl Queue {
-    pub fn new(setup: QueueSetup, group: usize, target: Arc<Target>, pool: Rc<BufferPool>) -> Rc<Queue> {
+    pub fn new(
+        setup: QueueSetup,
+        group: usize,
+        target: Arc<Target>,
+        pool: Rc<BufferPool>,
+        commands_completed: Rc<Cell<u64>>,
+    ) -> Rc<Queue> {
         let kind = if setup.qid == 0 { QueueKind::Admin } else { QueueKind::Io };
         Rc::new(Queue {
             me: QueueRef { group, key: setup.key },
             setup,
             target,
             pool,
+            commands_completed,
             kind,
             binding: RefCell::new(Binding::Connecting),
             draining: Cell::new(false),
@@ -363,6 +372,7 @@ impl Queue {
         {
             counters.record_error(self.setup.qid, cid, reply.status, reply.location, reply.nsid, reply.lba);
         }
+        self.commands_completed.set(self.commands_completed.get() + 1);
         let cqe = Cqe::new(cid, self.setup.qid, self.sq_head.get(), reply.status, reply.result);
         let op = match invalidate {
             Some(rkey) => SendOp::SendWithInv(rkey),

@@ -253,6 +253,8 @@ pub fn perf_json(job: &PerfJob, r: &PerfReport) -> Value {
         "write_latency_us": latency_json(&r.write_latency),
         "reconnects": r.reconnects,
         "longest_gap_ms": r.longest_gap.as_millis() as u64,
+        "cpu_seconds": r.cpu.map(|c| c.as_secs_f64()),
+        "cpu_us_per_io": r.cpu_us_per_io().map(|c| (c * 100.0).round() / 100.0),
         "paths": r.paths.iter().map(|p| json!({
             "address": p.address, "completions": p.completions, "reconnects": p.reconnects, "state": p.state,
         })).collect::<Vec<_>>(),
@@ -306,6 +308,9 @@ pub fn perf_text(job: &PerfJob, r: &PerfReport) -> String {
     }
     out +=
         &format!("  reconnects {}, longest gap without completions {} ms\n", r.reconnects, r.longest_gap.as_millis());
+    if let (Some(cpu), Some(per_io)) = (r.cpu, r.cpu_us_per_io()) {
+        out += &format!("  host CPU {:.2} s (user + system), {per_io:.1} µs per I/O\n", cpu.as_secs_f64());
+    }
     for p in &r.paths {
         out +=
             &format!("  path {}: {} completions, {} reconnects, {}\n", p.address, p.completions, p.reconnects, p.state);

@@ -1,0 +1,38 @@
+//! `testbed bench loopback` end to end with the debug binaries: it starts our target, runs perf, measures the
+//! UDP ceiling and writes a report whose every figure is a measurement (nothing is asserted about speed).
+
+use std::process::Command;
+
+#[test]
+fn loopback_bench_reports_measured_ratios() {
+    let dir = std::env::temp_dir().join(format!("testbed-bench-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_testbed"))
+        .args(["bench", "loopback", "--runtime", "1", "--runs", "1", "--queues", "1"])
+        .args(["--jobs", "randread-4k-qd1,write-128k-qd8", "--dir"])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run testbed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| randread-4k-qd1 | 1 |"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).expect("bench.json")).expect("JSON");
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    for shape in ["read_qd1", "read_qd32", "write_qd32"] {
+        let c = &report["ceiling"][shape];
+        assert!(f(&c["per_second"]) > 0.0 && f(&c["client_cpu_us"]) > 0.0 && f(&c["server_cpu_us"]) > 0.0, "{c}");
+    }
+    assert!(f(&report["ceiling"]["stream_4k"]["mib_per_s"]) > 0.0);
+    let jobs = report["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 2, "{report}");
+    for j in jobs {
+        assert_eq!(j["errors"], 0, "{j}");
+        for key in ["iops", "host_cpu_us_per_io", "target_cpu_us_per_io", "throughput_ratio"] {
+            assert!(f(&j[key]) > 0.0 && f(&j[key]).is_finite(), "{key}: {j}");
+        }
+    }
+    // QD1 is compared with the round trip, so its latency ratio is there.
+    assert!(f(&jobs[0]["latency_ratio"]) > 0.0, "{}", jobs[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
