@@ -11,5 +11,6 @@ pub mod memory_table;
 pub mod netdev;
 pub mod pcap;
 pub mod rc;
+mod udp_batch;
 pub mod wire;
 mod worker;

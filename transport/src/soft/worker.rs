@@ -3,16 +3,18 @@
 //! events from the netdev and time from its timers, and hands back packets, completions and events. Nothing
 //! here is shared with another thread (completion queues are the hand-off point).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams, PeerParams, StartPsns};
 use super::device::SoftConfig;
 use super::memory_table::MemoryTable;
 use super::rc::{EngineState, RcConfig, RcQp, RecvWr, SendWr, WcOpcode, WcStatus, WorkCompletion};
+use super::udp_batch::{BATCH, RecvBatch, SendBatch};
 use super::wire::ext::GSI_QKEY;
 use super::wire::icrc::{self, IpHeader};
 use super::wire::{MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
@@ -43,6 +45,10 @@ struct QpSlot {
     /// UDP source port of the connection's packets (rxe's, from the CM flow label), when the device serves the
     /// standard port; otherwise the device socket's port is used.
     source_port: Option<u16>,
+    /// The engine's deadline as the worker's timer set holds it.
+    armed: Option<Instant>,
+    /// Listed in the worker's `dirty`: something happened to it since the last flush.
+    dirty: bool,
 }
 
 /// What the worker remembers of a connection it carries.
@@ -79,6 +85,12 @@ pub(super) struct Worker {
     id_solver: icrc::IdentificationSolver,
     /// The path MTU new connections get: the configured one, within what the netdev's MTU carries.
     mtu: usize,
+    /// Queue pairs whose engines were fed (a packet, a post, a timeout, a state change) since the last flush:
+    /// only these can have output, so a flush costs what happened, not how many queue pairs exist.
+    dirty: Vec<u32>,
+    /// Engine deadlines, earliest first: a timeout costs the queue pairs that are due, not all of them.
+    timers: BTreeSet<(Instant, u32)>,
+    send_batch: SendBatch,
 }
 
 impl Worker {
@@ -124,6 +136,19 @@ impl Worker {
             srqs: HashMap::new(),
             next_srq: 1,
             id_solver: icrc::IdentificationSolver::new(),
+            dirty: Vec::new(),
+            timers: BTreeSet::new(),
+            send_batch: SendBatch::new(),
+        }
+    }
+
+    /// Marks a queue pair for the next flush.
+    fn touch(&mut self, qpn: u32) {
+        if let Some(slot) = self.qps.get_mut(&qpn)
+            && !slot.dirty
+        {
+            slot.dirty = true;
+            self.dirty.push(qpn);
         }
     }
 
@@ -136,7 +161,7 @@ impl Worker {
     }
 
     pub(super) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        let mut buf = vec![0u8; 65536];
+        let mut received = RecvBatch::new();
         self.bind_mad_socket();
         let (netdev_tx, mut netdev_rx) = mpsc::unbounded_channel();
         if self.config.watch_netdev {
@@ -157,16 +182,32 @@ impl Worker {
                 Err(e) => tracing::warn!(local = %self.local, "not watching the netdev: {e}"),
             }
         }
+        let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+        let sleep = tokio::time::sleep_until(far());
+        tokio::pin!(sleep);
         loop {
-            let deadline = self.next_deadline();
-            let sleep = tokio::time::sleep_until(
-                deadline
-                    .map(tokio::time::Instant::from_std)
-                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
-            );
+            let deadline = self.next_deadline().map(tokio::time::Instant::from_std).unwrap_or_else(far);
+            if deadline != sleep.deadline() {
+                sleep.as_mut().reset(deadline);
+            }
             tokio::select! {
-                received = self.socket.recv_from(&mut buf) => match received {
-                    Ok((n, from)) => self.on_datagram(&buf[..n], from),
+                ready = self.socket.readable() => match ready.and_then(|()| {
+                    self.socket.try_io(Interest::READABLE, || received.recv(&self.socket))
+                }) {
+                    Ok(n) => {
+                        for i in 0..n {
+                            match received.get(i) {
+                                Some((r, bytes)) if !r.truncated && r.from.is_some() => {
+                                    self.on_datagram(bytes, r.from.unwrap_or(self.local))
+                                }
+                                _ => {
+                                    self.stats.packets_received += 1;
+                                    self.stats.packets_dropped += 1;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) if socket_error_is_transient(e.kind()) => tracing::debug!(local = %self.local, "recv: {e}"),
                     Err(e) => {
                         // The socket itself is broken: nothing more will arrive. Fail every queue pair (their work
@@ -180,9 +221,26 @@ impl Worker {
                 },
                 command = commands.recv() => match command {
                     None | Some(Command::Shutdown) => break,
-                    Some(c) => self.on_command(c),
+                    Some(c) => {
+                        self.on_command(c);
+                        // What else is queued already (a burst of posts) goes out in the same flush.
+                        let mut stop = false;
+                        for _ in 0..BATCH {
+                            match commands.try_recv() {
+                                Ok(Command::Shutdown) | Err(mpsc::error::TryRecvError::Disconnected) => {
+                                    stop = true;
+                                    break;
+                                }
+                                Ok(c) => self.on_command(c),
+                                Err(mpsc::error::TryRecvError::Empty) => break,
+                            }
+                        }
+                        if stop {
+                            break;
+                        }
+                    }
                 },
-                () = sleep => self.on_timeout(Instant::now()),
+                () = &mut sleep => self.on_timeout(Instant::now()),
                 Some(event) = netdev_rx.recv() => self.on_netdev(event),
             }
             self.flush_outputs().await;
@@ -232,26 +290,34 @@ impl Worker {
     }
 
     fn fail_all_qps(&mut self) {
-        for slot in self.qps.values_mut() {
-            if let Some(engine) = slot.engine.as_mut() {
+        let qpns: Vec<u32> = self.qps.keys().copied().collect();
+        for qpn in qpns {
+            if let Some(engine) = self.qps.get_mut(&qpn).and_then(|s| s.engine.as_mut()) {
                 engine.set_state(EngineState::Error);
             }
+            self.touch(qpn);
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let engines = self.qps.values().filter_map(|q| q.engine.as_ref().and_then(|e| e.poll_timeout()));
-        engines.chain(self.cm.poll_timeout()).min()
+        self.timers.first().map(|&(t, _)| t).into_iter().chain(self.cm.poll_timeout()).min()
     }
 
     fn on_timeout(&mut self, now: Instant) {
         self.cm.handle_timeout(now);
-        for slot in self.qps.values_mut() {
-            if let Some(engine) = slot.engine.as_mut() {
-                if engine.poll_timeout().is_some_and(|t| t <= now) {
-                    engine.handle_timeout(now);
-                }
+        while let Some(&(t, qpn)) = self.timers.first() {
+            if t > now {
+                break;
             }
+            self.timers.pop_first();
+            let Some(slot) = self.qps.get_mut(&qpn) else { continue };
+            slot.armed = None;
+            if let Some(engine) = slot.engine.as_mut()
+                && engine.poll_timeout().is_some_and(|t| t <= now)
+            {
+                engine.handle_timeout(now);
+            }
+            self.touch(qpn);
         }
     }
 
@@ -293,6 +359,7 @@ impl Worker {
         if let Some(engine) = slot.engine.as_mut() {
             let srq = slot.srq.and_then(|id| self.srqs.get_mut(&id)).map(|(_, queue)| queue);
             engine.handle_packet_with(now, &packet, &mut self.memory.domain(slot.pd), srq);
+            self.touch(packet.bth.dest_qp);
         }
     }
 
@@ -398,6 +465,8 @@ impl Worker {
                         start_psn,
                         fatal_reported: false,
                         source_port: None,
+                        armed: None,
+                        dirty: false,
                     },
                 );
                 let _ = reply.send(Ok(qpn));
@@ -457,6 +526,7 @@ impl Worker {
     }
 
     fn post_send(&mut self, qpn: u32, wr: SendWr) {
+        self.touch(qpn);
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
         match (slot.state, slot.engine.as_mut()) {
             (QpState::Rts, Some(engine)) => {
@@ -472,6 +542,7 @@ impl Worker {
     }
 
     fn post_recv(&mut self, qpn: u32, wr: RecvWr) {
+        self.touch(qpn);
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
         if slot.srq.is_some() {
             // Its receives come from the shared queue: posting here is an error, as in verbs.
@@ -490,6 +561,7 @@ impl Worker {
     }
 
     fn modify_qp(&mut self, qpn: u32, transition: QpTransition) -> Result<QpState, DeviceError> {
+        self.touch(qpn);
         let slot = self.qps.get_mut(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
         let bad = |from, to| Err(DeviceError::BadTransition { qpn, from, to });
         match transition {
@@ -548,6 +620,7 @@ impl Worker {
 
     /// Completes everything outstanding on a queue pair with a flush error (the buffers go back).
     fn flush_qp(&mut self, qpn: u32) {
+        self.touch(qpn);
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
         if let Some(engine) = slot.engine.as_mut() {
             engine.set_state(EngineState::Error);
@@ -667,11 +740,15 @@ impl Worker {
         slot.engine = Some(engine);
         slot.state = QpState::Rts;
         slot.source_port = rxe_source_port(self.config.port, peer.flow_label, qpn, peer.qpn);
+        self.touch(qpn);
     }
 
     fn destroy_qp(&mut self, qpn: u32) {
         self.flush_qp(qpn);
         let Some(slot) = self.qps.remove(&qpn) else { return };
+        if let Some(t) = slot.armed {
+            self.timers.remove(&(t, qpn));
+        }
         // Each connection sends from its own source port: its socket goes with the last queue pair using it
         // (QP1's stays), or every connection ever made would keep a file descriptor.
         if let Some(port) = slot.source_port
@@ -726,6 +803,7 @@ impl Worker {
                         }
                         slot.state = QpState::Error;
                     }
+                    self.touch(qpn);
                 }
                 DeviceEvent::Disconnected { conn }
             }
@@ -757,10 +835,7 @@ impl Worker {
     /// Binds QP1's source-port socket now, so that the device's file descriptors do not change with traffic.
     fn bind_mad_socket(&mut self) {
         if let Some(port) = self.mad_source_port() {
-            let local = self.local;
-            self.source_sockets.entry(port).or_insert_with(|| {
-                bind(SocketAddr::new(local.ip(), port)).ok().and_then(|s| tokio::net::UdpSocket::from_std(s).ok())
-            });
+            self.source_socket(port);
         }
     }
 
@@ -781,7 +856,9 @@ impl Worker {
             }
         }
         let now = Instant::now();
-        for (&qpn, slot) in self.qps.iter_mut() {
+        for qpn in std::mem::take(&mut self.dirty) {
+            let Some(slot) = self.qps.get_mut(&qpn) else { continue };
+            slot.dirty = false;
             let Some(engine) = slot.engine.as_mut() else { continue };
             if let Some(peer) = slot.peer {
                 while let Some(packet) = engine.poll_transmit(now) {
@@ -791,6 +868,16 @@ impl Worker {
             while let Some(wc) = engine.poll_completion() {
                 completion_queue(&slot.send_cq, &slot.recv_cq, &wc).push(Completion { qpn, wc });
             }
+            let deadline = engine.poll_timeout();
+            if deadline != slot.armed {
+                if let Some(t) = slot.armed {
+                    self.timers.remove(&(t, qpn));
+                }
+                if let Some(t) = deadline {
+                    self.timers.insert((t, qpn));
+                }
+                slot.armed = deadline;
+            }
             if let (Some(cause), false) = (engine.error_cause(), slot.fatal_reported) {
                 slot.fatal_reported = true;
                 slot.state = QpState::Error;
@@ -799,37 +886,78 @@ impl Worker {
                 }
             }
         }
-        for (dst, mut bytes, source_port) in out {
-            // The socket bound to the source port rxe would use, else the device socket (and its port).
-            let local = self.local;
-            let (socket, from_port) = match source_port {
-                Some(port) => {
-                    let entry = self.source_sockets.entry(port).or_insert_with(|| {
-                        bind(SocketAddr::new(local.ip(), port))
-                            .ok()
-                            .and_then(|s| tokio::net::UdpSocket::from_std(s).ok())
-                    });
-                    match entry.as_ref() {
-                        Some(socket) => (socket, port),
-                        None => (&self.socket, local.port()),
-                    }
-                }
-                None => (&self.socket, local.port()),
-            };
+        let local = self.local;
+        for (_, _, source_port) in &mut out {
+            let from_port = source_port.filter(|&port| self.source_socket(port).is_some()).unwrap_or(local.port());
+            *source_port = (from_port != local.port()).then_some(from_port);
+        }
+        for (dst, bytes, source_port) in &mut out {
+            let from_port = source_port.unwrap_or(local.port());
             let ip = ip_header(local.ip(), dst.ip(), bytes.len());
-            if icrc::append(&ip, from_port, &mut bytes).is_err() {
-                continue;
+            if icrc::append(&ip, from_port, bytes).is_err() {
+                bytes.clear();
             }
-            match socket.send_to(&bytes, dst).await {
-                Ok(_) => self.stats.packets_sent += 1,
-                Err(e) => {
-                    // A full socket buffer or an unreachable peer: RC retransmission covers the loss.
-                    self.stats.packets_dropped += 1;
-                    tracing::trace!(%dst, "send: {e}");
+        }
+        // One sendmmsg per run of datagrams that leave from the same socket.
+        let mut start = 0;
+        while start < out.len() {
+            let port = out[start].2;
+            let end = start + out[start..].iter().take_while(|d| d.2 == port).count();
+            let socket = match port {
+                Some(p) => self.source_sockets.get(&p).and_then(Option::as_ref).unwrap_or(&self.socket),
+                None => &self.socket,
+            };
+            let datagrams: Vec<(SocketAddr, &[u8])> =
+                out[start..end].iter().filter(|d| !d.1.is_empty()).map(|d| (d.0, d.1.as_slice())).collect();
+            let (sent, dropped) = send_all(socket, &mut self.send_batch, &datagrams).await;
+            self.stats.packets_sent += sent;
+            self.stats.packets_dropped += dropped + (end - start - datagrams.len()) as u64;
+            start = end;
+        }
+    }
+
+    /// The socket bound to the source port rxe would use (bound on first use; `None` if the port is taken,
+    /// and the device socket serves instead).
+    fn source_socket(&mut self, port: u16) -> Option<&tokio::net::UdpSocket> {
+        let local = self.local;
+        self.source_sockets
+            .entry(port)
+            .or_insert_with(|| {
+                bind(SocketAddr::new(local.ip(), port)).ok().and_then(|s| tokio::net::UdpSocket::from_std(s).ok())
+            })
+            .as_ref()
+    }
+}
+
+/// Sends `datagrams` from `socket` in batches, waiting while its buffer is full; (sent, dropped). A datagram
+/// the kernel refuses (an unreachable peer) is dropped: RC retransmission covers the loss.
+async fn send_all(
+    socket: &tokio::net::UdpSocket,
+    batch: &mut SendBatch,
+    datagrams: &[(SocketAddr, &[u8])],
+) -> (u64, u64) {
+    let (mut i, mut sent, mut dropped) = (0, 0u64, 0u64);
+    while i < datagrams.len() {
+        match socket.try_io(Interest::WRITABLE, || batch.send(socket, &datagrams[i..])) {
+            Ok(n) if n > 0 => {
+                i += n;
+                sent += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    dropped += (datagrams.len() - i) as u64;
+                    break;
                 }
+            }
+            other => {
+                // The first datagram of the batch was refused.
+                tracing::trace!(dst = %datagrams[i].0, "send: {other:?}");
+                i += 1;
+                dropped += 1;
             }
         }
     }
+    (sent, dropped)
 }
 
 /// The UDP source port rxe would use for a connection: from its flow label (the CM's, or else the one rxe
