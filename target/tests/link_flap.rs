@@ -70,8 +70,17 @@ fn flap(topo: &Topology, target: &mut TargetProcess, link: usize, times: usize, 
 }
 
 /// The controller and its admin + 4 I/O queues, per path.
+/// Every path's queues are connected and I/O is flowing: perf's setup is over (a fault before that fails perf's
+/// first connect, which it does not retry, rather than a connection it repairs).
 fn connected(paths: usize) -> impl Fn(&serde_json::Value) -> bool {
-    move |s| s["controllers"] == paths && s["qpairs"] == 5 * paths
+    move |s| {
+        let io = |c: &serde_json::Value| {
+            c["read_commands"].as_u64().unwrap_or(0) + c["write_commands"].as_u64().unwrap_or(0)
+        };
+        let flowing =
+            s["controller_detail"].as_array().is_some_and(|cs| cs.iter().filter(|c| io(c) > 0).count() >= paths);
+        s["controllers"] == paths && s["qpairs"] == 5 * paths && flowing
+    }
 }
 
 /// The seed's loop (`ifdown; sleep 1; ifup; sleep 10`) on the target's only link.

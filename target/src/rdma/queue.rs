@@ -106,14 +106,24 @@ struct Reply {
     location: Option<u16>,
     nsid: u32,
     lba: u64,
+    /// A read's data, posted as an RDMA WRITE and still on its way: the response goes out behind it without
+    /// waiting (RC executes them in order, and a WRITE that fails takes the queue pair to the error state, so
+    /// the response is then never delivered), as Linux nvmet chains them.
+    data_in_flight: Option<DataInFlight>,
+}
+
+struct DataInFlight {
+    completion: oneshot::Receiver<WorkCompletion>,
+    wr_id: u64,
+    lease: Lease,
 }
 
 impl Reply {
     fn ok(result: u64) -> Reply {
-        Reply { status: Status::SUCCESS, result, location: None, nsid: 0, lba: 0 }
+        Reply { status: Status::SUCCESS, result, location: None, nsid: 0, lba: 0, data_in_flight: None }
     }
     fn err(status: Status) -> Reply {
-        Reply { status, result: 0, location: None, nsid: 0, lba: 0 }
+        Reply { status, result: 0, location: None, nsid: 0, lba: 0, data_in_flight: None }
     }
 }
 
@@ -299,18 +309,24 @@ impl Queue {
     }
 
     /// Posts a send-queue request and waits for its completion (which hands the buffer back).
-    async fn post(&self, mut wr: SendWr) -> WorkCompletion {
+    async fn post(&self, wr: SendWr) -> WorkCompletion {
+        let opcode = wr.opcode();
+        let (id, completion) = self.start(wr);
+        completion.await.unwrap_or_else(|_| lost(id, opcode))
+    }
+
+    /// Posts a send-queue request; its completion arrives on the receiver (dropped unanswered if it could not
+    /// be posted).
+    fn start(&self, mut wr: SendWr) -> (u64, oneshot::Receiver<WorkCompletion>) {
         let id = self.next_wr_id.get();
         self.next_wr_id.set(id + 1);
         wr.wr_id = id;
-        let opcode = wr.opcode();
         let (tx, rx) = oneshot::channel();
         self.waiters.borrow_mut().insert(id, tx);
         if self.setup.qp.post_send(wr).is_err() {
             self.waiters.borrow_mut().remove(&id);
-            return lost(id, opcode);
         }
-        rx.await.unwrap_or_else(|_| lost(id, opcode))
+        (id, rx)
     }
 
     fn repost(&self, slot: u64, mut buf: Vec<u8>) {
@@ -381,6 +397,14 @@ impl Queue {
         let wc = self.post(SendWr::new(0, op, cqe.to_array().to_vec())).await;
         if wc.status != WcStatus::Success && !self.draining.get() {
             tracing::debug!(qid = self.setup.qid, cid, status = ?wc.status, "response not delivered");
+        }
+        if let Some(DataInFlight { completion, wr_id, mut lease }) = reply.data_in_flight {
+            let wc = completion.await.unwrap_or_else(|_| lost(wr_id, WcOpcode::RdmaWrite));
+            if wc.status != WcStatus::Success && !self.draining.get() {
+                tracing::debug!(qid = self.setup.qid, cid, status = ?wc.status, "read data not delivered");
+            }
+            lease.buf = wc.buf;
+            self.pool.put(lease);
         }
     }
 
@@ -597,18 +621,26 @@ impl Queue {
             };
             plan.execute(buf, &counters)
         };
-        let reply = match result {
-            Err(status) => fail(status),
-            Ok(()) => match transfer {
-                Transfer::ToHost(_) => match self.deliver(&capsule.data, &mut data).await {
-                    Ok(()) => Reply::ok(0),
-                    Err(status) => fail(status),
-                },
-                _ => Reply::ok(0),
-            },
-        };
-        self.release(data);
-        reply
+        match (result, data, &capsule.data) {
+            (Err(status), data, _) => {
+                self.release(data);
+                fail(status)
+            }
+            (Ok(()), Data::Pooled(mut lease), &SglDescriptor::Keyed { address, key, .. })
+                if matches!(transfer, Transfer::ToHost(_)) =>
+            {
+                let buf = std::mem::take(&mut lease.buf);
+                let (wr_id, completion) =
+                    self.start(SendWr::new(0, SendOp::RdmaWrite { remote_addr: address, rkey: key }, buf));
+                Reply { data_in_flight: Some(DataInFlight { completion, wr_id, lease }), ..Reply::ok(0) }
+            }
+            (Ok(()), data, _) => {
+                // check_data admitted only keyed descriptors for data to the host.
+                let unsent = matches!(transfer, Transfer::ToHost(_));
+                self.release(data);
+                if unsent { fail(Status::SGL_INVALID_TYPE.with_dnr()) } else { Reply::ok(0) }
+            }
+        }
     }
 
     /// Checks the command's data descriptor against what the command moves (Linux
