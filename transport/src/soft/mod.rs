@@ -6,6 +6,7 @@
 //! [`netdev`] watches the network device over rtnetlink.
 
 pub mod cm;
+mod data_path;
 pub mod device;
 pub mod memory_table;
 pub mod netdev;

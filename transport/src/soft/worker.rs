@@ -1,55 +1,26 @@
-//! The worker of a soft device: the one thread that owns the device's socket, RC engines, registered memory,
-//! connection manager and netdev watch. It takes commands from the device's handles, packets from the socket,
-//! events from the netdev and time from its timers, and hands back packets, completions and events. Nothing
-//! here is shared with another thread (completion queues are the hand-off point).
+//! The worker of a soft device: the one thread that owns the device's socket, connection manager, netdev
+//! watch and the data path of its queue pairs ([`DataPath`]). It takes commands from the device's handles,
+//! packets from the socket, events from the netdev and time from its timers, and hands back packets,
+//! completions and events. Nothing here is shared with another thread (completion queues are the hand-off
+//! point).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 
-use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams, PeerParams, StartPsns};
+use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams};
+use super::data_path::{DataPath, DataPathConfig, Datagram};
 use super::device::SoftConfig;
-use super::memory_table::MemoryTable;
-use super::rc::{EngineState, RcConfig, RcQp, RecvWr, SendWr, WcOpcode, WcStatus, WorkCompletion};
 use super::udp_batch::{BATCH, RecvBatch, SendBatch};
 use super::wire::ext::GSI_QKEY;
 use super::wire::icrc::{self, IpHeader};
 use super::wire::{MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
 use crate::device::{
-    Command, Completion, CompletionQueue, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
-    ProtectionDomain, QpState, QpTransition,
+    Command, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion, ProtectionDomain,
 };
-
-/// A queue pair as the worker holds it.
-struct QpSlot {
-    pd: u32,
-    srq: Option<u32>,
-    state: QpState,
-    send_cq: CompletionQueue,
-    recv_cq: CompletionQueue,
-    /// The engine, once the connection gave the queue pair its peer.
-    engine: Option<RcQp>,
-    /// Receives posted before the connection came up.
-    early_recvs: Vec<RecvWr>,
-    /// Sends posted before the connection came up (they go out once it is established).
-    early_sends: Vec<SendWr>,
-    peer: Option<SocketAddr>,
-    conn: Option<ConnId>,
-    /// The PSN this queue pair expects first, advertised in its REQ or REP (or, driven by hand, where it sends
-    /// from until RTS says otherwise).
-    start_psn: u32,
-    fatal_reported: bool,
-    /// UDP source port of the connection's packets (rxe's, from the CM flow label), when the device serves the
-    /// standard port; otherwise the device socket's port is used.
-    source_port: Option<u16>,
-    /// The engine's deadline as the worker's timer set holds it.
-    armed: Option<Instant>,
-    /// Listed in the worker's `dirty`: something happened to it since the last flush.
-    dirty: bool,
-}
 
 /// What the worker remembers of a connection it carries.
 struct ConnBinding {
@@ -63,8 +34,7 @@ pub(super) struct Worker {
     local: SocketAddr,
     socket: tokio::net::UdpSocket,
     events: mpsc::UnboundedSender<DeviceEvent>,
-    qps: HashMap<u32, QpSlot>,
-    memory: MemoryTable,
+    data: DataPath,
     cm: Cm,
     conns: HashMap<ConnId, ConnBinding>,
     /// UDP port of each peer address we have heard from (4791 unless a test device says otherwise).
@@ -79,17 +49,10 @@ pub(super) struct Worker {
     source_sockets: HashMap<u16, Option<tokio::net::UdpSocket>>,
     pds: std::collections::HashSet<u32>,
     next_pd: u32,
-    /// Shared receive queues: their domain and the receives posted on them.
-    srqs: HashMap<u32, (u32, VecDeque<RecvWr>)>,
     next_srq: u32,
     id_solver: icrc::IdentificationSolver,
     /// The path MTU new connections get: the configured one, within what the netdev's MTU carries.
     mtu: usize,
-    /// Queue pairs whose engines were fed (a packet, a post, a timeout, a state change) since the last flush:
-    /// only these can have output, so a flush costs what happened, not how many queue pairs exist.
-    dirty: Vec<u32>,
-    /// Engine deadlines, earliest first: a timeout costs the queue pairs that are due, not all of them.
-    timers: BTreeSet<(Instant, u32)>,
     send_batch: SendBatch,
 }
 
@@ -113,6 +76,13 @@ impl Worker {
             // Until the netdev is known (and for good where it is not watched).
             cm_config.node_guid = super::cm::node_guid_of_addr(local.ip());
         }
+        let data_path_config = DataPathConfig {
+            port: config.port,
+            ack_timeout: config.ack_timeout,
+            retry_cnt: config.retry_cnt,
+            rnr_retry: config.rnr_retry,
+            window: config.window,
+        };
         Worker {
             mtu: config.mtu,
             cm: Cm::new(cm_config),
@@ -120,8 +90,7 @@ impl Worker {
             local,
             socket,
             events,
-            qps: HashMap::new(),
-            memory: MemoryTable::default(),
+            data: DataPath::new(data_path_config),
             conns: HashMap::new(),
             peer_ports: HashMap::new(),
             next_qpn: 0x11,
@@ -133,22 +102,9 @@ impl Worker {
             source_sockets: HashMap::new(),
             pds: std::collections::HashSet::new(),
             next_pd: 1,
-            srqs: HashMap::new(),
             next_srq: 1,
             id_solver: icrc::IdentificationSolver::new(),
-            dirty: Vec::new(),
-            timers: BTreeSet::new(),
             send_batch: SendBatch::new(),
-        }
-    }
-
-    /// Marks a queue pair for the next flush.
-    fn touch(&mut self, qpn: u32) {
-        if let Some(slot) = self.qps.get_mut(&qpn)
-            && !slot.dirty
-        {
-            slot.dirty = true;
-            self.dirty.push(qpn);
         }
     }
 
@@ -213,7 +169,7 @@ impl Worker {
                         // The socket itself is broken: nothing more will arrive. Fail every queue pair (their work
                         // is flushed back), say so, and stop serving.
                         tracing::error!(local = %self.local, "device failed: {e}");
-                        self.fail_all_qps();
+                        self.data.fail_all();
                         let _ = self.events.send(DeviceEvent::DeviceFatal { reason: e.to_string() });
                         self.flush_outputs().await;
                         break;
@@ -246,8 +202,7 @@ impl Worker {
             self.flush_outputs().await;
         }
         // Teardown: every queue pair flushes its outstanding requests, so every buffer goes back.
-        let qpns: Vec<u32> = self.qps.keys().copied().collect();
-        for qpn in qpns {
+        for qpn in self.data.qpns() {
             self.destroy_qp(qpn);
         }
     }
@@ -282,43 +237,20 @@ impl Worker {
             NetdevEvent::Removed => {
                 self.removed = true;
                 self.stats.port_up = false;
-                self.fail_all_qps();
+                self.data.fail_all();
                 DeviceEvent::DeviceRemoval
             }
         };
         let _ = self.events.send(out);
     }
 
-    fn fail_all_qps(&mut self) {
-        let qpns: Vec<u32> = self.qps.keys().copied().collect();
-        for qpn in qpns {
-            if let Some(engine) = self.qps.get_mut(&qpn).and_then(|s| s.engine.as_mut()) {
-                engine.set_state(EngineState::Error);
-            }
-            self.touch(qpn);
-        }
-    }
-
     fn next_deadline(&self) -> Option<Instant> {
-        self.timers.first().map(|&(t, _)| t).into_iter().chain(self.cm.poll_timeout()).min()
+        self.data.poll_timeout().into_iter().chain(self.cm.poll_timeout()).min()
     }
 
     fn on_timeout(&mut self, now: Instant) {
         self.cm.handle_timeout(now);
-        while let Some(&(t, qpn)) = self.timers.first() {
-            if t > now {
-                break;
-            }
-            self.timers.pop_first();
-            let Some(slot) = self.qps.get_mut(&qpn) else { continue };
-            slot.armed = None;
-            if let Some(engine) = slot.engine.as_mut()
-                && engine.poll_timeout().is_some_and(|t| t <= now)
-            {
-                engine.handle_timeout(now);
-            }
-            self.touch(qpn);
-        }
+        self.data.handle_timeout(now);
     }
 
     fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
@@ -347,19 +279,8 @@ impl Worker {
             }
             return;
         }
-        let Some(slot) = self.qps.get_mut(&packet.bth.dest_qp) else {
+        if !self.data.handle_packet(now, from.ip(), &packet) {
             self.stats.packets_dropped += 1;
-            return;
-        };
-        // Only the connected peer may talk to an RC queue pair (from any source port: rxe varies it).
-        if slot.peer.map(|p| p.ip()) != Some(from.ip()) {
-            self.stats.packets_dropped += 1;
-            return;
-        }
-        if let Some(engine) = slot.engine.as_mut() {
-            let srq = slot.srq.and_then(|id| self.srqs.get_mut(&id)).map(|(_, queue)| queue);
-            engine.handle_packet_with(now, &packet, &mut self.memory.domain(slot.pd), srq);
-            self.touch(packet.bth.dest_qp);
         }
     }
 
@@ -374,10 +295,7 @@ impl Worker {
             Command::DeallocPd(pd, reply) => {
                 let result = if !self.pds.contains(&pd) {
                     Err(DeviceError::UnknownPd(pd))
-                } else if self.memory.in_domain(pd) > 0
-                    || self.qps.values().any(|q| q.pd == pd)
-                    || self.srqs.values().any(|(p, _)| *p == pd)
-                {
+                } else if self.data.pd_in_use(pd) {
                     Err(DeviceError::PdBusy(pd))
                 } else {
                     self.pds.remove(&pd);
@@ -386,19 +304,15 @@ impl Worker {
                 let _ = reply.send(result);
             }
             Command::Register(pd, buf, access, reply) => {
-                let len = buf.len();
                 let result = if self.pds.contains(&pd) {
-                    self.memory
-                        .register(pd, buf, access)
-                        .map(|keys| MemoryRegion { keys })
-                        .map_err(|_| DeviceError::RegionTooLarge(len))
+                    self.data.register(pd, buf, access).map(|keys| MemoryRegion { keys })
                 } else {
                     Err(DeviceError::UnknownPd(pd))
                 };
                 let _ = reply.send(result);
             }
             Command::Deregister(key, reply) => {
-                let _ = reply.send(self.memory.deregister(key).ok_or(DeviceError::UnknownRegion(key)));
+                let _ = reply.send(self.data.deregister(key));
             }
             Command::CreateSrq(pd, reply) => {
                 if !self.pds.contains(&pd) {
@@ -407,79 +321,36 @@ impl Worker {
                 }
                 let id = self.next_srq;
                 self.next_srq += 1;
-                self.srqs.insert(id, (pd, VecDeque::new()));
+                self.data.create_srq(id, pd);
                 let _ = reply.send(Ok(id));
             }
             Command::DestroySrq(id, reply) => {
-                let result = if self.qps.values().any(|q| q.srq == Some(id)) {
-                    Err(DeviceError::SrqBusy(id))
-                } else {
-                    self.srqs
-                        .remove(&id)
-                        .map(|(_, queue)| {
-                            queue
-                                .into_iter()
-                                .map(|mut wr| {
-                                    crate::work_request::scatter(&mut wr.buf, &mut wr.sg_list, 0);
-                                    wr
-                                })
-                                .collect()
-                        })
-                        .ok_or(DeviceError::UnknownSrq(id))
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.data.destroy_srq(id));
             }
-            Command::PostSrqRecv(id, mut wr) => match self.srqs.get_mut(&id) {
-                Some((_, queue)) => {
-                    crate::work_request::gather(&mut wr.buf, &wr.sg_list);
-                    queue.push_back(wr)
-                }
-                None => {
-                    tracing::warn!(srq = id, wr_id = wr.wr_id, "receive posted on a destroyed shared receive queue")
-                }
-            },
+            Command::PostSrqRecv(id, wr) => self.data.post_srq_recv(id, wr),
             Command::CreateQp(pd, send_cq, recv_cq, srq, reply) => {
                 if !self.pds.contains(&pd) {
                     let _ = reply.send(Err(DeviceError::UnknownPd(pd)));
                     return;
                 }
-                if let Some(id) = srq.filter(|id| self.srqs.get(id).is_none_or(|(p, _)| *p != pd)) {
+                if let Some(id) = srq.filter(|&id| !self.data.srq_in(id, pd)) {
                     let _ = reply.send(Err(DeviceError::UnknownSrq(id)));
                     return;
                 }
                 let qpn = self.allocate_qpn();
                 let start_psn = self.random_psn();
-                self.qps.insert(
-                    qpn,
-                    QpSlot {
-                        pd,
-                        srq,
-                        state: QpState::Reset,
-                        send_cq,
-                        recv_cq,
-                        engine: None,
-                        early_recvs: Vec::new(),
-                        early_sends: Vec::new(),
-                        peer: None,
-                        conn: None,
-                        start_psn,
-                        fatal_reported: false,
-                        source_port: None,
-                        armed: None,
-                        dirty: false,
-                    },
-                );
+                self.data.create_qp(qpn, pd, send_cq, recv_cq, srq, start_psn);
                 let _ = reply.send(Ok(qpn));
             }
             Command::ModifyQp(qpn, transition, reply) => {
-                let _ = reply.send(self.modify_qp(qpn, transition));
+                let _ = reply.send(self.data.modify_qp(qpn, transition, self.mtu));
             }
             Command::DestroyQp(qpn, reply) => {
                 self.destroy_qp(qpn);
                 let _ = reply.send(Ok(()));
             }
-            Command::PostSend(qpn, wr) => self.post_send(qpn, wr),
-            Command::PostRecv(qpn, wr) => self.post_recv(qpn, wr),
+            Command::PostSend(qpn, wr) => self.data.post_send(qpn, wr),
+            Command::PostRecv(qpn, wr) => self.data.post_recv(qpn, wr),
             Command::Listen(port, backlog, reply) => {
                 let _ = reply.send(self.cm.listen(port, backlog).map_err(DeviceError::from));
             }
@@ -498,12 +369,13 @@ impl Worker {
                 let _ = reply.send(self.cm.disconnect(Instant::now(), conn).map_err(DeviceError::from));
             }
             Command::Stats(reply) => {
+                let (regions, region_bytes) = self.data.regions();
                 let _ = reply.send(DeviceStats {
                     protection_domains: self.pds.len(),
-                    shared_receive_queues: self.srqs.len(),
-                    queue_pairs: self.qps.len(),
-                    regions: self.memory.len(),
-                    region_bytes: self.memory.bytes(),
+                    shared_receive_queues: self.data.shared_receive_queues(),
+                    queue_pairs: self.data.queue_pairs(),
+                    regions,
+                    region_bytes,
                     connections: self.cm.connections(),
                     stale_connection_attempts: self.cm.stale_attempts(),
                     node_guid: self.cm.node_guid(),
@@ -519,120 +391,9 @@ impl Worker {
         loop {
             let qpn = self.next_qpn;
             self.next_qpn = if self.next_qpn >= MASK_24 { 0x11 } else { self.next_qpn + 1 };
-            if !self.qps.contains_key(&qpn) {
+            if !self.data.contains(qpn) {
                 return qpn;
             }
-        }
-    }
-
-    fn post_send(&mut self, qpn: u32, wr: SendWr) {
-        self.touch(qpn);
-        let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        match (slot.state, slot.engine.as_mut()) {
-            (QpState::Rts, Some(engine)) => {
-                if let Err((_, wr)) = engine.post_send(wr) {
-                    slot.send_cq.push(Completion { qpn, wc: failed_send(wr) });
-                }
-            }
-            // Connecting through the CM: the request goes out once the connection is up.
-            (QpState::Reset | QpState::Init, None) if slot.conn.is_some() => slot.early_sends.push(wr),
-            // Sends before RTS, or after an error, are refused (and the buffer handed back).
-            _ => slot.send_cq.push(Completion { qpn, wc: failed_send(wr) }),
-        }
-    }
-
-    fn post_recv(&mut self, qpn: u32, wr: RecvWr) {
-        self.touch(qpn);
-        let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        if slot.srq.is_some() {
-            // Its receives come from the shared queue: posting here is an error, as in verbs.
-            slot.recv_cq.push(Completion { qpn, wc: failed_recv(wr) });
-            return;
-        }
-        match slot.engine.as_mut() {
-            Some(engine) => {
-                if let Err((_, wr)) = engine.post_recv(wr) {
-                    slot.recv_cq.push(Completion { qpn, wc: failed_recv(wr) });
-                }
-            }
-            None if slot.state == QpState::Error => slot.recv_cq.push(Completion { qpn, wc: failed_recv(wr) }),
-            None => slot.early_recvs.push(wr),
-        }
-    }
-
-    fn modify_qp(&mut self, qpn: u32, transition: QpTransition) -> Result<QpState, DeviceError> {
-        self.touch(qpn);
-        let slot = self.qps.get_mut(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
-        let bad = |from, to| Err(DeviceError::BadTransition { qpn, from, to });
-        match transition {
-            QpTransition::Init => match slot.state {
-                QpState::Reset | QpState::Init => slot.state = QpState::Init,
-                from => return bad(from, "INIT"),
-            },
-            QpTransition::Rtr { peer, dest_qpn, rq_psn, path_mtu, min_rnr_timer, max_dest_rd_atomic } => {
-                if slot.state != QpState::Init {
-                    return bad(slot.state, "RTR");
-                }
-                let config = RcConfig {
-                    mtu: path_mtu.min(self.mtu),
-                    min_rnr_timer,
-                    max_dest_rd_atomic,
-                    window: self.config.window,
-                    ..RcConfig::new(qpn, dest_qpn, slot.start_psn, rq_psn)
-                };
-                let mut engine = RcQp::new(config)?;
-                engine.set_state(EngineState::Rtr);
-                for wr in slot.early_recvs.drain(..) {
-                    let _ = engine.post_recv(wr);
-                }
-                slot.engine = Some(engine);
-                slot.peer = Some(peer);
-                slot.source_port = rxe_source_port(self.config.port, 0, qpn, dest_qpn);
-                slot.state = QpState::Rtr;
-            }
-            QpTransition::Rts { sq_psn, ack_timeout, retry_cnt, rnr_retry, max_rd_atomic } => {
-                let (QpState::Rtr, Some(engine)) = (slot.state, slot.engine.as_mut()) else {
-                    return bad(slot.state, "RTS");
-                };
-                let send = super::rc::SendParams { send_psn: sq_psn, retry_cnt, rnr_retry, ack_timeout, max_rd_atomic };
-                engine.enter_rts(send)?;
-                slot.state = QpState::Rts;
-            }
-            QpTransition::Error => {
-                self.flush_qp(qpn);
-                if let Some(slot) = self.qps.get_mut(&qpn) {
-                    slot.state = QpState::Error;
-                }
-            }
-            QpTransition::Reset => {
-                self.flush_qp(qpn);
-                if let Some(slot) = self.qps.get_mut(&qpn) {
-                    slot.engine = None;
-                    slot.peer = None;
-                    slot.source_port = None;
-                    slot.fatal_reported = false;
-                    slot.state = QpState::Reset;
-                }
-            }
-        }
-        Ok(self.qps.get(&qpn).map_or(QpState::Reset, |s| s.state))
-    }
-
-    /// Completes everything outstanding on a queue pair with a flush error (the buffers go back).
-    fn flush_qp(&mut self, qpn: u32) {
-        self.touch(qpn);
-        let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        if let Some(engine) = slot.engine.as_mut() {
-            engine.set_state(EngineState::Error);
-            while let Some(wc) = engine.poll_completion() {
-                completion_queue(&slot.send_cq, &slot.recv_cq, &wc).push(Completion { qpn, wc });
-            }
-        }
-        for wr in slot.early_recvs.drain(..) {
-            slot.recv_cq.push(Completion { qpn, wc: failed_recv(wr) });
-        }
-        for wr in slot.early_sends.drain(..) {
-            slot.send_cq.push(Completion { qpn, wc: failed_send(wr) });
         }
     }
 
@@ -644,11 +405,7 @@ impl Worker {
         options: ConnectionOptions,
         private_data: Vec<u8>,
     ) -> Result<ConnId, DeviceError> {
-        let slot = self.qps.get(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
-        if !matches!(slot.state, QpState::Reset | QpState::Init) || slot.conn.is_some() {
-            return Err(DeviceError::BadTransition { qpn, from: slot.state, to: "connect" });
-        }
-        let start_psn = slot.start_psn;
+        let start_psn = self.data.connectable(qpn, "connect")?;
         let src_port = self.next_cm_port;
         self.next_cm_port = if self.next_cm_port == u16::MAX { 40000 } else { self.next_cm_port + 1 };
         let conn = self.cm.connect(
@@ -670,10 +427,7 @@ impl Worker {
         )?;
         self.peer_ports.insert(dst.ip(), dst.port());
         self.conns.insert(conn, ConnBinding { qpn: Some(qpn), peer: dst, options });
-        if let Some(slot) = self.qps.get_mut(&qpn) {
-            slot.conn = Some(conn);
-            slot.peer = Some(dst);
-        }
+        self.data.bind_connection(qpn, conn, dst);
         Ok(conn)
     }
 
@@ -685,14 +439,10 @@ impl Worker {
         private_data: Vec<u8>,
     ) -> Result<(), DeviceError> {
         let binding = self.conns.get_mut(&conn).ok_or(DeviceError::Cm(super::cm::CmError::UnknownConnection(conn)))?;
-        let slot = self.qps.get_mut(&qpn).ok_or(DeviceError::UnknownQp(qpn))?;
-        if !matches!(slot.state, QpState::Reset | QpState::Init) || slot.conn.is_some() {
-            return Err(DeviceError::BadTransition { qpn, from: slot.state, to: "accept" });
-        }
+        let start_psn = self.data.connectable(qpn, "accept")?;
         binding.qpn = Some(qpn);
         binding.options = options;
         let peer_addr = binding.peer;
-        let start_psn = slot.start_psn;
         self.cm.accept(
             Instant::now(),
             conn,
@@ -705,59 +455,18 @@ impl Worker {
                 private_data,
             },
         )?;
-        slot.conn = Some(conn);
-        slot.peer = Some(peer_addr);
+        self.data.bind_connection(qpn, conn, peer_addr);
         Ok(())
     }
 
-    /// Gives a queue pair its engine once both ends' parameters are known (RTR and RTS in one step, as
-    /// rdma_cm does).
-    fn start_engine(&mut self, qpn: u32, peer: &PeerParams, options: ConnectionOptions) {
-        let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        let mtu = crate::mtu::mtu_bytes(peer.path_mtu).min(self.mtu);
-        let psns = StartPsns::new(slot.start_psn, peer);
-        let config = RcConfig {
-            mtu,
-            retry_cnt: options.retry_count.min(self.config.retry_cnt),
-            rnr_retry: options.rnr_retry_count.min(self.config.rnr_retry),
-            ack_timeout: self.config.ack_timeout,
-            window: self.config.window,
-            // READs we issue: what we asked for, within what the peer grants; READs we serve: what we grant.
-            max_rd_atomic: options.initiator_depth.min(peer.responder_resources).max(1),
-            max_dest_rd_atomic: options.responder_resources.max(1),
-            ..RcConfig::new(qpn, peer.qpn, psns.send, psns.recv)
-        };
-        let Ok(mut engine) = RcQp::new(config) else {
-            tracing::warn!(qpn, ?peer, "unusable connection parameters");
-            return;
-        };
-        for wr in slot.early_recvs.drain(..) {
-            let _ = engine.post_recv(wr);
-        }
-        for wr in slot.early_sends.drain(..) {
-            let _ = engine.post_send(wr);
-        }
-        slot.engine = Some(engine);
-        slot.state = QpState::Rts;
-        slot.source_port = rxe_source_port(self.config.port, peer.flow_label, qpn, peer.qpn);
-        self.touch(qpn);
-    }
-
     fn destroy_qp(&mut self, qpn: u32) {
-        self.flush_qp(qpn);
-        let Some(slot) = self.qps.remove(&qpn) else { return };
-        if let Some(t) = slot.armed {
-            self.timers.remove(&(t, qpn));
-        }
+        let (conn, port) = self.data.destroy_qp(qpn);
         // Each connection sends from its own source port: its socket goes with the last queue pair using it
         // (QP1's stays), or every connection ever made would keep a file descriptor.
-        if let Some(port) = slot.source_port
-            && Some(port) != self.mad_source_port()
-            && !self.qps.values().any(|q| q.source_port == Some(port))
-        {
+        if let Some(port) = port.filter(|&p| Some(p) != self.mad_source_port()) {
             self.source_sockets.remove(&port);
         }
-        if let Some(conn) = slot.conn {
+        if let Some(conn) = conn {
             let _ = self.cm.disconnect(Instant::now(), conn);
             if let Some(b) = self.conns.get_mut(&conn) {
                 b.qpn = None;
@@ -783,7 +492,7 @@ impl Worker {
                 let Some(binding) = self.conns.get(&conn) else { return };
                 let Some(qpn) = binding.qpn else { return };
                 let options = binding.options;
-                self.start_engine(qpn, &peer, options);
+                self.data.start_engine(qpn, &peer, options, self.mtu);
                 DeviceEvent::Established { conn, qpn, peer }
             }
             CmEvent::Rejected { conn, reason, private_data } => {
@@ -797,13 +506,7 @@ impl Worker {
             CmEvent::Disconnected { conn } => {
                 // rdma_cm moves the queue pair to the error state: outstanding work is flushed.
                 if let Some(qpn) = self.conns.get(&conn).and_then(|b| b.qpn) {
-                    if let Some(slot) = self.qps.get_mut(&qpn) {
-                        if let Some(engine) = slot.engine.as_mut() {
-                            engine.set_state(EngineState::Error);
-                        }
-                        slot.state = QpState::Error;
-                    }
-                    self.touch(qpn);
+                    self.data.connection_lost(qpn);
                 }
                 DeviceEvent::Disconnected { conn }
             }
@@ -816,14 +519,8 @@ impl Worker {
     }
 
     fn fail_connection(&mut self, conn: ConnId) {
-        if let Some(binding) = self.conns.remove(&conn) {
-            if let Some(slot) = binding.qpn.and_then(|q| self.qps.get_mut(&q)) {
-                slot.conn = None;
-                let qpn = binding.qpn.unwrap_or_default();
-                for wr in slot.early_sends.drain(..) {
-                    slot.send_cq.push(Completion { qpn, wc: failed_send(wr) });
-                }
-            }
+        if let Some(qpn) = self.conns.remove(&conn).and_then(|b| b.qpn) {
+            self.data.connection_failed(qpn);
         }
     }
 
@@ -855,36 +552,12 @@ impl Worker {
                 out.push((SocketAddr::new(dst, port), bytes, mad_port));
             }
         }
-        let now = Instant::now();
-        for qpn in std::mem::take(&mut self.dirty) {
-            let Some(slot) = self.qps.get_mut(&qpn) else { continue };
-            slot.dirty = false;
-            let Some(engine) = slot.engine.as_mut() else { continue };
-            if let Some(peer) = slot.peer {
-                while let Some(packet) = engine.poll_transmit(now) {
-                    out.push((peer, packet, slot.source_port));
-                }
-            }
-            while let Some(wc) = engine.poll_completion() {
-                completion_queue(&slot.send_cq, &slot.recv_cq, &wc).push(Completion { qpn, wc });
-            }
-            let deadline = engine.poll_timeout();
-            if deadline != slot.armed {
-                if let Some(t) = slot.armed {
-                    self.timers.remove(&(t, qpn));
-                }
-                if let Some(t) = deadline {
-                    self.timers.insert((t, qpn));
-                }
-                slot.armed = deadline;
-            }
-            if let (Some(cause), false) = (engine.error_cause(), slot.fatal_reported) {
-                slot.fatal_reported = true;
-                slot.state = QpState::Error;
-                if cause != WcStatus::WrFlush {
-                    let _ = self.events.send(DeviceEvent::QpFatal { qpn, cause });
-                }
-            }
+        let mut datagrams = Vec::new();
+        let mut fatal = Vec::new();
+        self.data.poll_output(Instant::now(), &mut datagrams, &mut fatal);
+        out.extend(datagrams.into_iter().map(|Datagram { dst, bytes, source_port }| (dst, bytes, source_port)));
+        for (qpn, cause) in fatal {
+            let _ = self.events.send(DeviceEvent::QpFatal { qpn, cause });
         }
         let local = self.local;
         for (_, _, source_port) in &mut out {
@@ -960,17 +633,6 @@ async fn send_all(
     (sent, dropped)
 }
 
-/// The UDP source port rxe would use for a connection: from its flow label (the CM's, or else the one rxe
-/// derives from the QP pair). Only on the standard port; a device on another port sends from its own.
-fn rxe_source_port(device_port: u16, flow_label: u32, qpn: u32, dest_qpn: u32) -> Option<u16> {
-    use super::wire::udp_port;
-    let flow_label = match flow_label {
-        0 => udp_port::qp_pair_flow_label(qpn, dest_qpn),
-        fl => fl,
-    };
-    (device_port == ROCEV2_UDP_PORT).then(|| udp_port::from_flow_label(flow_label))
-}
-
 /// Errors a UDP socket reports for one datagram or an ICMP message about an earlier one; anything else means
 /// the socket itself is broken.
 fn socket_error_is_transient(kind: std::io::ErrorKind) -> bool {
@@ -1006,29 +668,6 @@ fn to_v6(a: IpAddr) -> std::net::Ipv6Addr {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     }
-}
-
-/// Receives complete on the receive queue's CQ, everything else on the send queue's.
-fn completion_queue<'a>(
-    send: &'a CompletionQueue,
-    recv: &'a CompletionQueue,
-    wc: &WorkCompletion,
-) -> &'a CompletionQueue {
-    if matches!(wc.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm) { recv } else { send }
-}
-
-fn failed_send(wr: SendWr) -> WorkCompletion {
-    let opcode = wr.opcode();
-    flushed(wr.wr_id, opcode, wr.buf, wr.sg_list)
-}
-
-fn failed_recv(wr: RecvWr) -> WorkCompletion {
-    flushed(wr.wr_id, WcOpcode::Recv, wr.buf, wr.sg_list)
-}
-
-/// A request that never ran: flushed, with what it was posted with handed back.
-fn flushed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>, sg_list: Vec<Vec<u8>>) -> WorkCompletion {
-    WorkCompletion::new(wr_id, WcStatus::WrFlush, opcode, 0, buf, sg_list, 0)
 }
 
 pub(super) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
