@@ -9,7 +9,7 @@ pub use crate::device::*;
 
 use super::cm::CmConfig;
 use super::wire::ROCEV2_UDP_PORT;
-use super::worker::{self, Worker};
+use super::worker::Worker;
 
 /// How a soft device is set up.
 #[derive(Debug, Clone)]
@@ -56,14 +56,14 @@ impl SoftConfig {
 /// A UDP socket as a soft device sends RoCEv2 from: non-blocking, large buffers, IPv4 unfragmented with
 /// identification 0 (the header its ICRCs are computed over) — for tools and tests that speak RoCEv2 by hand.
 pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    worker::bind(addr)
+    super::udp::bind(addr)
 }
 
 impl Device {
     /// Binds the UDP socket and starts the worker thread.
     pub fn open(config: SoftConfig) -> Result<Device, DeviceError> {
         let local = SocketAddr::new(config.addr, config.port);
-        let socket = worker::bind(local).map_err(|source| DeviceError::Bind { addr: local, source })?;
+        let socket = super::udp::bind(local).map_err(|source| DeviceError::Bind { addr: local, source })?;
         let local = socket.local_addr().map_err(|source| DeviceError::Bind { addr: local, source })?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();

@@ -12,6 +12,6 @@ pub mod memory_table;
 pub mod netdev;
 pub mod pcap;
 pub mod rc;
-mod udp_batch;
+mod udp;
 pub mod wire;
 mod worker;

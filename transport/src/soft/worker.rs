@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams};
 use super::data_path::{DataPath, DataPathConfig, Datagram};
 use super::device::SoftConfig;
-use super::udp_batch::{BATCH, RecvBatch, SendBatch};
+use super::udp::{BATCH, RecvBatch, SendBatch, bind, ip_header, send_all, socket_error_is_transient};
 use super::wire::ext::GSI_QKEY;
-use super::wire::icrc::{self, IpHeader};
+use super::wire::icrc;
 use super::wire::{MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
 use crate::device::{
     Command, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion, ProtectionDomain,
@@ -602,104 +602,3 @@ impl Worker {
     }
 }
 
-/// Sends `datagrams` from `socket` in batches, waiting while its buffer is full; (sent, dropped). A datagram
-/// the kernel refuses (an unreachable peer) is dropped: RC retransmission covers the loss.
-async fn send_all(
-    socket: &tokio::net::UdpSocket,
-    batch: &mut SendBatch,
-    datagrams: &[(SocketAddr, &[u8])],
-) -> (u64, u64) {
-    let (mut i, mut sent, mut dropped) = (0, 0u64, 0u64);
-    while i < datagrams.len() {
-        match socket.try_io(Interest::WRITABLE, || batch.send(socket, &datagrams[i..])) {
-            Ok(n) if n > 0 => {
-                i += n;
-                sent += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if socket.writable().await.is_err() {
-                    dropped += (datagrams.len() - i) as u64;
-                    break;
-                }
-            }
-            other => {
-                // The first datagram of the batch was refused.
-                tracing::trace!(dst = %datagrams[i].0, "send: {other:?}");
-                i += 1;
-                dropped += 1;
-            }
-        }
-    }
-    (sent, dropped)
-}
-
-/// Errors a UDP socket reports for one datagram or an ICMP message about an earlier one; anything else means
-/// the socket itself is broken.
-fn socket_error_is_transient(kind: std::io::ErrorKind) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(
-        kind,
-        WouldBlock
-            | Interrupted
-            | TimedOut
-            | ConnectionRefused
-            | ConnectionReset
-            | HostUnreachable
-            | NetworkUnreachable
-            | NetworkDown
-            | AddrNotAvailable
-            | OutOfMemory
-    )
-}
-
-/// The IP header the ICRC covers, as the kernel builds it for our datagrams: identification 0, which `bind`'s
-/// path MTU discovery setting guarantees for what we send. A receiving socket cannot see the real header, so a
-/// kernel peer's identification is recovered from its ICRC (`on_datagram`).
-fn ip_header(src: IpAddr, dst: IpAddr, roce_len_without_icrc: usize) -> IpHeader {
-    let udp_len = (8 + roce_len_without_icrc + icrc::ICRC_LEN) as u16;
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeader::ipv4(s, d, 0, udp_len),
-        (s, d) => IpHeader::ipv6(to_v6(s), to_v6(d), udp_len),
-    }
-}
-
-fn to_v6(a: IpAddr) -> std::net::Ipv6Addr {
-    match a {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    }
-}
-
-pub(super) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv4() {
-        // The ICRC covers the IPv4 identification, which the kernel picks as it sends. With path MTU discovery
-        // "probe" (DF set, never fragmented) an unconnected socket's datagrams go out with identification 0 —
-        // the header `ip_header` computes the ICRC over. Without it the kernel numbers them and every ICRC we
-        // send is wrong for the header on the wire: rxe drops all of it. "Probe" rather than "do": the device's
-        // MTU governs, as for rxe, not a path MTU an ICMP message (perhaps forged) would lower.
-        rustix::net::sockopt::set_ip_mtu_discover(&socket, rustix::net::sockopt::Ipv4PathMtuDiscovery::PROBE)?;
-    }
-    // Bursts of a window of MTU-sized packets must not overflow the default socket buffers.
-    let _ = socket.set_recv_buffer_size(8 << 20);
-    let _ = socket.set_send_buffer_size(8 << 20);
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::io::ErrorKind;
-
-    #[test]
-    fn which_socket_errors_are_fatal() {
-        for transient in [ErrorKind::WouldBlock, ErrorKind::ConnectionRefused, ErrorKind::NetworkUnreachable] {
-            assert!(super::socket_error_is_transient(transient), "{transient:?}");
-        }
-        for fatal in [ErrorKind::InvalidInput, ErrorKind::PermissionDenied, ErrorKind::Unsupported, ErrorKind::Other] {
-            assert!(!super::socket_error_is_transient(fatal), "{fatal:?}");
-        }
-    }
-}

@@ -1,12 +1,17 @@
-//! Datagrams in batches: one `recvmmsg` takes up to [`BATCH`] datagrams, one `sendmmsg` sends what a flush
-//! produced for one socket — instead of a system call per packet. Buffers and headers are allocated once per
-//! device; the socket stays non-blocking (tokio's readiness decides when to call).
+//! The soft provider's UDP: sockets bound as rxe's peers expect them (unfragmented, identification 0, large
+//! buffers), the IP header an ICRC is computed over, and datagrams in batches — one `recvmmsg` takes up to
+//! [`BATCH`] datagrams, one `sendmmsg` sends what a flush produced for one socket, instead of a system call
+//! per packet. Buffers and headers are allocated once per owner; sockets stay non-blocking (tokio's readiness
+//! decides when to call).
 
 use std::io::{IoSlice, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use tokio::io::Interest;
+
+use super::wire::icrc::{self, IpHeader};
 
 /// Datagrams per system call.
 pub(crate) const BATCH: usize = 64;
@@ -92,6 +97,93 @@ fn socket_addr(s: SockaddrStorage) -> Option<SocketAddr> {
     s.as_sockaddr_in6().map(|v6| SocketAddr::from((v6.ip(), v6.port())))
 }
 
+/// Sends `datagrams` from `socket` in batches, waiting while its buffer is full; (sent, dropped). A datagram
+/// the kernel refuses (an unreachable peer) is dropped: RC retransmission covers the loss.
+pub(crate) async fn send_all(
+    socket: &tokio::net::UdpSocket,
+    batch: &mut SendBatch,
+    datagrams: &[(SocketAddr, &[u8])],
+) -> (u64, u64) {
+    let (mut i, mut sent, mut dropped) = (0, 0u64, 0u64);
+    while i < datagrams.len() {
+        match socket.try_io(Interest::WRITABLE, || batch.send(socket, &datagrams[i..])) {
+            Ok(n) if n > 0 => {
+                i += n;
+                sent += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    dropped += (datagrams.len() - i) as u64;
+                    break;
+                }
+            }
+            other => {
+                // The first datagram of the batch was refused.
+                tracing::trace!(dst = %datagrams[i].0, "send: {other:?}");
+                i += 1;
+                dropped += 1;
+            }
+        }
+    }
+    (sent, dropped)
+}
+
+/// Errors a UDP socket reports for one datagram or an ICMP message about an earlier one; anything else means
+/// the socket itself is broken.
+pub(crate) fn socket_error_is_transient(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        kind,
+        WouldBlock
+            | Interrupted
+            | TimedOut
+            | ConnectionRefused
+            | ConnectionReset
+            | HostUnreachable
+            | NetworkUnreachable
+            | NetworkDown
+            | AddrNotAvailable
+            | OutOfMemory
+    )
+}
+
+/// The IP header the ICRC covers, as the kernel builds it for our datagrams: identification 0, which `bind`'s
+/// path MTU discovery setting guarantees for what we send. A receiving socket cannot see the real header, so a
+/// kernel peer's identification is recovered from its ICRC (`on_datagram`).
+pub(crate) fn ip_header(src: IpAddr, dst: IpAddr, roce_len_without_icrc: usize) -> IpHeader {
+    let udp_len = (8 + roce_len_without_icrc + icrc::ICRC_LEN) as u16;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeader::ipv4(s, d, 0, udp_len),
+        (s, d) => IpHeader::ipv6(to_v6(s), to_v6(d), udp_len),
+    }
+}
+
+fn to_v6(a: IpAddr) -> std::net::Ipv6Addr {
+    match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv4() {
+        // The ICRC covers the IPv4 identification, which the kernel picks as it sends. With path MTU discovery
+        // "probe" (DF set, never fragmented) an unconnected socket's datagrams go out with identification 0 —
+        // the header `ip_header` computes the ICRC over. Without it the kernel numbers them and every ICRC we
+        // send is wrong for the header on the wire: rxe drops all of it. "Probe" rather than "do": the device's
+        // MTU governs, as for rxe, not a path MTU an ICMP message (perhaps forged) would lower.
+        rustix::net::sockopt::set_ip_mtu_discover(&socket, rustix::net::sockopt::Ipv4PathMtuDiscovery::PROBE)?;
+    }
+    // Bursts of a window of MTU-sized packets must not overflow the default socket buffers.
+    let _ = socket.set_recv_buffer_size(8 << 20);
+    let _ = socket.set_send_buffer_size(8 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +214,15 @@ mod tests {
         }
         assert!(got[10].0.truncated);
         assert!(matches!(batch.recv(&rx), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+    }
+
+    #[test]
+    fn which_socket_errors_are_fatal() {
+        for transient in [std::io::ErrorKind::WouldBlock, std::io::ErrorKind::ConnectionRefused, std::io::ErrorKind::NetworkUnreachable] {
+            assert!(socket_error_is_transient(transient), "{transient:?}");
+        }
+        for fatal in [std::io::ErrorKind::InvalidInput, std::io::ErrorKind::PermissionDenied, std::io::ErrorKind::Unsupported, std::io::ErrorKind::Other] {
+            assert!(!socket_error_is_transient(fatal), "{fatal:?}");
+        }
     }
 }
