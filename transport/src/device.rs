@@ -295,6 +295,17 @@ pub(crate) enum Command {
     Reject(ConnId, Vec<u8>, Reply<()>),
     Disconnect(ConnId, Reply<()>),
     Stats(oneshot::Sender<DeviceStats>),
+    /// A lane for the caller's thread (soft provider).
+    OpenLane(Reply<crate::soft::lane::Lane>),
+    CreateQpOnLane {
+        lane: usize,
+        pd: u32,
+        send_cq: CompletionQueue,
+        recv_cq: CompletionQueue,
+        reply: Reply<(u32, mpsc::UnboundedSender<Command>)>,
+    },
+    /// The device's worker to one of its lanes.
+    Lane(crate::soft::lane::LaneCommand),
     Shutdown,
 }
 
@@ -399,6 +410,27 @@ impl Device {
         let (pd, srq) = (pd.id, srq.id);
         let qpn = self.call(|r| Command::CreateQp(pd, send_cq.clone(), recv_cq.clone(), Some(srq), r)).await?;
         Ok(QueuePair { qpn, commands: self.commands.clone() })
+    }
+
+    /// A lane of the device's data path for the calling thread to run ([`crate::soft::lane::Lane::run`]):
+    /// queue pairs created on it ([`Device::create_qp_on_lane`]) are driven on that thread, their datagrams
+    /// steered to it by the kernel, so posting, completing and the RC engine share one thread. Soft provider
+    /// only (`Unsupported` elsewhere, or where the kernel takes no steering program); a device has at most 31.
+    pub async fn open_lane(&self) -> Result<crate::soft::lane::Lane, DeviceError> {
+        self.call(Command::OpenLane).await
+    }
+
+    /// A queue pair on lane `lane` of this device (its receives are its own; no shared receive queue).
+    pub async fn create_qp_on_lane(
+        &self,
+        lane: usize,
+        pd: &ProtectionDomain,
+        send_cq: &CompletionQueue,
+        recv_cq: &CompletionQueue,
+    ) -> Result<QueuePair, DeviceError> {
+        let (pd, send_cq, recv_cq) = (pd.id, send_cq.clone(), recv_cq.clone());
+        let (qpn, commands) = self.call(|reply| Command::CreateQpOnLane { lane, pd, send_cq, recv_cq, reply }).await?;
+        Ok(QueuePair { qpn, commands })
     }
 
     pub async fn create_srq(&self, pd: &ProtectionDomain) -> Result<SharedReceiveQueue, DeviceError> {

@@ -35,5 +35,6 @@ pub use device::{
 pub use provider::Provider;
 pub use region::{Access, RegionKeys};
 pub use soft::device::SoftConfig;
+pub use soft::lane::Lane;
 pub use verbs::VerbsConfig;
 pub use work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};

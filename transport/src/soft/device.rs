@@ -63,7 +63,8 @@ impl Device {
     /// Binds the UDP socket and starts the worker thread.
     pub fn open(config: SoftConfig) -> Result<Device, DeviceError> {
         let local = SocketAddr::new(config.addr, config.port);
-        let socket = super::udp::bind(local).map_err(|source| DeviceError::Bind { addr: local, source })?;
+        let (socket, steered) =
+            super::udp::bind_steered(local).map_err(|source| DeviceError::Bind { addr: local, source })?;
         let local = socket.local_addr().map_err(|source| DeviceError::Bind { addr: local, source })?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
@@ -74,7 +75,7 @@ impl Device {
                 match runtime {
                     Ok(rt) => rt.block_on(async move {
                         match tokio::net::UdpSocket::from_std(socket) {
-                            Ok(socket) => Worker::new(config, local, socket, event_tx).run(command_rx).await,
+                            Ok(socket) => Worker::new(config, local, socket, steered, event_tx).run(command_rx).await,
                             Err(e) => tracing::error!(%local, "soft device socket: {e}"),
                         }
                     }),

@@ -8,10 +8,12 @@
 pub mod cm;
 mod data_path;
 pub mod device;
+pub mod lane;
 pub mod memory_table;
 pub mod netdev;
 pub mod pcap;
 pub mod rc;
+mod steering;
 mod udp;
 pub mod wire;
 mod worker;

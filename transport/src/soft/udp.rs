@@ -166,6 +166,34 @@ fn to_v6(a: IpAddr) -> std::net::Ipv6Addr {
 }
 
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    bind_with(addr, false)
+}
+
+/// A socket of a device's reuseport group (`SO_REUSEPORT`; see `steering`), otherwise as [`bind`].
+pub(crate) fn bind_shared(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    bind_with(addr, true)
+}
+
+/// The first socket of a device's reuseport group, with the steering program attached. The address must be
+/// free: a plain bind is tried first, so that a second device (or process) on the same address and port is
+/// refused as before rather than joining the group. `Ok(None)`: the kernel took no steering program, and the
+/// device serves without lanes (from the plain socket).
+pub(crate) fn bind_steered(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, bool)> {
+    let probe = bind(addr)?;
+    let bound = probe.local_addr()?;
+    drop(probe);
+    let shared = bind_shared(bound)?;
+    match super::steering::attach(&shared) {
+        Ok(()) => Ok((shared, true)),
+        Err(e) => {
+            tracing::warn!(%bound, "no reuseport steering ({e}): queue pairs stay on the device's thread");
+            drop(shared);
+            Ok((bind(bound)?, false))
+        }
+    }
+}
+
+fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv4() {
@@ -179,9 +207,36 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     // Bursts of a window of MTU-sized packets must not overflow the default socket buffers.
     let _ = socket.set_recv_buffer_size(8 << 20);
     let _ = socket.set_send_buffer_size(8 << 20);
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// The RoCEv2 packet of a received datagram, if its ICRC holds for the header it arrived with. Our peers send
+/// with IPv4 identification 0; a kernel peer's identification is recovered from the ICRC.
+pub(crate) fn open_packet<'a>(
+    bytes: &'a [u8],
+    from: SocketAddr,
+    local: IpAddr,
+    solver: &mut icrc::IdentificationSolver,
+) -> Option<super::wire::PacketRepr<'a>> {
+    let ip = ip_header(from.ip(), local, bytes.len().saturating_sub(icrc::ICRC_LEN));
+    let valid = icrc::verify(&ip, from.port(), bytes).is_ok()
+        || (from.is_ipv4() && solver.solve(&ip, from.port(), bytes).is_some());
+    if !valid {
+        return None;
+    }
+    super::wire::PacketRepr::parse(bytes).ok().map(|(packet, _)| packet)
+}
+
+/// Appends the ICRC for the header a datagram leaves with (from `local`:`from_port` to `dst`); false when it
+/// cannot be sealed (it must not be sent).
+pub(crate) fn seal(bytes: &mut Vec<u8>, local: IpAddr, from_port: u16, dst: SocketAddr) -> bool {
+    let ip = ip_header(local, dst.ip(), bytes.len());
+    icrc::append(&ip, from_port, bytes).is_ok()
 }
 
 #[cfg(test)]
@@ -218,10 +273,19 @@ mod tests {
 
     #[test]
     fn which_socket_errors_are_fatal() {
-        for transient in [std::io::ErrorKind::WouldBlock, std::io::ErrorKind::ConnectionRefused, std::io::ErrorKind::NetworkUnreachable] {
+        for transient in [
+            std::io::ErrorKind::WouldBlock,
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::NetworkUnreachable,
+        ] {
             assert!(socket_error_is_transient(transient), "{transient:?}");
         }
-        for fatal in [std::io::ErrorKind::InvalidInput, std::io::ErrorKind::PermissionDenied, std::io::ErrorKind::Unsupported, std::io::ErrorKind::Other] {
+        for fatal in [
+            std::io::ErrorKind::InvalidInput,
+            std::io::ErrorKind::PermissionDenied,
+            std::io::ErrorKind::Unsupported,
+            std::io::ErrorKind::Other,
+        ] {
             assert!(!socket_error_is_transient(fatal), "{fatal:?}");
         }
     }

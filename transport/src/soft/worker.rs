@@ -14,13 +14,34 @@ use tokio::sync::mpsc;
 use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams};
 use super::data_path::{DataPath, DataPathConfig, Datagram};
 use super::device::SoftConfig;
-use super::udp::{BATCH, RecvBatch, SendBatch, bind, ip_header, send_all, socket_error_is_transient};
+use super::lane::{Lane, LaneCommand, LaneCounters};
+use super::steering::{self, MAX_LANES};
+use super::udp::{BATCH, RecvBatch, SendBatch, bind, open_packet, seal, send_all, socket_error_is_transient};
 use super::wire::ext::GSI_QKEY;
 use super::wire::icrc;
 use super::wire::{MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
 use crate::device::{
     Command, ConnectionOptions, DeviceError, DeviceEvent, DeviceStats, MemoryRegion, ProtectionDomain,
 };
+
+/// A lane of the device, as its worker keeps it.
+struct LaneEntry {
+    commands: mpsc::UnboundedSender<Command>,
+    /// A second descriptor of the lane's socket: it stays in the reuseport group (keeping every later
+    /// lane's socket number) until the device closes, whenever the lane itself ends.
+    _socket: std::net::UdpSocket,
+    counters: std::sync::Arc<LaneCounters>,
+    /// The next queue pair number within the lane.
+    next: u32,
+}
+
+/// What the worker knows of a queue pair a lane drives: enough for the connection manager.
+struct LaneQp {
+    lane: usize,
+    pd: u32,
+    start_psn: u32,
+    conn: Option<ConnId>,
+}
 
 /// What the worker remembers of a connection it carries.
 struct ConnBinding {
@@ -54,6 +75,11 @@ pub(super) struct Worker {
     /// The path MTU new connections get: the configured one, within what the netdev's MTU carries.
     mtu: usize,
     send_batch: SendBatch,
+    data_path_config: DataPathConfig,
+    /// The device socket leads a reuseport group with the steering program attached: lanes can join.
+    steered: bool,
+    lanes: Vec<LaneEntry>,
+    lane_qps: HashMap<u32, LaneQp>,
 }
 
 impl Worker {
@@ -61,6 +87,7 @@ impl Worker {
         config: SoftConfig,
         local: SocketAddr,
         socket: tokio::net::UdpSocket,
+        steered: bool,
         events: mpsc::UnboundedSender<DeviceEvent>,
     ) -> Worker {
         let seed = (local.port() as u64) << 32
@@ -91,6 +118,10 @@ impl Worker {
             socket,
             events,
             data: DataPath::new(data_path_config),
+            data_path_config,
+            steered,
+            lanes: Vec::new(),
+            lane_qps: HashMap::new(),
             conns: HashMap::new(),
             peer_ports: HashMap::new(),
             next_qpn: 0x11,
@@ -169,7 +200,7 @@ impl Worker {
                         // The socket itself is broken: nothing more will arrive. Fail every queue pair (their work
                         // is flushed back), say so, and stop serving.
                         tracing::error!(local = %self.local, "device failed: {e}");
-                        self.data.fail_all();
+                        self.fail_all();
                         let _ = self.events.send(DeviceEvent::DeviceFatal { reason: e.to_string() });
                         self.flush_outputs().await;
                         break;
@@ -201,9 +232,13 @@ impl Worker {
             }
             self.flush_outputs().await;
         }
-        // Teardown: every queue pair flushes its outstanding requests, so every buffer goes back.
-        for qpn in self.data.qpns() {
+        // Teardown: every queue pair flushes its outstanding requests, so every buffer goes back; lanes flush
+        // theirs as they stop.
+        for qpn in self.data.qpns().into_iter().chain(self.lane_qps.keys().copied().collect::<Vec<_>>()) {
             self.destroy_qp(qpn);
+        }
+        for lane in &self.lanes {
+            let _ = lane.commands.send(Command::Shutdown);
         }
     }
 
@@ -212,6 +247,91 @@ impl Worker {
     fn set_netdev_mtu(&mut self, netdev_mtu: u32) {
         let fits = crate::mtu::mtu_bytes(crate::mtu::mtu_code((netdev_mtu as usize).saturating_sub(80)));
         self.mtu = self.config.mtu.min(fits);
+        self.tell_lanes(|| LaneCommand::Mtu(self.mtu));
+    }
+
+    fn tell_lanes(&self, command: impl Fn() -> LaneCommand) {
+        for lane in &self.lanes {
+            let _ = lane.commands.send(Command::Lane(command()));
+        }
+    }
+
+    /// The channel of the lane that drives `qpn`, if a lane does.
+    fn lane_of(&self, qpn: u32) -> Option<&mpsc::UnboundedSender<Command>> {
+        let lane = self.lane_qps.get(&qpn)?.lane;
+        self.lanes.get(lane - 1).map(|l| &l.commands)
+    }
+
+    fn open_lane(&mut self) -> Result<Lane, DeviceError> {
+        if !self.steered {
+            return Err(DeviceError::Unsupported("lanes: the kernel took no reuseport steering program"));
+        }
+        if self.lanes.len() >= MAX_LANES {
+            return Err(DeviceError::Unsupported("lanes: at most 31 per device"));
+        }
+        let local = self.local;
+        let socket = super::udp::bind_shared(local).map_err(|source| DeviceError::Bind { addr: local, source })?;
+        let keep = socket.try_clone().map_err(|source| DeviceError::Bind { addr: local, source })?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let counters = std::sync::Arc::new(LaneCounters::default());
+        self.lanes.push(LaneEntry { commands, _socket: keep, counters: counters.clone(), next: 0 });
+        let id = self.lanes.len();
+        tracing::debug!(%local, lane = id, "lane opened");
+        Ok(Lane::new(id, local, socket, receiver, self.events.clone(), self.data_path_config, self.mtu, counters))
+    }
+
+    fn create_lane_qp(
+        &mut self,
+        lane: usize,
+        pd: u32,
+        send_cq: crate::device::CompletionQueue,
+        recv_cq: crate::device::CompletionQueue,
+    ) -> Result<(u32, mpsc::UnboundedSender<Command>), DeviceError> {
+        if !self.pds.contains(&pd) {
+            return Err(DeviceError::UnknownPd(pd));
+        }
+        let start_psn = self.random_psn();
+        let entry = lane
+            .checked_sub(1)
+            .and_then(|i| self.lanes.get_mut(i))
+            .ok_or(DeviceError::Unsupported("no such lane on this device"))?;
+        let qpn = loop {
+            let qpn = steering::lane_qpn(lane, entry.next);
+            entry.next = (entry.next + 1) % steering::LANE_QPNS;
+            if !self.lane_qps.contains_key(&qpn) {
+                break qpn;
+            }
+        };
+        let create = LaneCommand::Create { qpn, pd, send_cq, recv_cq, start_psn };
+        entry.commands.send(Command::Lane(create)).map_err(|_| DeviceError::Closed)?;
+        self.lane_qps.insert(qpn, LaneQp { lane, pd, start_psn, conn: None });
+        Ok((qpn, entry.commands.clone()))
+    }
+
+    /// The first PSN of a queue pair about to be connected, wherever it runs.
+    fn connectable(&self, qpn: u32, to: &'static str) -> Result<u32, DeviceError> {
+        match self.lane_qps.get(&qpn) {
+            Some(LaneQp { conn: None, start_psn, .. }) => Ok(*start_psn),
+            Some(_) => Err(DeviceError::BadTransition { qpn, from: crate::device::QpState::Init, to }),
+            None => self.data.connectable(qpn, to),
+        }
+    }
+
+    fn bind_connection(&mut self, qpn: u32, conn: ConnId, peer: SocketAddr) {
+        if let Some(l) = self.lane_qps.get_mut(&qpn) {
+            l.conn = Some(conn);
+            if let Some(tx) = self.lane_of(qpn) {
+                let _ = tx.send(Command::Lane(LaneCommand::Bind { qpn, conn, peer }));
+            }
+        } else {
+            self.data.bind_connection(qpn, conn, peer);
+        }
+    }
+
+    /// The device failed or went away: every queue pair, its own and its lanes', to the error state.
+    fn fail_all(&mut self) {
+        self.data.fail_all();
+        self.tell_lanes(|| LaneCommand::FailAll);
     }
 
     fn on_netdev(&mut self, event: super::netdev::NetdevEvent) {
@@ -237,7 +357,7 @@ impl Worker {
             NetdevEvent::Removed => {
                 self.removed = true;
                 self.stats.port_up = false;
-                self.data.fail_all();
+                self.fail_all();
                 DeviceEvent::DeviceRemoval
             }
         };
@@ -255,15 +375,7 @@ impl Worker {
 
     fn on_datagram(&mut self, bytes: &[u8], from: SocketAddr) {
         self.stats.packets_received += 1;
-        let ip = ip_header(from.ip(), self.local.ip(), bytes.len().saturating_sub(icrc::ICRC_LEN));
-        // Our peers send with IPv4 identification 0; a kernel peer's identification is recovered from the ICRC.
-        let valid = icrc::verify(&ip, from.port(), bytes).is_ok()
-            || (from.is_ipv4() && self.id_solver.solve(&ip, from.port(), bytes).is_some());
-        if !valid {
-            self.stats.packets_dropped += 1;
-            return;
-        }
-        let Ok((packet, _)) = PacketRepr::parse(bytes) else {
+        let Some(packet) = open_packet(bytes, from, self.local.ip(), &mut self.id_solver) else {
             self.stats.packets_dropped += 1;
             return;
         };
@@ -295,7 +407,7 @@ impl Worker {
             Command::DeallocPd(pd, reply) => {
                 let result = if !self.pds.contains(&pd) {
                     Err(DeviceError::UnknownPd(pd))
-                } else if self.data.pd_in_use(pd) {
+                } else if self.data.pd_in_use(pd) || self.lane_qps.values().any(|q| q.pd == pd) {
                     Err(DeviceError::PdBusy(pd))
                 } else {
                     self.pds.remove(&pd);
@@ -342,13 +454,25 @@ impl Worker {
                 self.data.create_qp(qpn, pd, send_cq, recv_cq, srq, start_psn);
                 let _ = reply.send(Ok(qpn));
             }
-            Command::ModifyQp(qpn, transition, reply) => {
-                let _ = reply.send(self.data.modify_qp(qpn, transition, self.mtu));
-            }
-            Command::DestroyQp(qpn, reply) => {
-                self.destroy_qp(qpn);
-                let _ = reply.send(Ok(()));
-            }
+            Command::ModifyQp(qpn, transition, reply) => match self.lane_of(qpn) {
+                Some(lane) => {
+                    let _ = lane.send(Command::ModifyQp(qpn, transition, reply));
+                }
+                None => {
+                    let _ = reply.send(self.data.modify_qp(qpn, transition, self.mtu));
+                }
+            },
+            Command::DestroyQp(qpn, reply) => match self.lane_of(qpn).cloned() {
+                // The lane flushes and forgets it, then answers.
+                Some(lane) => {
+                    self.destroy_qp(qpn);
+                    let _ = lane.send(Command::DestroyQp(qpn, reply));
+                }
+                None => {
+                    self.destroy_qp(qpn);
+                    let _ = reply.send(Ok(()));
+                }
+            },
             Command::PostSend(qpn, wr) => self.data.post_send(qpn, wr),
             Command::PostRecv(qpn, wr) => self.data.post_recv(qpn, wr),
             Command::Listen(port, backlog, reply) => {
@@ -373,24 +497,39 @@ impl Worker {
                 let _ = reply.send(DeviceStats {
                     protection_domains: self.pds.len(),
                     shared_receive_queues: self.data.shared_receive_queues(),
-                    queue_pairs: self.data.queue_pairs(),
+                    queue_pairs: self.data.queue_pairs() + self.lane_qps.len(),
                     regions,
                     region_bytes,
                     connections: self.cm.connections(),
                     stale_connection_attempts: self.cm.stale_attempts(),
                     node_guid: self.cm.node_guid(),
                     active_mtu: self.mtu,
+                    packets_sent: self.stats.packets_sent + self.lane_count(|c| &c.sent),
+                    packets_received: self.stats.packets_received + self.lane_count(|c| &c.received),
+                    packets_dropped: self.stats.packets_dropped + self.lane_count(|c| &c.dropped),
                     ..self.stats
                 });
             }
+            Command::OpenLane(reply) => {
+                let _ = reply.send(self.open_lane());
+            }
+            Command::CreateQpOnLane { lane, pd, send_cq, recv_cq, reply } => {
+                let _ = reply.send(self.create_lane_qp(lane, pd, send_cq, recv_cq));
+            }
+            Command::Lane(_) => tracing::debug!("lane commands are for lanes"),
             Command::Shutdown => {}
         }
+    }
+
+    fn lane_count(&self, counter: impl Fn(&LaneCounters) -> &std::sync::atomic::AtomicU64) -> u64 {
+        self.lanes.iter().map(|l| counter(&l.counters).load(std::sync::atomic::Ordering::Relaxed)).sum()
     }
 
     fn allocate_qpn(&mut self) -> u32 {
         loop {
             let qpn = self.next_qpn;
-            self.next_qpn = if self.next_qpn >= MASK_24 { 0x11 } else { self.next_qpn + 1 };
+            // Numbers with the lane bit are the lanes' (steering).
+            self.next_qpn = if self.next_qpn + 1 >= steering::DEVICE_QPN_LIMIT { 0x11 } else { self.next_qpn + 1 };
             if !self.data.contains(qpn) {
                 return qpn;
             }
@@ -405,7 +544,7 @@ impl Worker {
         options: ConnectionOptions,
         private_data: Vec<u8>,
     ) -> Result<ConnId, DeviceError> {
-        let start_psn = self.data.connectable(qpn, "connect")?;
+        let start_psn = self.connectable(qpn, "connect")?;
         let src_port = self.next_cm_port;
         self.next_cm_port = if self.next_cm_port == u16::MAX { 40000 } else { self.next_cm_port + 1 };
         let conn = self.cm.connect(
@@ -427,7 +566,7 @@ impl Worker {
         )?;
         self.peer_ports.insert(dst.ip(), dst.port());
         self.conns.insert(conn, ConnBinding { qpn: Some(qpn), peer: dst, options });
-        self.data.bind_connection(qpn, conn, dst);
+        self.bind_connection(qpn, conn, dst);
         Ok(conn)
     }
 
@@ -438,8 +577,11 @@ impl Worker {
         options: ConnectionOptions,
         private_data: Vec<u8>,
     ) -> Result<(), DeviceError> {
+        if !self.conns.contains_key(&conn) {
+            return Err(DeviceError::Cm(super::cm::CmError::UnknownConnection(conn)));
+        }
+        let start_psn = self.connectable(qpn, "accept")?;
         let binding = self.conns.get_mut(&conn).ok_or(DeviceError::Cm(super::cm::CmError::UnknownConnection(conn)))?;
-        let start_psn = self.data.connectable(qpn, "accept")?;
         binding.qpn = Some(qpn);
         binding.options = options;
         let peer_addr = binding.peer;
@@ -455,12 +597,15 @@ impl Worker {
                 private_data,
             },
         )?;
-        self.data.bind_connection(qpn, conn, peer_addr);
+        self.bind_connection(qpn, conn, peer_addr);
         Ok(())
     }
 
     fn destroy_qp(&mut self, qpn: u32) {
-        let (conn, port) = self.data.destroy_qp(qpn);
+        let (conn, port) = match self.lane_qps.remove(&qpn) {
+            Some(l) => (l.conn, None),
+            None => self.data.destroy_qp(qpn),
+        };
         // Each connection sends from its own source port: its socket goes with the last queue pair using it
         // (QP1's stays), or every connection ever made would keep a file descriptor.
         if let Some(port) = port.filter(|&p| Some(p) != self.mad_source_port()) {
@@ -492,7 +637,12 @@ impl Worker {
                 let Some(binding) = self.conns.get(&conn) else { return };
                 let Some(qpn) = binding.qpn else { return };
                 let options = binding.options;
-                self.data.start_engine(qpn, &peer, options, self.mtu);
+                match self.lane_of(qpn) {
+                    Some(lane) => {
+                        let _ = lane.send(Command::Lane(LaneCommand::Start { qpn, peer: peer.clone(), options }));
+                    }
+                    None => self.data.start_engine(qpn, &peer, options, self.mtu),
+                }
                 DeviceEvent::Established { conn, qpn, peer }
             }
             CmEvent::Rejected { conn, reason, private_data } => {
@@ -506,7 +656,12 @@ impl Worker {
             CmEvent::Disconnected { conn } => {
                 // rdma_cm moves the queue pair to the error state: outstanding work is flushed.
                 if let Some(qpn) = self.conns.get(&conn).and_then(|b| b.qpn) {
-                    self.data.connection_lost(qpn);
+                    match self.lane_of(qpn) {
+                        Some(lane) => {
+                            let _ = lane.send(Command::Lane(LaneCommand::ConnectionLost(qpn)));
+                        }
+                        None => self.data.connection_lost(qpn),
+                    }
                 }
                 DeviceEvent::Disconnected { conn }
             }
@@ -520,7 +675,15 @@ impl Worker {
 
     fn fail_connection(&mut self, conn: ConnId) {
         if let Some(qpn) = self.conns.remove(&conn).and_then(|b| b.qpn) {
-            self.data.connection_failed(qpn);
+            if let Some(l) = self.lane_qps.get_mut(&qpn) {
+                l.conn = None;
+            }
+            match self.lane_of(qpn) {
+                Some(lane) => {
+                    let _ = lane.send(Command::Lane(LaneCommand::ConnectionFailed(qpn)));
+                }
+                None => self.data.connection_failed(qpn),
+            }
         }
     }
 
@@ -565,9 +728,7 @@ impl Worker {
             *source_port = (from_port != local.port()).then_some(from_port);
         }
         for (dst, bytes, source_port) in &mut out {
-            let from_port = source_port.unwrap_or(local.port());
-            let ip = ip_header(local.ip(), dst.ip(), bytes.len());
-            if icrc::append(&ip, from_port, bytes).is_err() {
+            if !seal(bytes, local.ip(), source_port.unwrap_or(local.port()), *dst) {
                 bytes.clear();
             }
         }
@@ -601,4 +762,3 @@ impl Worker {
             .as_ref()
     }
 }
-

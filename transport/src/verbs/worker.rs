@@ -487,6 +487,14 @@ impl Worker {
                     ..self.stats
                 });
             }
+            // The verbs provider drives its queue pairs on this thread (poll-group ownership is the next step).
+            Command::OpenLane(reply) => {
+                let _ = reply.send(Err(DeviceError::Unsupported("lanes: the verbs provider keeps its queue pairs")));
+            }
+            Command::CreateQpOnLane { reply, .. } => {
+                let _ = reply.send(Err(DeviceError::Unsupported("lanes: the verbs provider keeps its queue pairs")));
+            }
+            Command::Lane(_) => {}
             Command::Shutdown => {}
         }
     }

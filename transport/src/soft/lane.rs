@@ -1,0 +1,217 @@
+//! A lane: part of a soft device's data path that runs on the thread of whoever runs it — a poll group — so
+//! that a queue pair's datagrams, its RC engine and the application's work on it share one thread and an I/O
+//! crosses no thread between a datagram arriving and the answer leaving. The lane owns its queue pairs (a
+//! [`DataPath`]) and its own socket in the device's reuseport group, to which the kernel steers the datagrams
+//! of those queue pairs (`steering`). The device's worker keeps the connection manager: it numbers the lane's
+//! queue pairs, and tells the lane by message what the CM decided (bind, start, lost, failed) and what befell
+//! the device (removal, MTU). Posting goes to the lane over the same channel, so a queue pair is created before
+//! anything is posted on it and started before a send that followed its Established event.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+
+use super::cm::{ConnId, PeerParams};
+use super::data_path::{DataPath, DataPathConfig, Datagram};
+use super::udp::{RecvBatch, SendBatch, open_packet, seal, send_all, socket_error_is_transient};
+use super::wire::icrc::IdentificationSolver;
+use crate::device::{Command, CompletionQueue, ConnectionOptions, DeviceEvent};
+
+/// What the device's worker tells a lane.
+pub(crate) enum LaneCommand {
+    Create {
+        qpn: u32,
+        pd: u32,
+        send_cq: CompletionQueue,
+        recv_cq: CompletionQueue,
+        start_psn: u32,
+    },
+    Bind {
+        qpn: u32,
+        conn: ConnId,
+        peer: SocketAddr,
+    },
+    Start {
+        qpn: u32,
+        peer: PeerParams,
+        options: ConnectionOptions,
+    },
+    ConnectionLost(u32),
+    ConnectionFailed(u32),
+    /// The device failed or was removed: every queue pair to the error state.
+    FailAll,
+    /// The path MTU new connections and hand transitions get.
+    Mtu(usize),
+}
+
+/// Packet counts of a lane, read by the device's stats.
+#[derive(Debug, Default)]
+pub(crate) struct LaneCounters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// A lane, before it runs: hand it to the thread that is to own its queue pairs and run it there
+/// ([`Lane::run`]); create queue pairs on it with `Device::create_qp_on_lane`.
+pub struct Lane {
+    id: usize,
+    local: SocketAddr,
+    socket: std::net::UdpSocket,
+    commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<DeviceEvent>,
+    config: DataPathConfig,
+    mtu: usize,
+    counters: Arc<LaneCounters>,
+}
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lane").field("id", &self.id).field("local", &self.local).finish_non_exhaustive()
+    }
+}
+
+impl Lane {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: usize,
+        local: SocketAddr,
+        socket: std::net::UdpSocket,
+        commands: mpsc::UnboundedReceiver<Command>,
+        events: mpsc::UnboundedSender<DeviceEvent>,
+        config: DataPathConfig,
+        mtu: usize,
+        counters: Arc<LaneCounters>,
+    ) -> Lane {
+        Lane { id, local, socket, commands, events, config, mtu, counters }
+    }
+
+    /// Which lane of its device this is.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Serves the lane's queue pairs until the device closes. Run it on the thread that uses them (a tokio
+    /// runtime with I/O and time enabled).
+    pub async fn run(self) {
+        let Lane { id, local, socket, mut commands, events, config, mut mtu, counters } = self;
+        let socket = match tokio::net::UdpSocket::from_std(socket) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(%local, lane = id, "lane socket: {e}");
+                return;
+            }
+        };
+        let mut data = DataPath::new(config);
+        let mut solver = IdentificationSolver::new();
+        let (mut received, mut batch) = (RecvBatch::new(), SendBatch::new());
+        let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+        let sleep = tokio::time::sleep_until(far());
+        tokio::pin!(sleep);
+        loop {
+            let deadline = data.poll_timeout().map(tokio::time::Instant::from_std).unwrap_or_else(far);
+            if deadline != sleep.deadline() {
+                sleep.as_mut().reset(deadline);
+            }
+            tokio::select! {
+                ready = socket.readable() => match ready.and_then(|()| {
+                    socket.try_io(Interest::READABLE, || received.recv(&socket))
+                }) {
+                    Ok(n) => {
+                        let now = Instant::now();
+                        counters.received.fetch_add(n as u64, Ordering::Relaxed);
+                        for i in 0..n {
+                            let taken = received.get(i).is_some_and(|(r, bytes)| match (r.truncated, r.from) {
+                                (false, Some(from)) => open_packet(bytes, from, local.ip(), &mut solver)
+                                    .is_some_and(|packet| data.handle_packet(now, from.ip(), &packet)),
+                                _ => false,
+                            });
+                            if !taken {
+                                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if socket_error_is_transient(e.kind()) => tracing::debug!(%local, lane = id, "recv: {e}"),
+                    Err(e) => {
+                        tracing::error!(%local, lane = id, "lane socket failed: {e}");
+                        data.fail_all();
+                    }
+                },
+                command = commands.recv() => {
+                    let mut next = command;
+                    let mut handled = 0;
+                    // What is queued already (a burst of posts) goes out in one flush.
+                    while let Some(c) = next.take() {
+                        match c {
+                            Command::Shutdown => {
+                                for qpn in data.qpns() {
+                                    data.destroy_qp(qpn);
+                                }
+                                return;
+                            }
+                            c => on_command(&mut data, &mut mtu, c),
+                        }
+                        handled += 1;
+                        if handled < super::udp::BATCH {
+                            next = commands.try_recv().ok();
+                        }
+                    }
+                    if handled == 0 {
+                        // Every sender is gone: the device is closed.
+                        for qpn in data.qpns() {
+                            data.destroy_qp(qpn);
+                        }
+                        return;
+                    }
+                }
+                () = &mut sleep => data.handle_timeout(Instant::now()),
+            }
+            let (mut out, mut fatal) = (Vec::new(), Vec::new());
+            data.poll_output(Instant::now(), &mut out, &mut fatal);
+            for (qpn, cause) in fatal {
+                let _ = events.send(DeviceEvent::QpFatal { qpn, cause });
+            }
+            if out.is_empty() {
+                continue;
+            }
+            // A lane sends from its socket in the group: the device's port.
+            let mut sealed: Vec<Datagram> = out;
+            sealed.retain_mut(|d| seal(&mut d.bytes, local.ip(), local.port(), d.dst));
+            let datagrams: Vec<(SocketAddr, &[u8])> = sealed.iter().map(|d| (d.dst, d.bytes.as_slice())).collect();
+            let (sent, dropped) = send_all(&socket, &mut batch, &datagrams).await;
+            counters.sent.fetch_add(sent, Ordering::Relaxed);
+            counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+}
+
+fn on_command(data: &mut DataPath, mtu: &mut usize, command: Command) {
+    match command {
+        Command::PostSend(qpn, wr) => data.post_send(qpn, wr),
+        Command::PostRecv(qpn, wr) => data.post_recv(qpn, wr),
+        Command::ModifyQp(qpn, transition, reply) => {
+            let _ = reply.send(data.modify_qp(qpn, transition, *mtu));
+        }
+        Command::DestroyQp(qpn, reply) => {
+            data.destroy_qp(qpn);
+            let _ = reply.send(Ok(()));
+        }
+        Command::Lane(c) => match c {
+            LaneCommand::Create { qpn, pd, send_cq, recv_cq, start_psn } => {
+                data.create_qp(qpn, pd, send_cq, recv_cq, None, start_psn)
+            }
+            LaneCommand::Bind { qpn, conn, peer } => data.bind_connection(qpn, conn, peer),
+            LaneCommand::Start { qpn, peer, options } => data.start_engine(qpn, &peer, options, *mtu),
+            LaneCommand::ConnectionLost(qpn) => data.connection_lost(qpn),
+            LaneCommand::ConnectionFailed(qpn) => data.connection_failed(qpn),
+            LaneCommand::FailAll => data.fail_all(),
+            LaneCommand::Mtu(m) => *mtu = m,
+        },
+        _ => tracing::debug!("a lane takes only its queue pairs' commands"),
+    }
+}

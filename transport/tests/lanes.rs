@@ -1,0 +1,120 @@
+//! Lanes: queue pairs of a soft device driven on other threads than the device's, each its own socket in the
+//! device's reuseport group, reached by the kernel's steering of their QPNs. Two lanes on two threads, each
+//! carrying a connection made by the device's connection manager with a device that has none: SENDs both
+//! ways, the target's pattern of RDMA WRITE and READ into the peer's region, verified; stats while connected
+//! and back at zero after; the lanes' threads end when the device closes.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use nvme_proto::rdma_cm::{CmAccept, CmRequest};
+use transport::soft::device::{CompletionQueue, ConnectionOptions, Device, DeviceEvent, SoftConfig};
+use transport::soft::rc::{Access, RecvWr, SendOp, SendWr, WcStatus};
+
+fn device(last: u8) -> Device {
+    let mut config = SoftConfig::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)));
+    config.port = 0;
+    Device::open(config).expect("open soft device")
+}
+
+async fn event(dev: &Device) -> DeviceEvent {
+    tokio::time::timeout(Duration::from_secs(10), dev.next_event()).await.expect("event").expect("open")
+}
+
+async fn complete(cq: &CompletionQueue) -> transport::soft::device::Completion {
+    tokio::time::timeout(Duration::from_secs(30), cq.next()).await.expect("completion within 30 s")
+}
+
+/// Runs a lane on a thread of its own, as a poll group does.
+fn run_lane(lane: transport::Lane) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(lane.run());
+    })
+}
+
+#[tokio::test]
+async fn two_lanes_carry_connections_made_by_the_device() {
+    let (host, target) = (device(1), device(2));
+    let (pd_host, pd_target) = (host.alloc_pd().await.unwrap(), target.alloc_pd().await.unwrap());
+    target.listen(4420, 16).await.unwrap();
+    let lanes = [target.open_lane().await.expect("lane 1"), target.open_lane().await.expect("lane 2")];
+    let ids: Vec<usize> = lanes.iter().map(|l| l.id()).collect();
+    assert_eq!(ids, [1, 2]);
+    let threads: Vec<_> = lanes.into_iter().map(run_lane).collect();
+
+    let mut pairs = Vec::new();
+    for (i, &lane) in ids.iter().enumerate() {
+        let (cq_host, cq_target) = (CompletionQueue::new(), CompletionQueue::new());
+        let qh = host.create_qp(&pd_host, &cq_host, &cq_host).await.unwrap();
+        let request = CmRequest { recfmt: 0, qid: i as u16, hrqsize: 32, hsqsize: 31, cntlid: 0 }.to_bytes();
+        let conn_h =
+            host.connect(&qh, target.local_addr(), 4420, ConnectionOptions::default(), &request).await.unwrap();
+        let DeviceEvent::ConnectRequest { conn: conn_t, .. } = event(&target).await else { panic!("request") };
+        let qt = target.create_qp_on_lane(lane, &pd_target, &cq_target, &cq_target).await.unwrap();
+        assert_ne!(qt.qpn & 0x80_0000, 0, "a lane's QPN carries the lane bit: {:#x}", qt.qpn);
+        for slot in 0..4 {
+            qt.post_recv(RecvWr::new(slot, vec![0; 4096])).unwrap();
+        }
+        let accept = CmAccept { recfmt: 0, crqsize: 32 }.to_bytes();
+        target.accept(conn_t, &qt, ConnectionOptions::default(), &accept).await.unwrap();
+        assert!(matches!(event(&host).await, DeviceEvent::Established { conn, .. } if conn == conn_h));
+        assert!(
+            matches!(event(&target).await, DeviceEvent::Established { conn, qpn, .. } if conn == conn_t && qpn == qt.qpn)
+        );
+        pairs.push((qh, qt, cq_host, cq_target, conn_h));
+    }
+    let s = target.stats().await.unwrap();
+    assert_eq!(s.queue_pairs, 2, "{s:?}");
+
+    for (i, (qh, qt, cq_host, cq_target, _)) in pairs.iter().enumerate() {
+        // A command capsule in, a response out, as NVMe/RDMA does.
+        let capsule = vec![i as u8 + 1; 64];
+        qh.post_recv(RecvWr::new(50, vec![0; 64])).unwrap();
+        qh.post_send(SendWr::new(1, SendOp::Send, capsule.clone())).unwrap();
+        let got = complete(cq_target).await.wc;
+        assert_eq!((got.status, got.byte_len), (WcStatus::Success, 64));
+        assert_eq!(&got.buf[..64], &capsule[..]);
+        assert_eq!(complete(cq_host).await.wc.status, WcStatus::Success);
+        // The target's data moves: a WRITE into the host's region and the response behind it, then a READ back.
+        let region = host.register(&pd_host, vec![0; 256 << 10], Access::REMOTE_ALL).await.unwrap();
+        let data: Vec<u8> = (0..256 << 10).map(|n: u32| (n * 7 + i as u32) as u8).collect();
+        let write = SendOp::RdmaWrite { remote_addr: region.keys.addr, rkey: region.keys.rkey };
+        qt.post_send(SendWr::new(2, write, data.clone())).unwrap();
+        qt.post_send(SendWr::new(3, SendOp::Send, vec![9; 16])).unwrap();
+        let w = complete(cq_target).await.wc;
+        assert_eq!((w.wr_id, w.status), (2, WcStatus::Success));
+        assert_eq!(complete(cq_target).await.wc.status, WcStatus::Success);
+        let response = complete(cq_host).await.wc;
+        assert_eq!((response.wr_id, response.status, response.byte_len), (50, WcStatus::Success, 16));
+        let read = SendOp::RdmaRead { remote_addr: region.keys.addr, rkey: region.keys.rkey };
+        qt.post_send(SendWr::new(4, read, vec![0; 256 << 10])).unwrap();
+        let r = complete(cq_target).await.wc;
+        assert_eq!((r.wr_id, r.status), (4, WcStatus::Success));
+        assert!(r.buf == data, "READ returns what the WRITE put there");
+        assert!(host.deregister(region).await.unwrap() == data);
+    }
+
+    for (qh, qt, _, _, conn_h) in &pairs {
+        host.disconnect(*conn_h).await.unwrap();
+        host.destroy_qp(qh).await.unwrap();
+        target.destroy_qp(qt).await.unwrap();
+    }
+    let s = target.stats().await.unwrap();
+    assert_eq!(s.queue_pairs, 0, "{s:?}");
+    assert!(s.packets_received > 0 && s.packets_sent > 0, "{s:?}");
+    // Closing the device stops its lanes.
+    tokio::task::spawn_blocking(move || target.close()).await.unwrap();
+    for t in threads {
+        t.join().expect("lane thread");
+    }
+}
+
+#[tokio::test]
+async fn a_lane_of_no_device_is_refused() {
+    let d = device(3);
+    let pd = d.alloc_pd().await.unwrap();
+    let cq = CompletionQueue::new();
+    assert!(d.create_qp_on_lane(1, &pd, &cq, &cq).await.is_err(), "no lane 1 was opened");
+    assert!(d.create_qp_on_lane(0, &pd, &cq, &cq).await.is_err());
+}
