@@ -259,6 +259,10 @@ pub struct DeviceStats {
     pub node_guid: u64,
     /// The port's active MTU in bytes: the path MTU new connections get (as `ibv_query_port` gives it).
     pub active_mtu: usize,
+    /// Lanes opened on the device (soft provider), and the datagrams their sockets took — the traffic that
+    /// reached a poll group's thread directly.
+    pub lanes: usize,
+    pub lane_packets_received: u64,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;

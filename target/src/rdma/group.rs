@@ -17,6 +17,9 @@ use crate::core::{QueueControl, Target};
 pub(crate) enum GroupMsg {
     /// A connected queue pair for this group to serve.
     Adopt(Box<QueueSetup>),
+    /// A lane of a device for this group's thread to run: the queue pairs the listener creates on it are
+    /// driven here, beside the queues that use them.
+    RunLane(transport::Lane),
     Close {
         key: u64,
         reason: &'static str,
@@ -128,6 +131,10 @@ async fn run(
                     queue.run(control_rx).await;
                     let _ = own.send(GroupMsg::Finished { key });
                 });
+            }
+            GroupMsg::RunLane(lane) => {
+                tracing::debug!(group = index, lane = lane.id(), "running a lane");
+                tokio::task::spawn_local(lane.run());
             }
             GroupMsg::Close { key, reason } => {
                 if let Some(e) = queues.get(&key) {

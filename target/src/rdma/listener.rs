@@ -78,6 +78,9 @@ pub struct ListenerStatus {
     /// the path MTU new connections get, and its node GUID as rxe's sysfs writes it (`5054:00ff:feaa:0000`).
     pub active_mtu: Option<usize>,
     pub node_guid: Option<String>,
+    /// Lanes of the device the poll groups run, and the datagrams that reached them directly.
+    pub lanes: Option<usize>,
+    pub lane_packets_received: Option<u64>,
     #[serde(skip)]
     pub device: Option<Arc<Device>>,
 }
@@ -91,6 +94,8 @@ pub(crate) struct Listener {
     device: Option<Arc<Device>>,
     device_id: u64,
     pd: Option<ProtectionDomain>,
+    /// Per poll group, the lane of the current device it runs.
+    lanes: Vec<Option<usize>>,
     state: ListenerState,
     routes_by_conn: HashMap<ConnId, QueueRef>,
     routes_by_qpn: HashMap<u32, QueueRef>,
@@ -105,14 +110,37 @@ pub enum ListenError {
     Device { addr: IpAddr, source: transport::DeviceError },
 }
 
-/// Opens the device and listens on every port.
-async fn open_device(spec: &ListenSpec) -> Result<(Arc<Device>, ProtectionDomain), transport::DeviceError> {
+/// A device as the listener holds it: the device, its protection domain, and for each poll group the lane
+/// of the device that group runs (soft provider; `None`: that group's queue pairs stay on the device's own
+/// thread).
+struct OpenDevice {
+    device: Arc<Device>,
+    pd: ProtectionDomain,
+    lanes: Vec<Option<usize>>,
+}
+
+/// Opens the device, listens on every port, and gives every poll group a lane of it to run, so that each
+/// queue's datagrams, RC engine and NVMe work share the group's thread.
+async fn open_device(spec: &ListenSpec, groups: &Groups) -> Result<OpenDevice, transport::DeviceError> {
     let device = Arc::new(Device::open_provider(spec.provider, spec.addr, spec.udp_port)?);
     let pd = device.alloc_pd().await?;
     for &port in &spec.trsvcids {
         device.listen(port, 128).await?;
     }
-    Ok((device, pd))
+    let mut lanes = Vec::with_capacity(groups.senders.len());
+    for group in 0..groups.senders.len() {
+        lanes.push(match device.open_lane().await {
+            Ok(lane) => {
+                let id = lane.id();
+                groups.send(group, GroupMsg::RunLane(lane)).ok().map(|()| id)
+            }
+            Err(e) => {
+                tracing::debug!(addr = %spec.addr, group, "no lane: {e}");
+                None
+            }
+        });
+    }
+    Ok(OpenDevice { device, pd, lanes })
 }
 
 impl Listener {
@@ -124,8 +152,8 @@ impl Listener {
         next_key: Arc<AtomicU64>,
         repair_interval: Duration,
     ) -> Result<(Listener, mpsc::UnboundedReceiver<ListenerMsg>, Arc<Mutex<ListenerStatus>>), ListenError> {
-        let (device, pd) =
-            open_device(&spec).await.map_err(|source| ListenError::Device { addr: spec.addr, source })?;
+        let OpenDevice { device, pd, lanes } =
+            open_device(&spec, &groups).await.map_err(|source| ListenError::Device { addr: spec.addr, source })?;
         let udp_port = device.local_addr().port();
         let spec = ListenSpec { udp_port, ..spec };
         let status = Arc::new(Mutex::new(ListenerStatus {
@@ -138,6 +166,8 @@ impl Listener {
             rejected: 0,
             active_mtu: None,
             node_guid: None,
+            lanes: None,
+            lane_packets_received: None,
             device: Some(device.clone()),
         }));
         let (own, rx) = mpsc::unbounded_channel();
@@ -150,6 +180,7 @@ impl Listener {
             device: Some(device),
             device_id: new_device_id(),
             pd: Some(pd),
+            lanes,
             state: ListenerState::Listening,
             routes_by_conn: HashMap::new(),
             routes_by_qpn: HashMap::new(),
@@ -296,10 +327,11 @@ impl Listener {
             }
             // The device's socket stays bound; the address coming back is an event.
             ListenerState::RepairingAddressGone => {}
-            ListenerState::RepairingDeviceGone => match open_device(&self.spec).await {
-                Ok((device, pd)) => {
+            ListenerState::RepairingDeviceGone => match open_device(&self.spec, &self.groups).await {
+                Ok(OpenDevice { device, pd, lanes }) => {
                     self.device = Some(device);
                     self.pd = Some(pd);
+                    self.lanes = lanes;
                     self.device_id = new_device_id();
                     self.set_state(ListenerState::Listening);
                 }
@@ -337,8 +369,14 @@ impl Listener {
             return self.reject(conn, CmRejectStatus::InvalidHostRqSize).await;
         }
         let depth = max_depth.min(request.hrqsize).min(request.hsqsize + 1);
+        let group = self.next_group % self.groups.senders.len();
+        self.next_group += 1;
         let cq = CompletionQueue::new();
-        let qp = match device.create_qp(&pd, &cq, &cq).await {
+        let created = match self.lanes.get(group).copied().flatten() {
+            Some(lane) => device.create_qp_on_lane(lane, &pd, &cq, &cq).await,
+            None => device.create_qp(&pd, &cq, &cq).await,
+        };
+        let qp = match created {
             Ok(qp) => qp,
             Err(e) => {
                 tracing::error!("create queue pair: {e}");
@@ -373,8 +411,6 @@ impl Listener {
             setup.release(false).await;
             return;
         }
-        let group = self.next_group % self.groups.senders.len();
-        self.next_group += 1;
         let route = QueueRef { group, key };
         self.routes_by_conn.insert(conn, route);
         self.routes_by_qpn.insert(setup.qp.qpn, route);

@@ -287,6 +287,8 @@ impl StatsHandle {
                 stale_connection_attempts += s.stale_connection_attempts;
                 memory_regions += s.regions;
                 l.active_mtu = Some(s.active_mtu);
+                l.lanes = Some(s.lanes);
+                l.lane_packets_received = Some(s.lane_packets_received);
                 let g = s.node_guid.to_be_bytes();
                 l.node_guid = Some(format!(
                     "{:02x}{:02x}:{:02x}{:02x}:{:02x}{:02x}:{:02x}{:02x}",

@@ -90,6 +90,10 @@ pub struct PhaseResult {
     pub target_reads: Option<u64>,
     pub target_writes: Option<u64>,
     pub target_active_mtu: Option<u64>,
+    /// Lanes of our listener's device (one per poll group) and the datagrams that reached them directly: the
+    /// kernel's traffic, steered to the poll groups' threads.
+    pub target_lanes: Option<u64>,
+    pub target_lane_packets: Option<u64>,
     pub disconnected: bool,
 }
 
@@ -124,7 +128,7 @@ impl SoftTargetResult {
                 format!("exit {:?}, {:.0} write IOPS, {} B verified", f.exit, f.write_iops, f.verified_bytes)
             };
             s.push_str(&format!(
-                "  {} (nvme connect {}): discover {:?}, connect {}, queues {:?} of {:?}+1, id-ctrl {:?}\n    fio 4k randwrite+verify {}; 128k write+verify {}{}\n    our target: {:?} I/O queues, {:?} reads, {:?} writes, path MTU {:?}; disconnect {}\n",
+                "  {} (nvme connect {}): discover {:?}, connect {}, queues {:?} of {:?}+1, id-ctrl {:?}\n    fio 4k randwrite+verify {}; 128k write+verify {}{}\n    our target: {:?} I/O queues, {:?} reads, {:?} writes, path MTU {:?}, {:?} lanes took {:?} datagrams; disconnect {}\n",
                 p.phase.name,
                 p.phase.connect_options(),
                 p.discovered,
@@ -139,6 +143,8 @@ impl SoftTargetResult {
                 p.target_reads,
                 p.target_writes,
                 p.target_active_mtu,
+                p.target_lanes,
+                p.target_lane_packets,
                 p.disconnected
             ));
         }
@@ -286,6 +292,8 @@ pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftTargetResult, Scenari
             target_reads: controller["read_commands"].as_u64(),
             target_writes: controller["write_commands"].as_u64(),
             target_active_mtu: listener_view(&snapshot).1,
+            target_lanes: snapshot["listeners"][0]["lanes"].as_u64(),
+            target_lane_packets: snapshot["listeners"][0]["lane_packets_received"].as_u64(),
             disconnected: number("disconnect.exit") == Some(0),
         };
         let mut wrong = Vec::new();
@@ -319,6 +327,12 @@ pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftTargetResult, Scenari
                 r.target_active_mtu,
                 p.io_queues(),
                 p.path_mtu
+            ));
+        }
+        if r.target_lanes != Some(2) || r.target_lane_packets.unwrap_or(0) == 0 {
+            wrong.push(format!(
+                "our target's device had {:?} lanes for 2 poll groups, {:?} datagrams through them",
+                r.target_lanes, r.target_lane_packets
             ));
         }
         problems.extend(wrong.into_iter().map(|w| format!("{}: {w}", p.name)));

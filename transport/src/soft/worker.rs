@@ -507,6 +507,8 @@ impl Worker {
                     packets_sent: self.stats.packets_sent + self.lane_count(|c| &c.sent),
                     packets_received: self.stats.packets_received + self.lane_count(|c| &c.received),
                     packets_dropped: self.stats.packets_dropped + self.lane_count(|c| &c.dropped),
+                    lanes: self.lanes.len(),
+                    lane_packets_received: self.lane_count(|c| &c.received),
                     ..self.stats
                 });
             }
