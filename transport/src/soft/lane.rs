@@ -12,12 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use super::cm::{ConnId, PeerParams};
 use super::data_path::{DataPath, DataPathConfig, Datagram};
-use super::udp::{RecvBatch, SendBatch, open_packet, seal, send_all, socket_error_is_transient};
+use super::udp::{RecvBatch, SendBatch, open_packet, recv_batch, seal, send_all, socket_error_is_transient};
 use super::wire::icrc::IdentificationSolver;
 use crate::device::{Command, CompletionQueue, ConnectionOptions, DeviceEvent};
 
@@ -118,9 +117,7 @@ impl Lane {
                 sleep.as_mut().reset(deadline);
             }
             tokio::select! {
-                ready = socket.readable() => match ready.and_then(|()| {
-                    socket.try_io(Interest::READABLE, || received.recv(&socket))
-                }) {
+                taken = recv_batch(&socket, &mut received) => match taken {
                     Ok(n) => {
                         let now = Instant::now();
                         counters.received.fetch_add(n as u64, Ordering::Relaxed);

@@ -215,6 +215,12 @@ fn bind_with(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::Ud
     Ok(socket.into())
 }
 
+/// Waits until `socket` is readable and takes what is waiting into `batch` (`WouldBlock`: nothing after all).
+pub(crate) async fn recv_batch(socket: &tokio::net::UdpSocket, batch: &mut RecvBatch) -> std::io::Result<usize> {
+    socket.readable().await?;
+    socket.try_io(Interest::READABLE, || batch.recv(socket))
+}
+
 /// The RoCEv2 packet of a received datagram, if its ICRC holds for the header it arrived with. Our peers send
 /// with IPv4 identification 0; a kernel peer's identification is recovered from the ICRC.
 pub(crate) fn open_packet<'a>(

@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use super::cm::{AcceptParams, Cm, CmEvent, ConnId, ConnectParams};
@@ -16,7 +15,9 @@ use super::data_path::{DataPath, DataPathConfig, Datagram};
 use super::device::SoftConfig;
 use super::lane::{Lane, LaneCommand, LaneCounters};
 use super::steering::{self, MAX_LANES};
-use super::udp::{BATCH, RecvBatch, SendBatch, bind, open_packet, seal, send_all, socket_error_is_transient};
+use super::udp::{
+    BATCH, RecvBatch, SendBatch, bind, open_packet, recv_batch, seal, send_all, socket_error_is_transient,
+};
 use super::wire::ext::GSI_QKEY;
 use super::wire::icrc;
 use super::wire::{MASK_24, Opcode, PacketRepr, ROCEV2_UDP_PORT};
@@ -178,9 +179,7 @@ impl Worker {
                 sleep.as_mut().reset(deadline);
             }
             tokio::select! {
-                ready = self.socket.readable() => match ready.and_then(|()| {
-                    self.socket.try_io(Interest::READABLE, || received.recv(&self.socket))
-                }) {
+                taken = recv_batch(&self.socket, &mut received) => match taken {
                     Ok(n) => {
                         for i in 0..n {
                             match received.get(i) {
