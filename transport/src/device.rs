@@ -424,7 +424,12 @@ impl Device {
         self.call(Command::OpenLane).await
     }
 
-    /// A queue pair on lane `lane` of this device (its receives are its own; no shared receive queue).
+    /// A queue pair on lane `lane` of this device. Its receives are its own (no shared receive queue), and the
+    /// regions a peer may reach through it are the lane's own — none yet: a region registered on the device
+    /// serves the device's queue pairs, so a lane queue pair only initiates RDMA READ / WRITE (the target's
+    /// pattern). It sends from the lane's socket, on the device's port (rxe sends from a port per flow).
+    /// `Device::close` tells the lanes to stop; they flush their queue pairs and close their sockets as their
+    /// threads get to it.
     pub async fn create_qp_on_lane(
         &self,
         lane: usize,

@@ -52,6 +52,10 @@ struct QpSlot {
     early_recvs: Vec<RecvWr>,
     /// Sends posted before the connection came up (they go out once it is established).
     early_sends: Vec<SendWr>,
+    /// Packets from the peer that arrived before the engine started (the peer may send as soon as it has our
+    /// REP, and its first request can overtake the RTU on another socket or in the same batch): replayed
+    /// when it starts, at most [`EARLY_PACKETS`].
+    early_packets: Vec<(IpAddr, Vec<u8>)>,
     peer: Option<SocketAddr>,
     conn: Option<ConnId>,
     /// The PSN this queue pair expects first, advertised in its REQ or REP (or, driven by hand, where it sends
@@ -64,6 +68,10 @@ struct QpSlot {
     /// Listed in `dirty`.
     dirty: bool,
 }
+
+/// Packets kept for a queue pair whose connection is coming up (its peer's window is far larger; what is
+/// beyond this is retransmitted by the peer).
+const EARLY_PACKETS: usize = 64;
 
 pub(crate) struct DataPath {
     config: DataPathConfig,
@@ -181,6 +189,7 @@ impl DataPath {
             engine: None,
             early_recvs: Vec::new(),
             early_sends: Vec::new(),
+            early_packets: Vec::new(),
             peer: None,
             conn: None,
             start_psn,
@@ -199,6 +208,9 @@ impl DataPath {
             (QpState::Rts, Some(engine)) => {
                 if let Err((_, wr)) = engine.post_send(wr) {
                     slot.send_cq.push(Completion { qpn, wc: failed_send(wr) });
+                    // Nothing posted after a request that could not go may execute: a read's response must
+                    // not reach the host without the data WRITE before it.
+                    engine.set_state(EngineState::Error);
                 }
             }
             // Connecting through the CM: the request goes out once the connection is up.
@@ -342,7 +354,14 @@ impl DataPath {
 
     /// Gives a queue pair its engine once both ends' parameters are known (RTR and RTS in one step, as
     /// rdma_cm does); `path_mtu` is the most the device carries now.
-    pub fn start_engine(&mut self, qpn: u32, peer: &PeerParams, options: ConnectionOptions, path_mtu: usize) {
+    pub fn start_engine(
+        &mut self,
+        now: Instant,
+        qpn: u32,
+        peer: &PeerParams,
+        options: ConnectionOptions,
+        path_mtu: usize,
+    ) {
         let config = self.config;
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
         let mtu = crate::mtu::mtu_bytes(peer.path_mtu).min(path_mtu);
@@ -367,6 +386,14 @@ impl DataPath {
         }
         for wr in slot.early_sends.drain(..) {
             let _ = engine.post_send(wr);
+        }
+        for (from, bytes) in std::mem::take(&mut slot.early_packets) {
+            if slot.peer.map(|p| p.ip()) == Some(from)
+                && let Ok((packet, _)) = PacketRepr::parse(&bytes)
+            {
+                let srq = slot.srq.and_then(|id| self.srqs.get_mut(&id)).map(|(_, queue)| queue);
+                engine.handle_packet_with(now, &packet, &mut self.memory.domain(slot.pd), srq);
+            }
         }
         slot.engine = Some(engine);
         slot.state = QpState::Rts;
@@ -405,15 +432,22 @@ impl DataPath {
         }
     }
 
-    /// One RC packet (ICRC checked) from `from`; false when no queue pair of ours takes it.
-    pub fn handle_packet(&mut self, now: Instant, from: IpAddr, packet: &PacketRepr<'_>) -> bool {
+    /// One RC packet (ICRC checked; `bytes` is the datagram it was parsed from) from `from`; false when no
+    /// queue pair of ours takes it.
+    pub fn handle_packet(&mut self, now: Instant, from: IpAddr, bytes: &[u8], packet: &PacketRepr<'_>) -> bool {
         let qpn = packet.bth.dest_qp;
         let Some(slot) = self.qps.get_mut(&qpn) else { return false };
         // Only the connected peer may talk to an RC queue pair (from any source port: rxe varies it).
         if slot.peer.map(|p| p.ip()) != Some(from) {
             return false;
         }
-        let Some(engine) = slot.engine.as_mut() else { return true };
+        let Some(engine) = slot.engine.as_mut() else {
+            if slot.conn.is_none() || slot.early_packets.len() >= EARLY_PACKETS {
+                return false;
+            }
+            slot.early_packets.push((from, bytes.to_vec()));
+            return true;
+        };
         let srq = slot.srq.and_then(|id| self.srqs.get_mut(&id)).map(|(_, queue)| queue);
         engine.handle_packet_with(now, packet, &mut self.memory.domain(slot.pd), srq);
         self.touch(qpn);
@@ -559,7 +593,7 @@ mod tests {
             let mut bytes = d.bytes.clone();
             bytes.extend_from_slice(&[0; 4]); // the ICRC, which the driver checks before this layer
             let (packet, _) = PacketRepr::parse(&bytes).expect("a packet we built");
-            assert!(to.handle_packet(now, ip.ip(), &packet));
+            assert!(to.handle_packet(now, ip.ip(), &bytes, &packet));
         }
         out.len()
     }
@@ -636,8 +670,53 @@ mod tests {
         bytes.extend_from_slice(&[0; 4]);
         let (packet, _) = PacketRepr::parse(&bytes).expect("packet");
         let stranger: IpAddr = "127.0.0.3".parse().expect("address");
-        assert!(!b.handle_packet(Instant::now(), stranger, &packet));
+        assert!(!b.handle_packet(Instant::now(), stranger, &bytes, &packet));
         b.destroy_qp(0x22);
-        assert!(!b.handle_packet(Instant::now(), "127.0.0.1".parse().expect("address"), &packet));
+        assert!(!b.handle_packet(Instant::now(), "127.0.0.1".parse().expect("address"), &bytes, &packet));
+    }
+
+    /// The peer may send as soon as it has our REP; its first request can arrive before our engine starts
+    /// (before the RTU is handled, in the same batch or on another thread's socket). It is kept and replayed.
+    #[test]
+    fn a_request_before_the_engine_starts_is_kept_and_replayed() {
+        let (mut host, mut target) = (data_path(), data_path());
+        let (cq_host, cq_target) = (CompletionQueue::new(), CompletionQueue::new());
+        connected(&mut host, 0x11, 0x22, B, &cq_host);
+        // The target's queue pair is bound to its connection but has no engine yet.
+        target.create_qp(0x22, 1, cq_target.clone(), cq_target.clone(), None, 100);
+        target.post_recv(0x22, RecvWr::new(5, vec![0; 64]));
+        target.bind_connection(0x22, 7, A.parse().expect("address"));
+        host.post_send(0x11, SendWr::new(1, SendOp::Send, vec![0xc3; 64]));
+        let now = Instant::now();
+        assert_eq!(deliver(now, &mut host, &mut target, A), 1, "kept, not dropped");
+        assert!(cq_target.poll(4).is_empty());
+        let peer = PeerParams {
+            addr: "127.0.0.1".parse().expect("address"),
+            port: 4791,
+            qpn: 0x11,
+            start_psn: 100,
+            path_mtu: crate::mtu::mtu_code(1024),
+            responder_resources: 4,
+            initiator_depth: 4,
+            retry_count: 7,
+            rnr_retry_count: 7,
+            flow_label: 0,
+            private_data: Vec::new(),
+        };
+        target.start_engine(now, 0x22, &peer, ConnectionOptions::default(), 4096);
+        assert_eq!(deliver(now, &mut target, &mut host, B), 1, "the replayed SEND is ACKed");
+        let got = cq_target.poll(4);
+        assert_eq!((got.len(), got[0].wc.wr_id, got[0].wc.status), (1, 5, WcStatus::Success));
+        assert_eq!(&got[0].wc.buf[..64], &[0xc3; 64][..]);
+        // A queue pair with no connection keeps nothing.
+        target.create_qp(0x33, 1, cq_target.clone(), cq_target.clone(), None, 100);
+        let mut out = Vec::new();
+        host.post_send(0x11, SendWr::new(2, SendOp::Send, vec![1; 8]));
+        host.poll_output(now, &mut out, &mut Vec::new());
+        let mut bytes = out[0].bytes.clone();
+        bytes[5..8].copy_from_slice(&[0, 0, 0x33]);
+        bytes.extend_from_slice(&[0; 4]);
+        let (packet, _) = PacketRepr::parse(&bytes).expect("packet");
+        assert!(!target.handle_packet(now, "127.0.0.1".parse().expect("address"), &bytes, &packet));
     }
 }

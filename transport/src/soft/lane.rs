@@ -111,20 +111,22 @@ impl Lane {
         let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
         let sleep = tokio::time::sleep_until(far());
         tokio::pin!(sleep);
+        // The socket failed beyond recovery: its queue pairs are failed, it is read no more.
+        let mut broken = false;
         loop {
             let deadline = data.poll_timeout().map(tokio::time::Instant::from_std).unwrap_or_else(far);
             if deadline != sleep.deadline() {
                 sleep.as_mut().reset(deadline);
             }
             tokio::select! {
-                taken = recv_batch(&socket, &mut received) => match taken {
+                taken = recv_batch(&socket, &mut received), if !broken => match taken {
                     Ok(n) => {
                         let now = Instant::now();
                         counters.received.fetch_add(n as u64, Ordering::Relaxed);
                         for i in 0..n {
                             let taken = received.get(i).is_some_and(|(r, bytes)| match (r.truncated, r.from) {
                                 (false, Some(from)) => open_packet(bytes, from, local.ip(), &mut solver)
-                                    .is_some_and(|packet| data.handle_packet(now, from.ip(), &packet)),
+                                    .is_some_and(|packet| data.handle_packet(now, from.ip(), bytes, &packet)),
                                 _ => false,
                             });
                             if !taken {
@@ -137,6 +139,8 @@ impl Lane {
                     Err(e) => {
                         tracing::error!(%local, lane = id, "lane socket failed: {e}");
                         data.fail_all();
+                        broken = true;
+                        let _ = events.send(DeviceEvent::DeviceFatal { reason: format!("lane {id}: {e}") });
                     }
                 },
                 command = commands.recv() => {
@@ -203,7 +207,7 @@ fn on_command(data: &mut DataPath, mtu: &mut usize, command: Command) {
                 data.create_qp(qpn, pd, send_cq, recv_cq, None, start_psn)
             }
             LaneCommand::Bind { qpn, conn, peer } => data.bind_connection(qpn, conn, peer),
-            LaneCommand::Start { qpn, peer, options } => data.start_engine(qpn, &peer, options, *mtu),
+            LaneCommand::Start { qpn, peer, options } => data.start_engine(Instant::now(), qpn, &peer, options, *mtu),
             LaneCommand::ConnectionLost(qpn) => data.connection_lost(qpn),
             LaneCommand::ConnectionFailed(qpn) => data.connection_failed(qpn),
             LaneCommand::FailAll => data.fail_all(),

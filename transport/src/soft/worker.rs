@@ -222,6 +222,8 @@ impl Worker {
                             }
                         }
                         if stop {
+                            // What the burst produced still goes out (a DREQ before a close).
+                            self.flush_outputs().await;
                             break;
                         }
                     }
@@ -297,7 +299,8 @@ impl Worker {
         let qpn = loop {
             let qpn = steering::lane_qpn(lane, entry.next);
             entry.next = (entry.next + 1) % steering::LANE_QPNS;
-            if !self.lane_qps.contains_key(&qpn) {
+            // 0xffffff is the multicast QPN.
+            if qpn != MASK_24 && !self.lane_qps.contains_key(&qpn) {
                 break qpn;
             }
         };
@@ -310,7 +313,11 @@ impl Worker {
     /// The first PSN of a queue pair about to be connected, wherever it runs.
     fn connectable(&self, qpn: u32, to: &'static str) -> Result<u32, DeviceError> {
         match self.lane_qps.get(&qpn) {
-            Some(LaneQp { conn: None, start_psn, .. }) => Ok(*start_psn),
+            Some(LaneQp { conn: None, start_psn, .. }) if self.lane_of(qpn).is_some_and(|l| !l.is_closed()) => {
+                Ok(*start_psn)
+            }
+            // Its lane no longer runs: nothing would drive the connection.
+            Some(LaneQp { conn: None, .. }) => Err(DeviceError::Closed),
             Some(_) => Err(DeviceError::BadTransition { qpn, from: crate::device::QpState::Init, to }),
             None => self.data.connectable(qpn, to),
         }
@@ -390,7 +397,7 @@ impl Worker {
             }
             return;
         }
-        if !self.data.handle_packet(now, from.ip(), &packet) {
+        if !self.data.handle_packet(now, from.ip(), bytes, &packet) {
             self.stats.packets_dropped += 1;
         }
     }
@@ -642,7 +649,7 @@ impl Worker {
                     Some(lane) => {
                         let _ = lane.send(Command::Lane(LaneCommand::Start { qpn, peer: peer.clone(), options }));
                     }
-                    None => self.data.start_engine(qpn, &peer, options, self.mtu),
+                    None => self.data.start_engine(Instant::now(), qpn, &peer, options, self.mtu),
                 }
                 DeviceEvent::Established { conn, qpn, peer }
             }

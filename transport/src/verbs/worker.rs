@@ -712,6 +712,10 @@ impl Worker {
                 tracing::warn!(qpn, "staging a send: {e}");
                 let wc = flushed(wr.wr_id, Some(wr.op), wr.buf, wr.sg_list, WcStatus::LocalProtection);
                 slot.send_cq.push(Completion { qpn, wc });
+                // Nothing posted after a request that could not go may execute: a read's response must not
+                // reach the host without the data WRITE before it.
+                let _ = slot.qp.to_error();
+                slot.state = QpState::Error;
                 return;
             }
         };
@@ -751,6 +755,9 @@ impl Worker {
                 }
                 let wc = flushed(wr.wr_id, Some(wr.op), wr.buf, wr.sg_list, WcStatus::LocalQpOperation);
                 slot.send_cq.push(Completion { qpn, wc });
+                // As above: what follows a request that could not be posted must not execute.
+                let _ = slot.qp.to_error();
+                slot.state = QpState::Error;
             }
         }
     }
