@@ -310,6 +310,19 @@ pub(crate) enum Command {
     },
     /// The device's worker to one of its lanes.
     Lane(crate::soft::lane::LaneCommand),
+    /// A region for the queue pairs of a lane (forwarded to it as `Register` / `Deregister`).
+    RegisterOnLane {
+        lane: usize,
+        pd: u32,
+        buf: Vec<u8>,
+        access: Access,
+        reply: Reply<MemoryRegion>,
+    },
+    DeregisterOnLane {
+        lane: usize,
+        key: u32,
+        reply: Reply<Vec<u8>>,
+    },
     Shutdown,
 }
 
@@ -392,6 +405,24 @@ impl Device {
         self.call(|r| Command::Deregister(mr.keys.rkey, r)).await
     }
 
+    /// Hands `buf` to lane `lane` for remote access by the lane's queue pairs (a lane's memory is its own:
+    /// its responder finds only these keys); [`Device::deregister_on_lane`] gives it back.
+    pub async fn register_on_lane(
+        &self,
+        lane: usize,
+        pd: &ProtectionDomain,
+        buf: Vec<u8>,
+        access: Access,
+    ) -> Result<MemoryRegion, DeviceError> {
+        let pd = pd.id;
+        self.call(|reply| Command::RegisterOnLane { lane, pd, buf, access, reply }).await
+    }
+
+    pub async fn deregister_on_lane(&self, lane: usize, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
+        let key = mr.keys.rkey;
+        self.call(|reply| Command::DeregisterOnLane { lane, key, reply }).await
+    }
+
     pub async fn create_qp(
         &self,
         pd: &ProtectionDomain,
@@ -425,9 +456,8 @@ impl Device {
     }
 
     /// A queue pair on lane `lane` of this device. Its receives are its own (no shared receive queue), and the
-    /// regions a peer may reach through it are the lane's own — none yet: a region registered on the device
-    /// serves the device's queue pairs, so a lane queue pair only initiates RDMA READ / WRITE (the target's
-    /// pattern). It sends from the lane's socket, on the device's port (rxe sends from a port per flow).
+    /// regions a peer may reach through it are the lane's own ([`Device::register_on_lane`]): a region
+    /// registered on the device serves the device's queue pairs. It sends from the lane's socket, on the device's port (rxe sends from a port per flow).
     /// `Device::close` tells the lanes to stop; they flush their queue pairs and close their sockets as their
     /// threads get to it.
     pub async fn create_qp_on_lane(

@@ -118,3 +118,56 @@ async fn a_lane_of_no_device_is_refused() {
     assert!(d.create_qp_on_lane(1, &pd, &cq, &cq).await.is_err(), "no lane 1 was opened");
     assert!(d.create_qp_on_lane(0, &pd, &cq, &cq).await.is_err());
 }
+
+/// The host's pattern: its queue pair on a lane exposes a region registered on that lane, and the peer
+/// (a device with no lanes) WRITEs into it and READs from it; the lane's memory shows in the device's stats
+/// and holds the domain until it is given back.
+#[tokio::test]
+async fn a_lane_serves_its_own_regions_to_the_peer() {
+    let (host, target) = (device(4), device(5));
+    let (pd_host, pd_target) = (host.alloc_pd().await.unwrap(), target.alloc_pd().await.unwrap());
+    target.listen(4420, 16).await.unwrap();
+    let lane = host.open_lane().await.expect("lane");
+    let id = lane.id();
+    let thread = run_lane(lane);
+    let (cq_host, cq_target) = (CompletionQueue::new(), CompletionQueue::new());
+    let qh = host.create_qp_on_lane(id, &pd_host, &cq_host, &cq_host).await.unwrap();
+    let request = CmRequest { recfmt: 0, qid: 1, hrqsize: 32, hsqsize: 31, cntlid: 0 }.to_bytes();
+    let conn_h = host.connect(&qh, target.local_addr(), 4420, ConnectionOptions::default(), &request).await.unwrap();
+    let DeviceEvent::ConnectRequest { conn: conn_t, .. } = event(&target).await else { panic!("request") };
+    let qt = target.create_qp(&pd_target, &cq_target, &cq_target).await.unwrap();
+    let accept = CmAccept { recfmt: 0, crqsize: 32 }.to_bytes();
+    target.accept(conn_t, &qt, ConnectionOptions::default(), &accept).await.unwrap();
+    assert!(matches!(event(&host).await, DeviceEvent::Established { conn, .. } if conn == conn_h));
+    assert!(matches!(event(&target).await, DeviceEvent::Established { .. }));
+
+    let data: Vec<u8> = (0..64u32 << 10).map(|n| (n * 13) as u8).collect();
+    let region = host.register_on_lane(id, &pd_host, vec![0; 64 << 10], Access::REMOTE_ALL).await.unwrap();
+    let s = host.stats().await.unwrap();
+    assert_eq!((s.regions, s.region_bytes), (1, 64 << 10), "{s:?}");
+    assert!(host.dealloc_pd(pd_host).await.is_err(), "a lane's region keeps its domain");
+    let write = SendOp::RdmaWrite { remote_addr: region.keys.addr, rkey: region.keys.rkey };
+    qt.post_send(SendWr::new(1, write, data.clone())).unwrap();
+    assert_eq!(complete(&cq_target).await.wc.status, WcStatus::Success);
+    let read = SendOp::RdmaRead { remote_addr: region.keys.addr, rkey: region.keys.rkey };
+    qt.post_send(SendWr::new(2, read, vec![0; 64 << 10])).unwrap();
+    let r = complete(&cq_target).await.wc;
+    assert_eq!(r.status, WcStatus::Success);
+    assert!(r.buf == data, "READ returns what the WRITE put in the lane's region");
+    assert!(host.deregister_on_lane(id, region).await.unwrap() == data);
+    assert_eq!(host.stats().await.unwrap().regions, 0);
+
+    // A region of the device itself is not the lane's: the peer's WRITE to it is refused.
+    let device_region = host.register(&pd_host, vec![0; 4096], Access::REMOTE_ALL).await.unwrap();
+    let write = SendOp::RdmaWrite { remote_addr: device_region.keys.addr, rkey: device_region.keys.rkey };
+    qt.post_send(SendWr::new(3, write, vec![1; 4096])).unwrap();
+    assert_eq!(complete(&cq_target).await.wc.status, WcStatus::RemoteAccess);
+    assert!(host.deregister(device_region).await.unwrap().iter().all(|&b| b == 0), "untouched");
+
+    host.disconnect(conn_h).await.unwrap();
+    host.destroy_qp(&qh).await.unwrap();
+    target.destroy_qp(&qt).await.unwrap();
+    assert_eq!(host.stats().await.unwrap().queue_pairs, 0);
+    tokio::task::spawn_blocking(move || host.close()).await.unwrap();
+    thread.join().expect("lane thread");
+}

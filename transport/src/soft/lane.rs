@@ -53,6 +53,9 @@ pub(crate) struct LaneCounters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
     pub dropped: AtomicU64,
+    /// Regions registered on the lane and their bytes.
+    pub regions: AtomicU64,
+    pub region_bytes: AtomicU64,
 }
 
 /// A lane, before it runs: hand it to the thread that is to own its queue pairs and run it there
@@ -155,7 +158,7 @@ impl Lane {
                                 }
                                 return;
                             }
-                            c => on_command(&mut data, &mut mtu, c),
+                            c => on_command(&mut data, &mut mtu, &counters, c),
                         }
                         handled += 1;
                         if handled < super::udp::BATCH {
@@ -191,8 +194,25 @@ impl Lane {
     }
 }
 
-fn on_command(data: &mut DataPath, mtu: &mut usize, command: Command) {
+fn count_regions(data: &DataPath, counters: &LaneCounters) {
+    let (regions, bytes) = data.regions();
+    counters.regions.store(regions as u64, Ordering::Relaxed);
+    counters.region_bytes.store(bytes as u64, Ordering::Relaxed);
+}
+
+fn on_command(data: &mut DataPath, mtu: &mut usize, counters: &LaneCounters, command: Command) {
     match command {
+        Command::Register(pd, buf, access, reply) => {
+            let result = data.register(pd, buf, access).map(|keys| crate::device::MemoryRegion { keys });
+            // Counted before the caller hears of it: its next stats include the region.
+            count_regions(data, counters);
+            let _ = reply.send(result);
+        }
+        Command::Deregister(key, reply) => {
+            let result = data.deregister(key);
+            count_regions(data, counters);
+            let _ = reply.send(result);
+        }
         Command::PostSend(qpn, wr) => data.post_send(qpn, wr),
         Command::PostRecv(qpn, wr) => data.post_recv(qpn, wr),
         Command::ModifyQp(qpn, transition, reply) => {

@@ -413,7 +413,11 @@ impl Worker {
             Command::DeallocPd(pd, reply) => {
                 let result = if !self.pds.contains(&pd) {
                     Err(DeviceError::UnknownPd(pd))
-                } else if self.data.pd_in_use(pd) || self.lane_qps.values().any(|q| q.pd == pd) {
+                } else if self.data.pd_in_use(pd)
+                    || self.lane_qps.values().any(|q| q.pd == pd)
+                    // Lanes count their regions, not per domain: any region on a lane keeps every domain.
+                    || self.lane_count(|c| &c.regions) > 0
+                {
                     Err(DeviceError::PdBusy(pd))
                 } else {
                     self.pds.remove(&pd);
@@ -500,6 +504,8 @@ impl Worker {
             }
             Command::Stats(reply) => {
                 let (regions, region_bytes) = self.data.regions();
+                let regions = regions + self.lane_count(|c| &c.regions) as usize;
+                let region_bytes = region_bytes + self.lane_count(|c| &c.region_bytes) as usize;
                 let _ = reply.send(DeviceStats {
                     protection_domains: self.pds.len(),
                     shared_receive_queues: self.data.shared_receive_queues(),
@@ -525,6 +531,25 @@ impl Worker {
                 let _ = reply.send(self.create_lane_qp(lane, pd, send_cq, recv_cq));
             }
             Command::Lane(_) => tracing::debug!("lane commands are for lanes"),
+            Command::RegisterOnLane { lane, pd, buf, access, reply } => {
+                if !self.pds.contains(&pd) {
+                    let _ = reply.send(Err(DeviceError::UnknownPd(pd)));
+                } else if let Some(l) = lane.checked_sub(1).and_then(|i| self.lanes.get(i)) {
+                    // A lane that no longer runs drops the reply: the caller sees Closed.
+                    let _ = l.commands.send(Command::Register(pd, buf, access, reply));
+                } else {
+                    let _ = reply.send(Err(DeviceError::Unsupported("no such lane on this device")));
+                }
+            }
+            Command::DeregisterOnLane { lane, key, reply } => match lane.checked_sub(1).and_then(|i| self.lanes.get(i))
+            {
+                Some(l) => {
+                    let _ = l.commands.send(Command::Deregister(key, reply));
+                }
+                None => {
+                    let _ = reply.send(Err(DeviceError::UnknownRegion(key)));
+                }
+            },
             Command::Shutdown => {}
         }
     }

@@ -495,6 +495,12 @@ impl Worker {
                 let _ = reply.send(Err(DeviceError::Unsupported("lanes: the verbs provider keeps its queue pairs")));
             }
             Command::Lane(_) => {}
+            Command::RegisterOnLane { reply, .. } => {
+                let _ = reply.send(Err(DeviceError::Unsupported("lanes: the verbs provider keeps its queue pairs")));
+            }
+            Command::DeregisterOnLane { reply, .. } => {
+                let _ = reply.send(Err(DeviceError::Unsupported("lanes: the verbs provider keeps its queue pairs")));
+            }
             Command::Shutdown => {}
         }
     }
