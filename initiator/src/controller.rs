@@ -24,8 +24,9 @@ use transport::{Access, Device, ProtectionDomain, Provider, SoftConfig, VerbsCon
 
 use crate::error::HostError;
 use crate::events::EventRouter;
+use crate::lane::LaneThread;
 use crate::loss::LossSignal;
-use crate::queue::HostQueue;
+use crate::queue::{HostQueue, QueueIo};
 
 /// Where a target listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +134,9 @@ pub struct Controller {
     router: EventRouter,
     loss: Arc<LossSignal>,
     admin: Arc<HostQueue>,
-    io: Vec<HostQueue>,
+    io: Vec<Arc<HostQueue>>,
+    /// The I/O queues' lanes (soft provider), joined when the controller closes.
+    lanes: Vec<Arc<LaneThread>>,
     next_io: AtomicUsize,
     pub cntlid: u16,
     pub cap: Cap,
@@ -208,9 +211,8 @@ pub(crate) type Exchange = (Result<Cqe, HostError>, Option<Vec<u8>>);
 /// Sends one command with its data on `queue`: registers a region for keyed data, or puts small writes in the
 /// capsule.
 async fn exchange(
-    device: &Device,
     pd: &ProtectionDomain,
-    queue: &HostQueue,
+    queue: &QueueIo,
     command: Command,
     data: DataDir,
     in_capsule_limit: usize,
@@ -230,27 +232,26 @@ async fn exchange(
         DataDir::ToHost(len) => (Access::REMOTE_WRITE, vec![0u8; len]),
     };
     let len = buf.len() as u32;
-    let mr = match device.register(pd, buf, access).await {
+    let mr = match queue.register(pd, buf, access).await {
         Ok(mr) => mr,
-        Err(e) => return (Err(e.into()), None),
+        Err(e) => return (Err(e), None),
     };
-    let sgl = match SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, device.regions_remotely_invalidable()) {
+    let sgl = match SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, queue.remote_invalidate) {
         Ok(sgl) => sgl,
         Err(e) => {
-            let buf = device.deregister(mr).await.ok();
+            let buf = queue.deregister(mr).await.ok();
             return (Err(e.into()), buf);
         }
     };
     let result = queue.submit(capsule(command, sgl), &[]).await;
-    match device.deregister(mr).await {
+    match queue.deregister(mr).await {
         Ok(buf) => (result.and_then(|c| check(name, c)), Some(buf)),
-        Err(e) => (result.and(Err(e.into())), None),
+        Err(e) => (result.and(Err(e)), None),
     }
 }
 
 /// [`exchange`] for callers that do not send data again.
 async fn transact(
-    device: &Device,
     pd: &ProtectionDomain,
     queue: &HostQueue,
     command: Command,
@@ -258,7 +259,7 @@ async fn transact(
     in_capsule_limit: usize,
     name: &'static str,
 ) -> Result<(Cqe, Vec<u8>), HostError> {
-    let (result, buf) = exchange(device, pd, queue, command, data, in_capsule_limit, name).await;
+    let (result, buf) = exchange(pd, queue.io(), command, data, in_capsule_limit, name).await;
     result.map(|c| (c, buf.unwrap_or_default()))
 }
 
@@ -300,7 +301,8 @@ impl Controller {
         let router = EventRouter::start(device.clone());
         let loss = Arc::new(LossSignal::default());
         let admin =
-            HostQueue::connect(device.clone(), &pd, &router, target, 0, options.admin_queue_size, loss.clone()).await;
+            HostQueue::connect(device.clone(), &pd, &router, target, 0, options.admin_queue_size, loss.clone(), None)
+                .await;
         let admin = match admin {
             Ok(q) => Arc::new(q),
             Err(e) => {
@@ -316,6 +318,7 @@ impl Controller {
             loss,
             admin,
             io: Vec::new(),
+            lanes: Vec::new(),
             next_io: AtomicUsize::new(0),
             cntlid: 0,
             cap: Cap(0),
@@ -393,12 +396,18 @@ impl Controller {
             return Err(HostError::Invalid(format!("I/O queue {qid} of depth {depth}")));
         }
         let loss = self.loss.clone();
-        let q = HostQueue::connect(self.device.clone(), &self.pd, &self.router, self.target, qid, depth, loss).await?;
+        // Each I/O queue on a lane of its own (a thread that ends when the device closes).
+        let lane = LaneThread::start(&self.device, format!("nvmf-q{qid}")).await?.map(Arc::new);
+        if let Some(l) = &lane {
+            self.lanes.push(l.clone());
+        }
+        let (device, pd, router, target) = (self.device.clone(), &self.pd, &self.router, self.target);
+        let q = HostQueue::connect(device, pd, router, target, qid, depth, loss, lane).await?;
         let connect = Connect { recfmt: 0, qid, sqsize: depth - 1, cattr: 0, kato: 0 };
         let result = self.connect_on(&q, connect, self.cntlid, self.options.in_capsule_limit).await;
         match result {
             Ok(_) => {
-                self.io.push(q);
+                self.io.push(Arc::new(q));
                 Ok(())
             }
             Err(e) => {
@@ -423,8 +432,7 @@ impl Controller {
         };
         let bytes = data.to_bytes()?.to_vec();
         let command = Command::Fabrics(FabricsCommand::Connect(connect));
-        let (cqe, _) =
-            transact(&self.device, &self.pd, queue, command, DataDir::ToController(bytes), limit, "Connect").await?;
+        let (cqe, _) = transact(&self.pd, queue, command, DataDir::ToController(bytes), limit, "Connect").await?;
         Ok(connect_result_cntlid(cqe.dw0.get()))
     }
 
@@ -436,20 +444,18 @@ impl Controller {
 
     pub async fn property_get(&self, property: Property) -> Result<u64, HostError> {
         let command = Command::Fabrics(FabricsCommand::PropertyGet { property });
-        let (cqe, _) = transact(&self.device, &self.pd, &self.admin, command, DataDir::None, 0, "Property Get").await?;
+        let (cqe, _) = transact(&self.pd, &self.admin, command, DataDir::None, 0, "Property Get").await?;
         Ok(result(&cqe))
     }
 
     pub async fn property_set(&self, property: Property, value: u64) -> Result<(), HostError> {
         let command = Command::Fabrics(FabricsCommand::PropertySet { property, value });
-        transact(&self.device, &self.pd, &self.admin, command, DataDir::None, 0, "Property Set").await.map(|_| ())
+        transact(&self.pd, &self.admin, command, DataDir::None, 0, "Property Set").await.map(|_| ())
     }
 
     /// An admin command without data.
     pub async fn admin(&self, command: AdminCommand, name: &'static str) -> Result<Cqe, HostError> {
-        transact(&self.device, &self.pd, &self.admin, Command::Admin(command), DataDir::None, 0, name)
-            .await
-            .map(|r| r.0)
+        transact(&self.pd, &self.admin, Command::Admin(command), DataDir::None, 0, name).await.map(|r| r.0)
     }
 
     /// An admin command returning `len` bytes.
@@ -459,7 +465,7 @@ impl Controller {
         len: usize,
         name: &'static str,
     ) -> Result<(Cqe, Vec<u8>), HostError> {
-        transact(&self.device, &self.pd, &self.admin, Command::Admin(command), DataDir::ToHost(len), 0, name).await
+        transact(&self.pd, &self.admin, Command::Admin(command), DataDir::ToHost(len), 0, name).await
     }
 
     /// Any command with any data on queue `qid` (0 = admin): for tools and tests that need the raw exchange.
@@ -479,7 +485,7 @@ impl Controller {
             Some(sgl) => queue.submit(capsule(command, sgl), &[]).await,
             None => {
                 let limit = if qid == 0 { 0 } else { self.options.in_capsule_limit };
-                match transact(&self.device, &self.pd, queue, command, data, limit, "command").await {
+                match transact(&self.pd, queue, command, data, limit, "command").await {
                     Ok((cqe, _)) => Ok(cqe),
                     Err(HostError::Nvme { status, result, .. }) => Ok(Cqe::new(0, qid, 0, status, result)),
                     Err(e) => Err(e),
@@ -559,6 +565,11 @@ impl Controller {
         Ok(info)
     }
 
+    /// The transport's counters for this association's device (packets, queue pairs, lanes, regions).
+    pub async fn transport_stats(&self) -> Result<transport::DeviceStats, HostError> {
+        Ok(self.device.stats().await?)
+    }
+
     pub fn io_queue_count(&self) -> usize {
         self.io.len()
     }
@@ -578,9 +589,11 @@ impl Controller {
             return Err(HostError::Invalid("no I/O queues".into()));
         }
         match qid {
-            Some(q) => {
-                self.io.get((q as usize).wrapping_sub(1)).ok_or_else(|| HostError::Invalid(format!("no I/O queue {q}")))
-            }
+            Some(q) => self
+                .io
+                .get((q as usize).wrapping_sub(1))
+                .map(|q| &**q)
+                .ok_or_else(|| HostError::Invalid(format!("no I/O queue {q}"))),
             None => Ok(&self.io[self.next_io.fetch_add(1, Ordering::Relaxed) % self.io.len()]),
         }
     }
@@ -620,7 +633,16 @@ impl Controller {
             IoCommand::DatasetManagement(_) => "Dataset Management",
         };
         let limit = self.in_capsule_limit();
-        let work = exchange(&self.device, &self.pd, queue, Command::Io(command), data, limit, name);
+        let (pd, io) = (self.pd, queue.io().clone());
+        let work = async move { exchange(&pd, &io, Command::Io(command), data, limit, name).await };
+        let work = async {
+            match queue.lane() {
+                // The whole exchange on the lane's thread: registration, capsule and completion meet the queue
+                // pair there; only the request and its outcome cross.
+                Some(lane) => lane.spawn(work).await.unwrap_or((Err(HostError::QueueLost("lane stopped")), None)),
+                None => work.await,
+            }
+        };
         match tokio::time::timeout(self.options.io_timeout, work).await {
             Ok(done) => done,
             Err(_) => {
@@ -687,9 +709,9 @@ impl Controller {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let Some((device, pd, queue)) = admin.upgrade() else { break };
+                let Some((pd, queue)) = admin.upgrade() else { break };
                 let command = Command::Admin(AdminCommand::KeepAlive);
-                let sent = transact(&device, &pd, &queue, command, DataDir::None, 0, "Keep Alive");
+                let sent = transact(&pd, &queue, command, DataDir::None, 0, "Keep Alive");
                 match tokio::time::timeout(kato, sent).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
@@ -739,9 +761,9 @@ impl Controller {
         let admin = self.admin_handle();
         self.aer_task = Some(tokio::spawn(async move {
             loop {
-                let Some((device, pd, queue)) = admin.upgrade() else { break };
+                let Some((pd, queue)) = admin.upgrade() else { break };
                 let command = Command::Admin(AdminCommand::AsyncEventRequest);
-                match transact(&device, &pd, &queue, command, DataDir::None, 0, "Asynchronous Event Request").await {
+                match transact(&pd, &queue, command, DataDir::None, 0, "Asynchronous Event Request").await {
                     Ok((cqe, _)) => {
                         if tx.send(cqe.dw0.get()).is_err() {
                             break;
@@ -759,7 +781,7 @@ impl Controller {
     }
 
     fn admin_handle(&self) -> AdminHandle {
-        AdminHandle { device: Arc::downgrade(&self.device), pd: self.pd, queue: Arc::downgrade(&self.admin) }
+        AdminHandle { pd: self.pd, queue: Arc::downgrade(&self.admin) }
     }
 
     /// Normal shutdown: CC.SHN, wait for CSTS.SHST complete, then disconnect every queue.
@@ -797,10 +819,17 @@ impl Controller {
         }
         self.admin.close().await;
         let device = self.device.clone();
+        let lanes = std::mem::take(&mut self.lanes);
         drop(self);
-        // Close the device now (its event router may still hold a handle for a moment); joining its thread
-        // blocks, so off the runtime.
-        let _ = tokio::task::spawn_blocking(move || device.close()).await;
+        // Close the device now (its event router may still hold a handle for a moment), then wait for its
+        // lanes' threads; joining blocks, so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || {
+            device.close();
+            for lane in lanes {
+                lane.join();
+            }
+        })
+        .await;
     }
 
     pub fn options(&self) -> &ConnectOptions {
@@ -818,14 +847,13 @@ fn data_back(data: DataDir) -> Option<Vec<u8>> {
 
 /// What the keep-alive and AER tasks hold: weak, so they end with the controller.
 struct AdminHandle {
-    device: std::sync::Weak<Device>,
     pd: ProtectionDomain,
     queue: std::sync::Weak<HostQueue>,
 }
 
 impl AdminHandle {
-    fn upgrade(&self) -> Option<(Arc<Device>, ProtectionDomain, Arc<HostQueue>)> {
-        Some((self.device.upgrade()?, self.pd, self.queue.upgrade()?))
+    fn upgrade(&self) -> Option<(ProtectionDomain, Arc<HostQueue>)> {
+        Some((self.pd, self.queue.upgrade()?))
     }
 }
 

@@ -22,6 +22,7 @@
 mod controller;
 mod error;
 mod events;
+mod lane;
 mod loss;
 mod path;
 pub mod perf;

@@ -1,7 +1,8 @@
 //! One host queue over one RC queue pair: connects with the NVMe/RDMA CM private data, sends command capsules,
 //! matches completions to commands by command id, and fails every outstanding command when the connection is
 //! lost (completion error, flush, disconnect, device event). The queue pair and its completion queue belong to
-//! the queue's task alone; callers talk to it by messages.
+//! the queue's task alone; callers talk to it by messages. An I/O queue on the soft provider lives on a lane
+//! ([`crate::lane`]): its queue pair, its task and its exchanges share the lane's thread.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,13 +12,14 @@ use nvme_proto::rdma_cm::{CmReject, CmRequest, RECORD_FORMAT_1_0};
 use nvme_proto::{Cqe, Sqe};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use transport::{
-    CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, RecvWr, SendOp,
-    SendWr, WcStatus,
+    Access, CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, MemoryRegion, ProtectionDomain, QueuePair,
+    RecvWr, SendOp, SendWr, WcStatus,
 };
 
 use crate::controller::TargetAddr;
 use crate::error::HostError;
 use crate::events::EventRouter;
+use crate::lane::LaneThread;
 use crate::loss::LossSignal;
 
 const RECV_TAG: u64 = 1 << 63;
@@ -37,19 +39,62 @@ pub struct HostQueue {
     /// Entries (sqsize + 1).
     pub depth: u16,
     pub conn: ConnId,
-    submissions: mpsc::UnboundedSender<Submission>,
-    /// One permit per command the queue may hold (depth - 1).
-    slots: Arc<Semaphore>,
+    io: QueueIo,
     /// Tells the queue's task to stop (a destroyed queue pair need not complete what it held).
     closing: Arc<Notify>,
     device: Arc<Device>,
+    /// The lane the queue pair lives on, whose thread runs the queue's task (none: the device's worker).
+    lane: Option<Arc<LaneThread>>,
+}
+
+/// What a command's exchange needs of its queue: submitting, and registering its data where the queue pair's
+/// peer reaches it. It holds no device, so work left on a lane's thread cannot keep the device open.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueIo {
+    submissions: mpsc::UnboundedSender<Submission>,
+    /// One permit per command the queue may hold (depth - 1).
+    slots: Arc<Semaphore>,
     qp: QueuePair,
+    /// Keyed data may ask for remote invalidation (the target's SEND_WITH_INV).
+    pub remote_invalidate: bool,
+}
+
+impl QueueIo {
+    /// Sends a command (its command id is assigned by the queue's task) with optional in-capsule data and
+    /// waits for its completion.
+    pub async fn submit(&self, sqe: Sqe, inline: &[u8]) -> Result<Cqe, HostError> {
+        let permit = self.slots.acquire().await.map_err(|_| HostError::QueueLost("queue closed"))?;
+        permit.forget(); // the queue task gives the slot back when the completion arrives
+        let (reply, rx) = oneshot::channel();
+        let mut capsule = Vec::with_capacity(nvme_proto::sqe::SQE_LEN + inline.len());
+        capsule.extend_from_slice(&sqe.to_array());
+        capsule.extend_from_slice(inline);
+        if self.submissions.send(Submission { capsule, reply }).is_err() {
+            return Err(HostError::QueueLost("queue closed"));
+        }
+        rx.await.map_err(|_| HostError::QueueLost("queue closed"))?
+    }
+
+    /// Registers a command's buffer with the queue pair's owner (on a lane: a call on the lane's thread).
+    pub async fn register(
+        &self,
+        pd: &ProtectionDomain,
+        buf: Vec<u8>,
+        access: Access,
+    ) -> Result<MemoryRegion, HostError> {
+        Ok(self.qp.register(pd, buf, access).await?)
+    }
+
+    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, HostError> {
+        Ok(self.qp.deregister(mr).await?)
+    }
 }
 
 impl HostQueue {
-    /// Creates the queue pair, posts the receives, connects (CM REQ with our private data), and starts the
-    /// queue's task.
-    pub async fn connect(
+    /// Creates the queue pair (on `lane` when given), posts the receives, connects (CM REQ with our private
+    /// data), and starts the queue's task (on the lane's thread when given).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn connect(
         device: Arc<Device>,
         pd: &ProtectionDomain,
         router: &EventRouter,
@@ -57,9 +102,13 @@ impl HostQueue {
         qid: u16,
         depth: u16,
         loss: Arc<LossSignal>,
+        lane: Option<Arc<LaneThread>>,
     ) -> Result<HostQueue, HostError> {
         let cq = CompletionQueue::new();
-        let qp = device.create_qp(pd, &cq, &cq).await?;
+        let qp = match &lane {
+            Some(l) => device.create_qp_on_lane(l.id, pd, &cq, &cq).await?,
+            None => device.create_qp(pd, &cq, &cq).await?,
+        };
         for slot in 0..depth as u64 {
             qp.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; nvme_proto::cqe::CQE_LEN]))?;
         }
@@ -119,30 +168,33 @@ impl HostQueue {
             slots: slots.clone(),
             loss,
         };
-        tokio::spawn(task.run(rx, events));
-        Ok(HostQueue { qid, depth, conn, submissions, slots, closing, device, qp })
+        match &lane {
+            Some(l) => drop(l.spawn(task.run(rx, events))),
+            None => drop(tokio::spawn(task.run(rx, events))),
+        }
+        let io = QueueIo { submissions, slots, qp, remote_invalidate: device.regions_remotely_invalidable() };
+        Ok(HostQueue { qid, depth, conn, io, closing, device, lane })
     }
 
     /// Sends a command (its command id is assigned by the queue) with optional in-capsule data and waits for
     /// its completion. The caller keeps its data, so that it can send it again elsewhere.
     pub async fn submit(&self, sqe: Sqe, inline: &[u8]) -> Result<Cqe, HostError> {
-        let permit = self.slots.acquire().await.map_err(|_| HostError::QueueLost("queue closed"))?;
-        permit.forget(); // the queue task gives the slot back when the completion arrives
-        let (reply, rx) = oneshot::channel();
-        let mut capsule = Vec::with_capacity(nvme_proto::sqe::SQE_LEN + inline.len());
-        capsule.extend_from_slice(&sqe.to_array());
-        capsule.extend_from_slice(inline);
-        if self.submissions.send(Submission { capsule, reply }).is_err() {
-            return Err(HostError::QueueLost("queue closed"));
-        }
-        rx.await.map_err(|_| HostError::QueueLost("queue closed"))?
+        self.io.submit(sqe, inline).await
+    }
+
+    pub(crate) fn io(&self) -> &QueueIo {
+        &self.io
+    }
+
+    pub(crate) fn lane(&self) -> Option<&Arc<LaneThread>> {
+        self.lane.as_ref()
     }
 
     /// Disconnects and destroys the queue pair; outstanding commands fail (idempotent).
     pub async fn close(&self) {
         self.closing.notify_one();
         let _ = self.device.disconnect(self.conn).await;
-        let _ = self.device.destroy_qp(&self.qp).await;
+        let _ = self.device.destroy_qp(&self.io.qp).await;
     }
 }
 

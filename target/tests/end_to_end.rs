@@ -188,6 +188,10 @@ async fn random_io(t: &TestTarget, nqn: &str, ops_per_worker: usize) -> (u64, u6
     assert_eq!(c.write_commands, writes);
     assert_eq!(c.read_commands, reads + 128 * (region / 256));
     assert_eq!(c.errors, 0);
+    // The host's I/O queues live on lanes of its device, and their datagrams reached them there.
+    let host = ctrl.transport_stats().await.expect("host stats");
+    assert_eq!(host.lanes, 4, "{host:?}");
+    assert!(host.lane_packets_received > reads + writes, "{host:?}");
     Arc::into_inner(ctrl).expect("only owner").shutdown().await.expect("shutdown");
     (reads, writes)
 }

@@ -208,6 +208,29 @@ impl QueuePair {
     pub fn post_recv(&self, wr: RecvWr) -> Result<(), DeviceError> {
         self.commands.send(Command::PostRecv(self.qpn, wr)).map_err(|_| DeviceError::Closed)
     }
+
+    /// Hands `buf` for remote access by this queue pair's peer to whoever owns the queue pair — its lane, for
+    /// a queue pair made by [`Device::create_qp_on_lane`], else the device — by a message on the channel posts
+    /// use: from the lane's own thread it is a call on that thread, not a round trip to the device's worker.
+    /// [`QueuePair::deregister`] gives it back. (A lane does not check the domain; the device does. The
+    /// responder reaches a region only from a queue pair of the same domain either way.)
+    pub async fn register(
+        &self,
+        pd: &ProtectionDomain,
+        buf: Vec<u8>,
+        access: Access,
+    ) -> Result<MemoryRegion, DeviceError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Register(pd.id, buf, access, reply)).map_err(|_| DeviceError::Closed)?;
+        rx.await.map_err(|_| DeviceError::Closed)?
+    }
+
+    /// Takes back a region [`QueuePair::register`] handed out.
+    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Deregister(mr.keys.rkey, reply)).map_err(|_| DeviceError::Closed)?;
+        rx.await.map_err(|_| DeviceError::Closed)?
+    }
 }
 
 /// A shared receive queue: queue pairs attached to it take their receives from it.
