@@ -286,6 +286,10 @@ pub struct DeviceStats {
     /// reached a poll group's thread directly.
     pub lanes: usize,
     pub lane_packets_received: u64,
+    /// Buffers the lanes sent by UDP GSO (each several datagrams, cut by the kernel) and buffers they took
+    /// coalesced by UDP GRO.
+    pub lane_gso_sends: u64,
+    pub lane_gro_receives: u64,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;

@@ -81,6 +81,10 @@ pub struct ListenerStatus {
     /// Lanes of the device the poll groups run, and the datagrams that reached them directly.
     pub lanes: Option<usize>,
     pub lane_packets_received: Option<u64>,
+    /// Buffers the lanes sent by UDP GSO (a read's data and response in one pass through the kernel) and
+    /// took coalesced by UDP GRO.
+    pub lane_gso_sends: Option<u64>,
+    pub lane_gro_receives: Option<u64>,
     #[serde(skip)]
     pub device: Option<Arc<Device>>,
 }
@@ -168,6 +172,8 @@ impl Listener {
             node_guid: None,
             lanes: None,
             lane_packets_received: None,
+            lane_gso_sends: None,
+            lane_gro_receives: None,
             device: Some(device.clone()),
         }));
         let (own, rx) = mpsc::unbounded_channel();

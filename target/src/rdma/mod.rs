@@ -289,6 +289,8 @@ impl StatsHandle {
                 l.active_mtu = Some(s.active_mtu);
                 l.lanes = Some(s.lanes);
                 l.lane_packets_received = Some(s.lane_packets_received);
+                l.lane_gso_sends = Some(s.lane_gso_sends);
+                l.lane_gro_receives = Some(s.lane_gro_receives);
                 let g = s.node_guid.to_be_bytes();
                 l.node_guid = Some(format!(
                     "{:02x}{:02x}:{:02x}{:02x}:{:02x}{:02x}:{:02x}{:02x}",

@@ -94,6 +94,10 @@ pub struct PhaseResult {
     /// kernel's traffic, steered to the poll groups' threads.
     pub target_lanes: Option<u64>,
     pub target_lane_packets: Option<u64>,
+    /// GSO buffers our target's lanes sent (each several datagrams the kernel cut, rxe checked the ICRC of
+    /// each) and GRO buffers they took.
+    pub target_gso_sends: Option<u64>,
+    pub target_gro_receives: Option<u64>,
     pub disconnected: bool,
 }
 
@@ -128,7 +132,7 @@ impl SoftTargetResult {
                 format!("exit {:?}, {:.0} write IOPS, {} B verified", f.exit, f.write_iops, f.verified_bytes)
             };
             s.push_str(&format!(
-                "  {} (nvme connect {}): discover {:?}, connect {}, queues {:?} of {:?}+1, id-ctrl {:?}\n    fio 4k randwrite+verify {}; 128k write+verify {}{}\n    our target: {:?} I/O queues, {:?} reads, {:?} writes, path MTU {:?}, {:?} lanes took {:?} datagrams; disconnect {}\n",
+                "  {} (nvme connect {}): discover {:?}, connect {}, queues {:?} of {:?}+1, id-ctrl {:?}\n    fio 4k randwrite+verify {}; 128k write+verify {}{}\n    our target: {:?} I/O queues, {:?} reads, {:?} writes, path MTU {:?}, {:?} lanes took {:?} datagrams (GSO buffers sent {:?}, GRO buffers taken {:?}); disconnect {}\n",
                 p.phase.name,
                 p.phase.connect_options(),
                 p.discovered,
@@ -145,6 +149,8 @@ impl SoftTargetResult {
                 p.target_active_mtu,
                 p.target_lanes,
                 p.target_lane_packets,
+                p.target_gso_sends,
+                p.target_gro_receives,
                 p.disconnected
             ));
         }
@@ -294,6 +300,8 @@ pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftTargetResult, Scenari
             target_active_mtu: listener_view(&snapshot).1,
             target_lanes: snapshot["listeners"][0]["lanes"].as_u64(),
             target_lane_packets: snapshot["listeners"][0]["lane_packets_received"].as_u64(),
+            target_gso_sends: snapshot["listeners"][0]["lane_gso_sends"].as_u64(),
+            target_gro_receives: snapshot["listeners"][0]["lane_gro_receives"].as_u64(),
             disconnected: number("disconnect.exit") == Some(0),
         };
         let mut wrong = Vec::new();
@@ -328,6 +336,9 @@ pub fn run(setup: &Setup, timeout: Duration) -> Result<SoftTargetResult, Scenari
                 p.io_queues(),
                 p.path_mtu
             ));
+        }
+        if r.target_gso_sends.unwrap_or(0) == 0 {
+            wrong.push("our target's lanes sent nothing by GSO (a read's data and response go as one buffer)".into());
         }
         if r.target_lanes != Some(2) || r.target_lane_packets.unwrap_or(0) == 0 {
             wrong.push(format!(

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::cm::{ConnId, PeerParams};
-use super::data_path::{DataPath, DataPathConfig, Datagram};
-use super::udp::{RecvBatch, SendBatch, open_packet, recv_batch, seal, send_all, socket_error_is_transient};
+use super::data_path::{DataPath, DataPathConfig};
+use super::udp::{RecvBatch, SendBatch, enable_gro, open_packet, recv_batch, socket_error_is_transient, transmit};
 use super::wire::icrc::IdentificationSolver;
 use crate::device::{Command, CompletionQueue, ConnectionOptions, DeviceEvent};
 
@@ -53,6 +53,9 @@ pub(crate) struct LaneCounters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
     pub dropped: AtomicU64,
+    /// GSO buffers sent and GRO buffers taken.
+    pub gso_sends: AtomicU64,
+    pub gro_receives: AtomicU64,
     /// Regions registered on the lane and their bytes.
     pub regions: AtomicU64,
     pub region_bytes: AtomicU64,
@@ -110,7 +113,9 @@ impl Lane {
         };
         let mut data = DataPath::new(config);
         let mut solver = IdentificationSolver::new();
-        let (mut received, mut batch) = (RecvBatch::new(), SendBatch::new());
+        // Coalesced receives where the kernel offers them: a long transfer's packets come up in one buffer.
+        let mut received = if enable_gro(&socket) { RecvBatch::with_gro() } else { RecvBatch::new() };
+        let mut batch = SendBatch::new();
         let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
         let sleep = tokio::time::sleep_until(far());
         tokio::pin!(sleep);
@@ -123,19 +128,21 @@ impl Lane {
             }
             tokio::select! {
                 taken = recv_batch(&socket, &mut received), if !broken => match taken {
-                    Ok(n) => {
+                    Ok(_) => {
                         let now = Instant::now();
-                        counters.received.fetch_add(n as u64, Ordering::Relaxed);
-                        for i in 0..n {
-                            let taken = received.get(i).is_some_and(|(r, bytes)| match (r.truncated, r.from) {
+                        counters.gro_receives.fetch_add(received.coalesced() as u64, Ordering::Relaxed);
+                        let (mut taken, mut dropped) = (0u64, 0u64);
+                        for (r, bytes) in received.datagrams() {
+                            let handled = match (r.truncated, r.from) {
                                 (false, Some(from)) => open_packet(bytes, from, local.ip(), &mut solver)
                                     .is_some_and(|packet| data.handle_packet(now, from.ip(), bytes, &packet)),
                                 _ => false,
-                            });
-                            if !taken {
-                                counters.dropped.fetch_add(1, Ordering::Relaxed);
-                            }
+                            };
+                            taken += 1;
+                            dropped += u64::from(!handled);
                         }
+                        counters.received.fetch_add(taken, Ordering::Relaxed);
+                        counters.dropped.fetch_add(dropped, Ordering::Relaxed);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) if socket_error_is_transient(e.kind()) => tracing::debug!(%local, lane = id, "recv: {e}"),
@@ -184,12 +191,10 @@ impl Lane {
                 continue;
             }
             // A lane sends from its socket in the group: the device's port.
-            let mut sealed: Vec<Datagram> = out;
-            sealed.retain_mut(|d| seal(&mut d.bytes, local.ip(), local.port(), d.dst));
-            let datagrams: Vec<(SocketAddr, &[u8])> = sealed.iter().map(|d| (d.dst, d.bytes.as_slice())).collect();
-            let (sent, dropped) = send_all(&socket, &mut batch, &datagrams).await;
-            counters.sent.fetch_add(sent, Ordering::Relaxed);
-            counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+            let done = transmit(&socket, &mut batch, local, out).await;
+            counters.sent.fetch_add(done.sent, Ordering::Relaxed);
+            counters.dropped.fetch_add(done.dropped, Ordering::Relaxed);
+            counters.gso_sends.fetch_add(done.gso_buffers, Ordering::Relaxed);
         }
     }
 }

@@ -8,9 +8,12 @@ use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg,
+};
 use tokio::io::Interest;
 
+use super::data_path::Datagram;
 use super::wire::icrc::{self, IpHeader};
 
 /// Datagrams per system call.
@@ -24,14 +27,23 @@ pub(crate) const SLOT: usize = 8192;
 pub(crate) struct Received {
     pub len: usize,
     pub from: Option<SocketAddr>,
-    /// Longer than [`SLOT`]: the bytes are cut short and must not be used.
+    /// Longer than its slot: the bytes are cut short and must not be used.
     pub truncated: bool,
+    /// A buffer the kernel coalesced (UDP GRO): datagrams of this length, the last perhaps shorter.
+    pub segment: Option<usize>,
 }
+
+/// A coalesced buffer holds at most 64 KiB.
+const GRO_SLOT: usize = 65_536;
+/// Buffers per system call when the socket coalesces (each up to [`GRO_SLOT`]).
+const GRO_BATCH: usize = 32;
 
 pub(crate) struct RecvBatch {
     bufs: Vec<Vec<u8>>,
     headers: MultiHeaders<SockaddrStorage>,
     received: Vec<Received>,
+    /// Room for control messages per buffer (GRO's segment size), when the socket coalesces.
+    cmsg_space: Option<Vec<u8>>,
 }
 
 impl RecvBatch {
@@ -40,40 +52,88 @@ impl RecvBatch {
             bufs: (0..BATCH).map(|_| vec![0u8; SLOT]).collect(),
             headers: MultiHeaders::preallocate(BATCH, None),
             received: Vec::with_capacity(BATCH),
+            cmsg_space: None,
         }
     }
 
-    /// Takes what is waiting on `socket` without blocking (up to [`BATCH`] datagrams); `WouldBlock` when none.
+    /// A batch for a socket with UDP GRO on ([`enable_gro`]): slots that hold a coalesced buffer, and room for
+    /// the segment size the kernel reports with it.
+    pub fn with_gro() -> RecvBatch {
+        RecvBatch {
+            bufs: (0..GRO_BATCH).map(|_| vec![0u8; GRO_SLOT]).collect(),
+            headers: MultiHeaders::preallocate(GRO_BATCH, Some(nix::cmsg_space!(i32))),
+            received: Vec::with_capacity(GRO_BATCH),
+            cmsg_space: Some(nix::cmsg_space!(i32)),
+        }
+    }
+
+    /// Takes what is waiting on `socket` without blocking (up to a batch of buffers); `WouldBlock` when none.
+    /// Returns the number of buffers; [`RecvBatch::datagrams`] gives the datagrams in them.
     pub fn recv(&mut self, socket: &impl AsFd) -> std::io::Result<usize> {
+        // (Only headers a previous call filled have been shrunk.)
+        if let (Some(space), false) = (&self.cmsg_space, self.received.is_empty()) {
+            // The kernel shrinks each header's control length to what it delivered (0 without a control
+            // message) and nix does not restore it, so a reused header would lose the next segment size: fresh
+            // headers per call (one small allocation per system call, not per datagram).
+            self.headers = MultiHeaders::preallocate(self.bufs.len(), Some(space.clone()));
+        }
         self.received.clear();
+        let slot = self.bufs[0].len();
         let mut slices: Vec<[IoSliceMut<'_>; 1]> = self.bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
         let results =
             recvmmsg(socket.as_fd().as_raw_fd(), &mut self.headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)
                 .map_err(std::io::Error::from)?;
         for r in results {
+            let segment = r.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|m| match m {
+                    ControlMessageOwned::UdpGroSegments(size) => usize::try_from(size).ok().filter(|&s| s > 0),
+                    _ => None,
+                })
+            });
             self.received.push(Received {
-                len: r.bytes.min(SLOT),
+                len: r.bytes.min(slot),
                 from: r.address.and_then(socket_addr),
-                truncated: r.bytes > SLOT || r.flags.contains(MsgFlags::MSG_TRUNC),
+                // Control data cut short may have hidden a segment size: the buffer cannot be cut up safely.
+                truncated: r.bytes > slot || r.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
+                segment,
             });
         }
         Ok(self.received.len())
     }
 
-    /// Datagram `i` of the last batch.
-    pub fn get(&self, i: usize) -> Option<(Received, &[u8])> {
-        let r = *self.received.get(i)?;
-        Some((r, &self.bufs[i][..r.len]))
+    /// The datagrams of the last batch, coalesced buffers cut back into their datagrams.
+    pub fn datagrams(&self) -> impl Iterator<Item = (Received, &[u8])> {
+        self.received.iter().zip(&self.bufs).flat_map(|(r, buf)| {
+            let segment = r.segment.unwrap_or(r.len).max(1);
+            // An empty datagram is a datagram too (counted, and dropped by the caller).
+            let count = r.len.div_ceil(segment).max(1);
+            (0..count).map(move |k| {
+                let chunk = &buf[(k * segment).min(r.len)..((k + 1) * segment).min(r.len)];
+                (Received { len: chunk.len(), segment: None, ..*r }, chunk)
+            })
+        })
     }
+
+    /// Buffers of the last batch that the kernel had coalesced.
+    pub fn coalesced(&self) -> usize {
+        self.received.iter().filter(|r| r.segment.is_some()).count()
+    }
+}
+
+/// Asks the kernel to coalesce datagrams of one flow for `socket` (UDP GRO); false where it cannot.
+pub(crate) fn enable_gro(socket: &impl AsFd) -> bool {
+    nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::UdpGroSegment, &true).is_ok()
 }
 
 pub(crate) struct SendBatch {
     headers: MultiHeaders<SockaddrStorage>,
+    /// The socket takes UDP GSO sends ([`transmit`]); cleared the first time the kernel refuses one.
+    gso: bool,
 }
 
 impl SendBatch {
     pub fn new() -> SendBatch {
-        SendBatch { headers: MultiHeaders::preallocate(BATCH, None) }
+        SendBatch { headers: MultiHeaders::preallocate(BATCH, None), gso: true }
     }
 
     /// Sends up to [`BATCH`] datagrams from the front of `datagrams` without blocking; how many went.
@@ -151,9 +211,14 @@ pub(crate) fn socket_error_is_transient(kind: std::io::ErrorKind) -> bool {
 /// path MTU discovery setting guarantees for what we send. A receiving socket cannot see the real header, so a
 /// kernel peer's identification is recovered from its ICRC (`on_datagram`).
 pub(crate) fn ip_header(src: IpAddr, dst: IpAddr, roce_len_without_icrc: usize) -> IpHeader {
+    numbered_ip_header(src, dst, roce_len_without_icrc, 0)
+}
+
+/// [`ip_header`] with IPv4 identification `id` (IPv6 has none).
+fn numbered_ip_header(src: IpAddr, dst: IpAddr, roce_len_without_icrc: usize, id: u16) -> IpHeader {
     let udp_len = (8 + roce_len_without_icrc + icrc::ICRC_LEN) as u16;
     match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeader::ipv4(s, d, 0, udp_len),
+        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeader::ipv4(s, d, id, udp_len),
         (s, d) => IpHeader::ipv6(to_v6(s), to_v6(d), udp_len),
     }
 }
@@ -229,9 +294,17 @@ pub(crate) fn open_packet<'a>(
     local: IpAddr,
     solver: &mut icrc::IdentificationSolver,
 ) -> Option<super::wire::PacketRepr<'a>> {
-    let ip = ip_header(from.ip(), local, bytes.len().saturating_sub(icrc::ICRC_LEN));
-    let valid = icrc::verify(&ip, from.port(), bytes).is_ok()
-        || (from.is_ipv4() && solver.solve(&ip, from.port(), bytes).is_some());
+    if bytes.len() < icrc::ICRC_LEN {
+        return None;
+    }
+    let (packet, carried) = bytes.split_at(bytes.len() - icrc::ICRC_LEN);
+    let carried = u32::from_le_bytes(carried.try_into().ok()?);
+    let ip = ip_header(from.ip(), local, packet.len());
+    // One CRC either way: at identification 0 it holds for a datagram sent alone; for the later segments of a
+    // GSO send (numbered 1, 2, …) and a kernel peer's, the difference gives the identification.
+    let at_zero = icrc::compute(&ip, from.port(), packet).ok()?;
+    let valid =
+        at_zero == carried || (from.is_ipv4() && solver.solve_difference(packet.len(), at_zero ^ carried).is_some());
     if !valid {
         return None;
     }
@@ -241,8 +314,161 @@ pub(crate) fn open_packet<'a>(
 /// Appends the ICRC for the header a datagram leaves with (from `local`:`from_port` to `dst`); false when it
 /// cannot be sealed (it must not be sent).
 pub(crate) fn seal(bytes: &mut Vec<u8>, local: IpAddr, from_port: u16, dst: SocketAddr) -> bool {
-    let ip = ip_header(local, dst.ip(), bytes.len());
+    seal_segment(bytes, local, from_port, dst, 0)
+}
+
+/// [`seal`] for segment `index` of a GSO send: the kernel gives the segments of one buffer consecutive IPv4
+/// identifications from the buffer's (0, as for every datagram we send).
+fn seal_segment(bytes: &mut Vec<u8>, local: IpAddr, from_port: u16, dst: SocketAddr, index: u16) -> bool {
+    let ip = numbered_ip_header(local, dst.ip(), bytes.len(), index);
     icrc::append(&ip, from_port, bytes).is_ok()
+}
+
+/// The most UDP payload one GSO buffer carries (IPv4 allows 65 507 bytes) and the most segments.
+const GSO_MAX_BYTES: usize = 65_000;
+const GSO_MAX_SEGMENTS: usize = 64;
+
+/// The next run of `datagrams` (unsealed, from the front) that the kernel can send as one GSO buffer: one
+/// destination, every datagram of the run the same length but the last, which may be shorter — a read's data
+/// WRITE with its response SEND, or the middle packets of a long WRITE with its last. Returns its length.
+fn gso_run(datagrams: &[Datagram]) -> usize {
+    let Some(first) = datagrams.first() else { return 0 };
+    let segment = first.bytes.len() + icrc::ICRC_LEN;
+    let mut total = segment;
+    let mut n = 1;
+    for d in &datagrams[1..] {
+        let len = d.bytes.len() + icrc::ICRC_LEN;
+        if d.dst != first.dst || len > segment || n == GSO_MAX_SEGMENTS || total + len > GSO_MAX_BYTES {
+            break;
+        }
+        n += 1;
+        total += len;
+        if len < segment {
+            break;
+        }
+    }
+    n
+}
+
+/// Seals the datagrams of a flush leaving `local` (a lane's socket, on the device's port) and sends them:
+/// each run that GSO can carry as one buffer by one `sendmsg` with `UDP_SEGMENT` — one pass through the
+/// kernel's stack for a read's data and response, or for fifteen packets of a long transfer — and the rest by
+/// `sendmmsg`. A kernel or route that refuses GSO turns it off for the batch's socket; the run is then sent
+/// as single datagrams.
+pub(crate) async fn transmit(
+    socket: &tokio::net::UdpSocket,
+    batch: &mut SendBatch,
+    local: SocketAddr,
+    mut datagrams: Vec<Datagram>,
+) -> Transmitted {
+    let (mut sent, mut dropped, mut gso_buffers) = (0u64, 0u64, 0u64);
+    let mut singles: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut rest = &mut datagrams[..];
+    while !rest.is_empty() {
+        let n = if batch.gso { gso_run(rest) } else { 1 };
+        let (run, after) = rest.split_at_mut(n);
+        rest = after;
+        if n == 1 {
+            let d = &mut run[0];
+            if seal(&mut d.bytes, local.ip(), local.port(), d.dst) {
+                singles.push((d.dst, std::mem::take(&mut d.bytes)));
+            } else {
+                dropped += 1;
+            }
+            continue;
+        }
+        // Order holds: what came before the run leaves before it.
+        let (s, x) = send_sealed(socket, batch, &singles).await;
+        (sent, dropped) = (sent + s, dropped + x);
+        singles.clear();
+        let mut sealed = true;
+        for (k, d) in run.iter_mut().enumerate() {
+            sealed &= seal_segment(&mut d.bytes, local.ip(), local.port(), d.dst, k as u16);
+        }
+        if !sealed {
+            dropped += n as u64;
+            continue;
+        }
+        match send_gso(socket, run).await {
+            Ok(()) => {
+                sent += n as u64;
+                gso_buffers += 1;
+            }
+            Err(e) if gso_unavailable(&e) => {
+                tracing::debug!(%local, "UDP GSO unavailable ({e}): single datagrams from now on");
+                batch.gso = false;
+                for d in run.iter_mut() {
+                    d.bytes.truncate(d.bytes.len() - icrc::ICRC_LEN);
+                    if seal(&mut d.bytes, local.ip(), local.port(), d.dst) {
+                        singles.push((d.dst, std::mem::take(&mut d.bytes)));
+                    } else {
+                        dropped += 1;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::trace!(dst = %run[0].dst, "GSO send: {e}");
+                dropped += n as u64;
+            }
+        }
+    }
+    let (s, x) = send_sealed(socket, batch, &singles).await;
+    Transmitted { sent: sent + s, dropped: dropped + x, gso_buffers }
+}
+
+/// What [`transmit`] did, in datagrams, and the GSO buffers that carried some of them.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Transmitted {
+    pub sent: u64,
+    pub dropped: u64,
+    pub gso_buffers: u64,
+}
+
+async fn send_sealed(
+    socket: &tokio::net::UdpSocket,
+    batch: &mut SendBatch,
+    sealed: &[(SocketAddr, Vec<u8>)],
+) -> (u64, u64) {
+    if sealed.is_empty() {
+        return (0, 0);
+    }
+    let datagrams: Vec<(SocketAddr, &[u8])> = sealed.iter().map(|(to, bytes)| (*to, bytes.as_slice())).collect();
+    send_all(socket, batch, &datagrams).await
+}
+
+/// One GSO buffer: the run's datagrams gathered, cut by the kernel at the first one's length.
+async fn send_gso(socket: &tokio::net::UdpSocket, run: &[Datagram]) -> std::io::Result<()> {
+    let segment = run[0].bytes.len() as u16;
+    let slices: Vec<IoSlice<'_>> = run.iter().map(|d| IoSlice::new(&d.bytes)).collect();
+    let to = SockaddrStorage::from(run[0].dst);
+    loop {
+        let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
+        let result = socket.try_io(Interest::WRITABLE, || {
+            sendmsg(socket.as_fd().as_raw_fd(), &slices, &cmsgs, MsgFlags::MSG_DONTWAIT, Some(&to))
+                .map_err(std::io::Error::from)
+        });
+        match result {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => socket.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Errors by which a kernel says it cannot segment for us (no UDP GSO, no checksum offload on the route, a
+/// segment above the route's MTU).
+fn gso_unavailable(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_errno::EIO | libc_errno::EINVAL | libc_errno::ENOPROTOOPT | libc_errno::EOPNOTSUPP)
+    )
+}
+
+mod libc_errno {
+    pub const EIO: i32 = nix::errno::Errno::EIO as i32;
+    pub const EINVAL: i32 = nix::errno::Errno::EINVAL as i32;
+    pub const ENOPROTOOPT: i32 = nix::errno::Errno::ENOPROTOOPT as i32;
+    pub const EOPNOTSUPP: i32 = nix::errno::Errno::EOPNOTSUPP as i32;
 }
 
 #[cfg(test)]
@@ -263,7 +489,7 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 11 {
             match batch.recv(&rx) {
-                Ok(n) => got.extend((0..n).map(|i| batch.get(i).map(|(r, b)| (r, b.to_vec())).expect("datagram"))),
+                Ok(_) => got.extend(batch.datagrams().map(|(r, b)| (r, b.to_vec()))),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
                 Err(e) => panic!("recvmmsg: {e}"),
             }
@@ -293,6 +519,57 @@ mod tests {
             std::io::ErrorKind::Other,
         ] {
             assert!(!socket_error_is_transient(fatal), "{fatal:?}");
+        }
+    }
+
+    /// A read's WRITE and response go as one GSO buffer (segments numbered 0 and 1 in their ICRCs) and come
+    /// back through GRO as the same two datagrams, each whole.
+    #[tokio::test]
+    async fn a_gso_run_comes_back_as_its_datagrams_through_gro() {
+        let rx = bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+        assert!(enable_gro(&rx), "UDP GRO");
+        let tx = tokio::net::UdpSocket::from_std(bind("127.0.0.1:0".parse().unwrap()).expect("bind")).unwrap();
+        let (to, from) = (rx.local_addr().unwrap(), tx.local_addr().unwrap());
+        let datagram = |fill: u8, len: usize| Datagram { dst: to, bytes: vec![fill; len], source_port: None };
+        // Two runs: [4124, 4124, 28] and a lone datagram to another port.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut lone = datagram(9, 100);
+        lone.dst = other.local_addr().unwrap();
+        // First a datagram of its own: a buffer that comes with no control message must not cost the next
+        // one its segment size.
+        let mut batch = RecvBatch::with_gro();
+        tx.send_to(&[7u8; 40], to).await.expect("send");
+        loop {
+            match batch.recv(&rx) {
+                Ok(_) => break assert_eq!(batch.datagrams().map(|(r, _)| r.len).collect::<Vec<_>>(), vec![40]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("recvmmsg: {e}"),
+            }
+        }
+        let out = vec![datagram(1, 4124), datagram(2, 4124), datagram(3, 28), lone];
+        let done = transmit(&tx, &mut SendBatch::new(), from, out).await;
+        assert_eq!((done.sent, done.dropped, done.gso_buffers), (4, 0, 1));
+        let (mut got, mut coalesced) = (Vec::new(), 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while got.len() < 3 && std::time::Instant::now() < deadline {
+            match batch.recv(&rx) {
+                Ok(_) => {
+                    coalesced += batch.coalesced();
+                    got.extend(batch.datagrams().map(|(r, b)| (r, b.to_vec())));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("recvmmsg: {e}"),
+            }
+        }
+        let lens: Vec<usize> = got.iter().map(|(r, _)| r.len).collect();
+        assert_eq!(lens, vec![4128, 4128, 32]);
+        assert!(coalesced >= 1, "the kernel handed the run up coalesced");
+        let mut solver = icrc::IdentificationSolver::new();
+        for (k, (r, bytes)) in got.iter().enumerate() {
+            assert_eq!(r.from, Some(from));
+            assert!(bytes[..bytes.len() - 4].iter().all(|&b| b == k as u8 + 1));
+            let ip = ip_header(from.ip(), to.ip(), bytes.len() - icrc::ICRC_LEN);
+            assert_eq!(solver.solve(&ip, from.port(), bytes), Some(k as u16), "segment {k}'s identification");
         }
     }
 }

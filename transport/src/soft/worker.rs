@@ -180,12 +180,10 @@ impl Worker {
             }
             tokio::select! {
                 taken = recv_batch(&self.socket, &mut received) => match taken {
-                    Ok(n) => {
-                        for i in 0..n {
-                            match received.get(i) {
-                                Some((r, bytes)) if !r.truncated && r.from.is_some() => {
-                                    self.on_datagram(bytes, r.from.unwrap_or(self.local))
-                                }
+                    Ok(_) => {
+                        for (r, bytes) in received.datagrams() {
+                            match r.from {
+                                Some(from) if !r.truncated => self.on_datagram(bytes, from),
                                 _ => {
                                     self.stats.packets_received += 1;
                                     self.stats.packets_dropped += 1;
@@ -521,6 +519,8 @@ impl Worker {
                     packets_dropped: self.stats.packets_dropped + self.lane_count(|c| &c.dropped),
                     lanes: self.lanes.len(),
                     lane_packets_received: self.lane_count(|c| &c.received),
+                    lane_gso_sends: self.lane_count(|c| &c.gso_sends),
+                    lane_gro_receives: self.lane_count(|c| &c.gro_receives),
                     ..self.stats
                 });
             }

@@ -162,9 +162,15 @@ impl IdentificationSolver {
         zero_id[4] = 0;
         zero_id[5] = 0;
         let at_zero = compute(&IpHeader::V4(zero_id), udp_src, packet).ok()?;
-        let len = 8 + IPV4_HEADER_LEN + UDP_HEADER_LEN + packet.len();
+        self.solve_difference(packet.len(), at_zero ^ carried)
+    }
+
+    /// [`IdentificationSolver::solve`] for a caller that has computed the ICRC of an IPv4 packet of
+    /// `packet_len` bytes (BTH to pad) with identification 0: `difference` is that ICRC xor the one carried.
+    pub fn solve_difference(&mut self, packet_len: usize, difference: u32) -> Option<u16> {
+        let len = 8 + IPV4_HEADER_LEN + UDP_HEADER_LEN + packet_len;
         let basis = self.bases.entry(len).or_insert_with(|| reduced_basis(len));
-        let mut target = at_zero ^ carried;
+        let mut target = difference;
         let mut id = 0u16;
         for &(vector, pivot, combination) in basis.iter() {
             if target & pivot != 0 {
