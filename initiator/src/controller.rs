@@ -646,7 +646,9 @@ impl Controller {
         match tokio::time::timeout(self.options.io_timeout, work).await {
             Ok(done) => done,
             Err(_) => {
-                // The buffer stays registered with a device that is about to be torn down.
+                // The association is lost and its device torn down: an exchange still running on a lane ends with
+                // its queue (the buffer comes back then, unused); one on the device's worker left its buffer
+                // registered there until the device closes.
                 self.loss.raise("I/O timeout");
                 (Err(HostError::Timeout("I/O")), None)
             }

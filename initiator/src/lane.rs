@@ -36,7 +36,11 @@ impl LaneThread {
                 tracing::debug!("queue stays on the device's worker: {why}");
                 return Ok(None);
             }
-            Err(e) => return Err(e.into()),
+            Err(DeviceError::Closed) => return Err(DeviceError::Closed.into()),
+            Err(e) => {
+                tracing::warn!("queue stays on the device's worker: no lane ({e})");
+                return Ok(None);
+            }
         };
         let id = lane.id();
         let runtime = tokio::runtime::Builder::new_current_thread()

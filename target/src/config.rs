@@ -9,6 +9,7 @@
 //! in_capsule_data_size = 4096
 //! max_io_size = "128K"          # MDTS
 //! pool_buffers = 256            # per poll group
+//! srq_depth = 1024              # receives shared by a poll group's queues (soft provider)
 //! repair_interval_ms = 1000
 //! control_socket = "/run/nvmf-target.sock"
 //!
@@ -185,6 +186,12 @@ impl TargetConfig {
                 }
                 limits.max_io_size = n as u32;
             }
+            if let Some(v) = t.srq_depth {
+                if !(16..=65536).contains(v.get_ref()) {
+                    return Err(err(v.span(), "target.srq_depth", "must be 16..=65536".into()));
+                }
+                limits.srq_depth = *v.get_ref();
+            }
             control_socket = t.control_socket.map(PathBuf::from);
         }
         let mut listeners = Vec::new();
@@ -343,6 +350,7 @@ struct RawTarget {
     max_io_queues: Option<Spanned<u16>>,
     in_capsule_data_size: Option<Spanned<SizeValue>>,
     max_io_size: Option<Spanned<SizeValue>>,
+    srq_depth: Option<Spanned<u32>>,
     control_socket: Option<String>,
 }
 
@@ -413,6 +421,9 @@ block_size = 4096
     fn parses_a_full_file() {
         let c = TargetConfig::parse("t.toml", GOOD).unwrap();
         assert_eq!(c.rdma.poll_groups, 2);
+        assert_eq!(c.limits.srq_depth, TargetLimits::default().srq_depth);
+        let deep = TargetConfig::parse("t.toml", &GOOD.replace("poll_groups = 2", "poll_groups = 2\nsrq_depth = 4096"));
+        assert_eq!(deep.unwrap().limits.srq_depth, 4096);
         assert_eq!(c.limits.max_io_size, 64 * 1024);
         assert_eq!(c.listeners[0].trsvcids, vec![4420, 4421]);
         assert_eq!(c.listeners[0].udp_port, 0);
@@ -430,6 +441,9 @@ block_size = 4096
         let bad = GOOD.replace("size = \"64M\"", "size = \"64Q\"");
         let e = TargetConfig::parse("t.toml", &bad).unwrap_err();
         assert_eq!((e.file.as_str(), e.line, e.field.as_str()), ("t.toml", 18, "subsystem.namespace.size"), "{e}");
+        let bad = GOOD.replace("poll_groups = 2", "poll_groups = 2\nsrq_depth = 8");
+        let e = TargetConfig::parse("t.toml", &bad).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (4, "target.srq_depth"), "{e}");
         let bad = GOOD.replace("poll_groups = 2", "poll_grups = 2");
         let e = TargetConfig::parse("t.toml", &bad).unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (3, "poll_grups"), "{e}");

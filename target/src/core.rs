@@ -34,6 +34,9 @@ pub struct TargetLimits {
     pub in_capsule_data_size: u32,
     /// Largest transfer of one command (MDTS); a power of two, at least 4 KiB.
     pub max_io_size: u32,
+    /// Receives in each poll group's shared receive queue (one per group and listener, soft provider): the
+    /// capsules a group holds at once across all its queues; beyond it a host waits out an RNR NAK.
+    pub srq_depth: u32,
 }
 
 impl Default for TargetLimits {
@@ -44,6 +47,7 @@ impl Default for TargetLimits {
             max_io_queues: 16,
             in_capsule_data_size: 4096,
             max_io_size: 128 * 1024,
+            srq_depth: 1024,
         }
     }
 }

@@ -192,6 +192,10 @@ async fn random_io(t: &TestTarget, nqn: &str, ops_per_worker: usize) -> (u64, u6
     let host = ctrl.transport_stats().await.expect("host stats");
     assert_eq!(host.lanes, 4, "{host:?}");
     assert!(host.lane_packets_received > reads + writes, "{host:?}");
+    // The target's queues took their capsules from their poll groups' shared receive queues.
+    let listener = &stats.listeners[0];
+    assert_eq!(listener.shared_receive_queues, listener.lanes, "one per poll group's lane: {listener:?}");
+    assert!(listener.lanes.unwrap_or(0) > 0, "{listener:?}");
     Arc::into_inner(ctrl).expect("only owner").shutdown().await.expect("shutdown");
     (reads, writes)
 }

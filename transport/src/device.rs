@@ -333,8 +333,17 @@ pub(crate) enum Command {
         pd: u32,
         send_cq: CompletionQueue,
         recv_cq: CompletionQueue,
+        srq: Option<u32>,
         reply: Reply<(u32, mpsc::UnboundedSender<Command>)>,
     },
+    /// A shared receive queue on a lane: numbered by the worker, kept by the lane.
+    CreateSrqOnLane {
+        lane: usize,
+        pd: u32,
+        reply: Reply<(u32, mpsc::UnboundedSender<Command>)>,
+    },
+    /// A lane's shared receive queue was destroyed (its queue pairs can no longer name it).
+    LaneSrqDestroyed(u32),
     /// The device's worker to one of its lanes.
     Lane(crate::soft::lane::LaneCommand),
     /// A region for the queue pairs of a lane (forwarded to it as `Register` / `Deregister`).
@@ -495,8 +504,38 @@ impl Device {
         recv_cq: &CompletionQueue,
     ) -> Result<QueuePair, DeviceError> {
         let (pd, send_cq, recv_cq) = (pd.id, send_cq.clone(), recv_cq.clone());
-        let (qpn, commands) = self.call(|reply| Command::CreateQpOnLane { lane, pd, send_cq, recv_cq, reply }).await?;
+        let (qpn, commands) =
+            self.call(|reply| Command::CreateQpOnLane { lane, pd, send_cq, recv_cq, srq: None, reply }).await?;
         Ok(QueuePair { qpn, commands })
+    }
+
+    /// A queue pair on lane `lane` whose receives come from `srq`, a shared receive queue of the same lane
+    /// ([`Device::create_srq_on_lane`]) and domain: a poll group's queue pairs share one pool of receives, so
+    /// memory does not grow with queue pairs × depth.
+    pub async fn create_qp_on_lane_with_srq(
+        &self,
+        lane: usize,
+        pd: &ProtectionDomain,
+        send_cq: &CompletionQueue,
+        recv_cq: &CompletionQueue,
+        srq: &SharedReceiveQueue,
+    ) -> Result<QueuePair, DeviceError> {
+        let (pd, send_cq, recv_cq, srq) = (pd.id, send_cq.clone(), recv_cq.clone(), Some(srq.id));
+        let (qpn, commands) =
+            self.call(|reply| Command::CreateQpOnLane { lane, pd, send_cq, recv_cq, srq, reply }).await?;
+        Ok(QueuePair { qpn, commands })
+    }
+
+    /// A shared receive queue kept by lane `lane`: posting on it is a message to the lane, on the lane's thread a
+    /// call there. Soft provider only.
+    pub async fn create_srq_on_lane(
+        &self,
+        lane: usize,
+        pd: &ProtectionDomain,
+    ) -> Result<SharedReceiveQueue, DeviceError> {
+        let pd = pd.id;
+        let (id, commands) = self.call(|reply| Command::CreateSrqOnLane { lane, pd, reply }).await?;
+        Ok(SharedReceiveQueue { id, commands })
     }
 
     pub async fn create_srq(&self, pd: &ProtectionDomain) -> Result<SharedReceiveQueue, DeviceError> {
@@ -508,8 +547,14 @@ impl Device {
     /// Destroys a shared receive queue and hands back the receives still posted on it. Refused while queue
     /// pairs use it.
     pub async fn destroy_srq(&self, srq: &SharedReceiveQueue) -> Result<Vec<RecvWr>, DeviceError> {
-        let id = srq.id;
-        self.call(|r| Command::DestroySrq(id, r)).await
+        // Its owner destroys it: the device's worker, or the lane that keeps it.
+        let (reply, rx) = oneshot::channel();
+        srq.commands.send(Command::DestroySrq(srq.id, reply)).map_err(|_| DeviceError::Closed)?;
+        let taken = rx.await.map_err(|_| DeviceError::Closed)??;
+        if !srq.commands.same_channel(&self.commands) {
+            let _ = self.commands.send(Command::LaneSrqDestroyed(srq.id));
+        }
+        Ok(taken)
     }
 
     /// Moves a queue pair through RESET / INIT / RTR / RTS / ERR by hand; returns the new state.

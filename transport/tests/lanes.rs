@@ -171,3 +171,76 @@ async fn a_lane_serves_its_own_regions_to_the_peer() {
     tokio::task::spawn_blocking(move || host.close()).await.unwrap();
     thread.join().expect("lane thread");
 }
+
+/// A poll group's pattern: one shared receive queue on a lane, three queue pairs of that lane taking their
+/// capsules from it — each capsule lands in the next posted buffer, whichever queue pair it came on, and a
+/// buffer given back serves any of them; a queue pair's own receives are refused; an SRQ of another lane or an
+/// unknown one is refused; it is counted in the stats, busy while queue pairs use it, and gone after.
+#[tokio::test]
+async fn a_lane_shares_one_receive_queue_among_its_queue_pairs() {
+    let (host, target) = (device(7), device(8));
+    let (pd_host, pd_target) = (host.alloc_pd().await.unwrap(), target.alloc_pd().await.unwrap());
+    target.listen(4420, 16).await.unwrap();
+    let (lane, other) = (target.open_lane().await.expect("lane"), target.open_lane().await.expect("lane 2"));
+    let (id, other_id) = (lane.id(), other.id());
+    let threads = [run_lane(lane), run_lane(other)];
+    let srq = target.create_srq_on_lane(id, &pd_target).await.expect("srq on a lane");
+    let foreign = target.create_srq_on_lane(other_id, &pd_target).await.expect("srq on lane 2");
+    for slot in 0..2u64 {
+        srq.post_recv(RecvWr::new(100 + slot, vec![0; 128])).unwrap();
+    }
+    assert_eq!(target.stats().await.unwrap().shared_receive_queues, 2);
+    let cq = CompletionQueue::new();
+    assert!(
+        target.create_qp_on_lane_with_srq(other_id, &pd_target, &cq, &cq, &srq).await.is_err(),
+        "another lane's SRQ"
+    );
+
+    let mut pairs = Vec::new();
+    for i in 0..3u16 {
+        let (cq_host, cq_target) = (CompletionQueue::new(), CompletionQueue::new());
+        let qh = host.create_qp(&pd_host, &cq_host, &cq_host).await.unwrap();
+        let request = CmRequest { recfmt: 0, qid: i, hrqsize: 32, hsqsize: 31, cntlid: 0 }.to_bytes();
+        host.connect(&qh, target.local_addr(), 4420, ConnectionOptions::default(), &request).await.unwrap();
+        let DeviceEvent::ConnectRequest { conn, .. } = event(&target).await else { panic!("request") };
+        let qt = target.create_qp_on_lane_with_srq(id, &pd_target, &cq_target, &cq_target, &srq).await.unwrap();
+        // Its receives come from the shared queue: one of its own comes straight back failed.
+        qt.post_recv(RecvWr::new(1, vec![0; 64])).unwrap();
+        let refused = complete(&cq_target).await.wc;
+        assert!(refused.wr_id == 1 && refused.status != WcStatus::Success, "{refused:?}");
+        target
+            .accept(conn, &qt, ConnectionOptions::default(), &CmAccept { recfmt: 0, crqsize: 32 }.to_bytes())
+            .await
+            .unwrap();
+        assert!(matches!(event(&host).await, DeviceEvent::Established { .. }));
+        assert!(matches!(event(&target).await, DeviceEvent::Established { .. }));
+        pairs.push((qh, qt, cq_host, cq_target));
+    }
+    // Six capsules over three queue pairs through two shared buffers, each handed back after use.
+    for round in 0..2u8 {
+        for (i, (qh, _, cq_host, cq_target)) in pairs.iter().enumerate() {
+            let capsule = vec![round * 10 + i as u8 + 1; 64];
+            qh.post_send(SendWr::new(1, SendOp::Send, capsule.clone())).unwrap();
+            let got = complete(cq_target).await.wc;
+            assert_eq!((got.status, got.byte_len), (WcStatus::Success, 64), "round {round}, queue pair {i}");
+            assert!((100..102).contains(&got.wr_id), "a shared buffer: {}", got.wr_id);
+            assert_eq!(&got.buf[..64], &capsule[..]);
+            assert_eq!(complete(cq_host).await.wc.status, WcStatus::Success);
+            srq.post_recv(RecvWr::new(got.wr_id, got.buf)).unwrap();
+        }
+    }
+    assert!(target.destroy_srq(&srq).await.is_err(), "busy while queue pairs use it");
+    for (qh, qt, _, _) in &pairs {
+        host.destroy_qp(qh).await.unwrap();
+        target.destroy_qp(qt).await.unwrap();
+    }
+    let back = target.destroy_srq(&srq).await.expect("destroyed once unused");
+    assert_eq!(back.len(), 2, "both buffers were posted again");
+    target.destroy_srq(&foreign).await.unwrap();
+    assert_eq!(target.stats().await.unwrap().shared_receive_queues, 0);
+    assert!(target.create_qp_on_lane_with_srq(id, &pd_target, &cq, &cq, &srq).await.is_err(), "a destroyed SRQ");
+    tokio::task::spawn_blocking(move || target.close()).await.unwrap();
+    for t in threads {
+        t.join().expect("lane thread");
+    }
+}

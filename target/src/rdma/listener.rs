@@ -17,12 +17,13 @@ use nvme_proto::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest, RECORD_
 use tokio::sync::{mpsc, oneshot};
 use transport::{
     CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, PeerParams, ProtectionDomain, Provider, RecvWr,
+    SharedReceiveQueue,
 };
 
 use super::group::{GroupMsg, Groups};
 use super::queue::{QueueSetup, RECV_TAG};
 use crate::controller::QueueRef;
-use crate::core::Target;
+use crate::core::{Target, TargetLimits};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +82,8 @@ pub struct ListenerStatus {
     /// Lanes of the device the poll groups run, and the datagrams that reached them directly.
     pub lanes: Option<usize>,
     pub lane_packets_received: Option<u64>,
+    /// Shared receive queues of the device: one per poll group's lane, its queue pairs' capsules.
+    pub shared_receive_queues: Option<usize>,
     /// Buffers the lanes sent by UDP GSO (a read's data and response in one pass through the kernel) and
     /// took coalesced by UDP GRO.
     pub lane_gso_sends: Option<u64>,
@@ -99,7 +102,7 @@ pub(crate) struct Listener {
     device_id: u64,
     pd: Option<ProtectionDomain>,
     /// Per poll group, the lane of the current device it runs.
-    lanes: Vec<Option<usize>>,
+    lanes: Vec<Option<GroupLane>>,
     state: ListenerState,
     routes_by_conn: HashMap<ConnId, QueueRef>,
     routes_by_qpn: HashMap<u32, QueueRef>,
@@ -120,12 +123,46 @@ pub enum ListenError {
 struct OpenDevice {
     device: Arc<Device>,
     pd: ProtectionDomain,
-    lanes: Vec<Option<usize>>,
+    lanes: Vec<Option<GroupLane>>,
+}
+
+/// A poll group's lane of the listener's device, and the shared receive queue its queue pairs take their
+/// capsules from (SPDK's default: one per poll group, so receive memory does not grow with queue pairs × depth).
+#[derive(Debug, Clone)]
+struct GroupLane {
+    id: usize,
+    srq: Option<SharedReceiveQueue>,
+}
+
+/// A lane's shared receive queue with `depth` receives of `size` bytes posted; `None` (each queue pair posts
+/// its own) if the device will not make one.
+async fn group_srq(
+    device: &Device,
+    lane: usize,
+    pd: &ProtectionDomain,
+    depth: u32,
+    size: usize,
+) -> Option<SharedReceiveQueue> {
+    let srq = match device.create_srq_on_lane(lane, pd).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(lane, "no shared receive queue: {e}");
+            return None;
+        }
+    };
+    for slot in 0..u64::from(depth) {
+        srq.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; size])).ok()?;
+    }
+    Some(srq)
 }
 
 /// Opens the device, listens on every port, and gives every poll group a lane of it to run, so that each
 /// queue's datagrams, RC engine and NVMe work share the group's thread.
-async fn open_device(spec: &ListenSpec, groups: &Groups) -> Result<OpenDevice, transport::DeviceError> {
+async fn open_device(
+    spec: &ListenSpec,
+    groups: &Groups,
+    limits: &TargetLimits,
+) -> Result<OpenDevice, transport::DeviceError> {
     let device = Arc::new(Device::open_provider(spec.provider, spec.addr, spec.udp_port)?);
     let pd = device.alloc_pd().await?;
     for &port in &spec.trsvcids {
@@ -136,7 +173,13 @@ async fn open_device(spec: &ListenSpec, groups: &Groups) -> Result<OpenDevice, t
         lanes.push(match device.open_lane().await {
             Ok(lane) => {
                 let id = lane.id();
-                groups.send(group, GroupMsg::RunLane(lane)).ok().map(|()| id)
+                match groups.send(group, GroupMsg::RunLane(lane)) {
+                    Ok(()) => {
+                        let (depth, size) = (limits.srq_depth, 64 + limits.in_capsule_data_size as usize);
+                        Some(GroupLane { id, srq: group_srq(&device, id, &pd, depth, size).await })
+                    }
+                    Err(_) => None,
+                }
             }
             Err(e) => {
                 tracing::debug!(addr = %spec.addr, group, "no lane: {e}");
@@ -156,8 +199,9 @@ impl Listener {
         next_key: Arc<AtomicU64>,
         repair_interval: Duration,
     ) -> Result<(Listener, mpsc::UnboundedReceiver<ListenerMsg>, Arc<Mutex<ListenerStatus>>), ListenError> {
-        let OpenDevice { device, pd, lanes } =
-            open_device(&spec, &groups).await.map_err(|source| ListenError::Device { addr: spec.addr, source })?;
+        let OpenDevice { device, pd, lanes } = open_device(&spec, &groups, &target.limits)
+            .await
+            .map_err(|source| ListenError::Device { addr: spec.addr, source })?;
         let udp_port = device.local_addr().port();
         let spec = ListenSpec { udp_port, ..spec };
         let status = Arc::new(Mutex::new(ListenerStatus {
@@ -172,6 +216,7 @@ impl Listener {
             node_guid: None,
             lanes: None,
             lane_packets_received: None,
+            shared_receive_queues: None,
             lane_gso_sends: None,
             lane_gro_receives: None,
             device: Some(device.clone()),
@@ -333,16 +378,18 @@ impl Listener {
             }
             // The device's socket stays bound; the address coming back is an event.
             ListenerState::RepairingAddressGone => {}
-            ListenerState::RepairingDeviceGone => match open_device(&self.spec, &self.groups).await {
-                Ok(OpenDevice { device, pd, lanes }) => {
-                    self.device = Some(device);
-                    self.pd = Some(pd);
-                    self.lanes = lanes;
-                    self.device_id = new_device_id();
-                    self.set_state(ListenerState::Listening);
+            ListenerState::RepairingDeviceGone => {
+                match open_device(&self.spec, &self.groups, &self.target.limits).await {
+                    Ok(OpenDevice { device, pd, lanes }) => {
+                        self.device = Some(device);
+                        self.pd = Some(pd);
+                        self.lanes = lanes;
+                        self.device_id = new_device_id();
+                        self.set_state(ListenerState::Listening);
+                    }
+                    Err(e) => tracing::debug!(addr = %self.spec.addr, "reopening the device: {e}"),
                 }
-                Err(e) => tracing::debug!(addr = %self.spec.addr, "reopening the device: {e}"),
-            },
+            }
         }
     }
 
@@ -378,9 +425,12 @@ impl Listener {
         let group = self.next_group % self.groups.senders.len();
         self.next_group += 1;
         let cq = CompletionQueue::new();
-        let created = match self.lanes.get(group).copied().flatten() {
-            Some(lane) => device.create_qp_on_lane(lane, &pd, &cq, &cq).await,
-            None => device.create_qp(&pd, &cq, &cq).await,
+        let lane = self.lanes.get(group).cloned().flatten();
+        let srq = lane.as_ref().and_then(|l| l.srq.clone());
+        let created = match (&lane, &srq) {
+            (Some(l), Some(srq)) => device.create_qp_on_lane_with_srq(l.id, &pd, &cq, &cq, srq).await,
+            (Some(l), None) => device.create_qp_on_lane(l.id, &pd, &cq, &cq).await,
+            (None, _) => device.create_qp(&pd, &cq, &cq).await,
         };
         let qp = match created {
             Ok(qp) => qp,
@@ -389,9 +439,11 @@ impl Listener {
                 return self.reject(conn, CmRejectStatus::NoResources).await;
             }
         };
-        let recv_size = 64 + limits.in_capsule_data_size as usize;
-        for slot in 0..depth as u64 {
-            let _ = qp.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; recv_size]));
+        if srq.is_none() {
+            let recv_size = 64 + limits.in_capsule_data_size as usize;
+            for slot in 0..depth as u64 {
+                let _ = qp.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; recv_size]));
+            }
         }
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let setup = QueueSetup {
@@ -403,6 +455,7 @@ impl Listener {
             conn,
             qid: request.qid,
             depth,
+            srq,
             listener: self.own.clone(),
         };
         let options = ConnectionOptions {

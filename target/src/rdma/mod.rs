@@ -288,6 +288,7 @@ impl StatsHandle {
                 memory_regions += s.regions;
                 l.active_mtu = Some(s.active_mtu);
                 l.lanes = Some(s.lanes);
+                l.shared_receive_queues = Some(s.shared_receive_queues);
                 l.lane_packets_received = Some(s.lane_packets_received);
                 l.lane_gso_sends = Some(s.lane_gso_sends);
                 l.lane_gro_receives = Some(s.lane_gro_receives);

@@ -23,8 +23,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use transport::{
-    Completion, CompletionQueue, ConnId, Device, QpTransition, QueuePair, SendOp, SendWr, WcOpcode, WcStatus,
-    WorkCompletion,
+    Completion, CompletionQueue, ConnId, Device, QpTransition, QueuePair, SendOp, SendWr, SharedReceiveQueue, WcOpcode,
+    WcStatus, WorkCompletion,
 };
 
 use super::listener::ListenerMsg;
@@ -53,6 +53,8 @@ pub(crate) struct QueueSetup {
     pub conn: ConnId,
     pub qid: u16,
     pub depth: u16,
+    /// The poll group's shared receive queue the queue pair takes its capsules from; `None`: its own receives.
+    pub srq: Option<SharedReceiveQueue>,
     pub listener: mpsc::UnboundedSender<ListenerMsg>,
 }
 
@@ -279,6 +281,10 @@ impl Queue {
         let wc = c.wc;
         if wc.wr_id & RECV_TAG != 0 {
             if wc.status != WcStatus::Success {
+                // A receive the queue pair had taken from the shared queue comes back with it.
+                if self.setup.srq.is_some() && !wc.buf.is_empty() {
+                    self.repost(wc.wr_id & !RECV_TAG, wc.buf);
+                }
                 // The queue pair left RTS (disconnect, error): every receive comes back flushed; say it once.
                 if !self.draining.get() && !self.closing.replace(true) {
                     if wc.status == WcStatus::WrFlush {
@@ -291,6 +297,8 @@ impl Queue {
                 return;
             }
             if self.draining.get() {
+                // Not served; a shared receive queue gets the buffer back.
+                self.repost(wc.wr_id & !RECV_TAG, wc.buf);
                 return;
             }
             let slot = wc.wr_id & !RECV_TAG;
@@ -329,13 +337,19 @@ impl Queue {
         (id, rx)
     }
 
+    /// Hands a receive buffer back: to the group's shared receive queue always (it outlives this queue), to
+    /// the queue pair's own receives unless the queue is draining.
     fn repost(&self, slot: u64, mut buf: Vec<u8>) {
-        if self.draining.get() {
+        if self.draining.get() && self.setup.srq.is_none() {
             return;
         }
         let size = buf.capacity();
         buf.resize(size, 0);
-        let _ = self.setup.qp.post_recv(transport::RecvWr::new(RECV_TAG | slot, buf));
+        let wr = transport::RecvWr::new(RECV_TAG | slot, buf);
+        let _ = match &self.setup.srq {
+            Some(srq) => srq.post_recv(wr),
+            None => self.setup.qp.post_recv(wr),
+        };
     }
 
     /// One received capsule, from decoding to the response.

@@ -27,7 +27,13 @@ pub(crate) enum LaneCommand {
         pd: u32,
         send_cq: CompletionQueue,
         recv_cq: CompletionQueue,
+        /// The lane's shared receive queue its receives come from, if any.
+        srq: Option<u32>,
         start_psn: u32,
+    },
+    CreateSrq {
+        id: u32,
+        pd: u32,
     },
     Bind {
         qpn: u32,
@@ -113,8 +119,12 @@ impl Lane {
         };
         let mut data = DataPath::new(config);
         let mut solver = IdentificationSolver::new();
-        // Coalesced receives where the kernel offers them: a long transfer's packets come up in one buffer.
-        let mut received = if enable_gro(&socket) { RecvBatch::with_gro() } else { RecvBatch::new() };
+        // Coalesced receives on loopback, where the only coalesced buffers are our peers' GSO sends (one queue
+        // pair each, steered whole to the lane that owns it): a long transfer's packets come up in one buffer.
+        // Not on a NIC: its GRO merges by UDP flow, and lanes send every queue pair from the device's port, so a
+        // buffer could carry another lane's datagrams (per-queue-pair source ports, as rxe's, come first).
+        let gro = local.ip().is_loopback() && enable_gro(&socket);
+        let mut received = if gro { RecvBatch::with_gro() } else { RecvBatch::new() };
         let mut batch = SendBatch::new();
         let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
         let sleep = tokio::time::sleep_until(far());
@@ -220,6 +230,10 @@ fn on_command(data: &mut DataPath, mtu: &mut usize, counters: &LaneCounters, com
         }
         Command::PostSend(qpn, wr) => data.post_send(qpn, wr),
         Command::PostRecv(qpn, wr) => data.post_recv(qpn, wr),
+        Command::PostSrqRecv(id, wr) => data.post_srq_recv(id, wr),
+        Command::DestroySrq(id, reply) => {
+            let _ = reply.send(data.destroy_srq(id));
+        }
         Command::ModifyQp(qpn, transition, reply) => {
             let _ = reply.send(data.modify_qp(qpn, transition, *mtu));
         }
@@ -228,9 +242,10 @@ fn on_command(data: &mut DataPath, mtu: &mut usize, counters: &LaneCounters, com
             let _ = reply.send(Ok(()));
         }
         Command::Lane(c) => match c {
-            LaneCommand::Create { qpn, pd, send_cq, recv_cq, start_psn } => {
-                data.create_qp(qpn, pd, send_cq, recv_cq, None, start_psn)
+            LaneCommand::Create { qpn, pd, send_cq, recv_cq, srq, start_psn } => {
+                data.create_qp(qpn, pd, send_cq, recv_cq, srq, start_psn)
             }
+            LaneCommand::CreateSrq { id, pd } => data.create_srq(id, pd),
             LaneCommand::Bind { qpn, conn, peer } => data.bind_connection(qpn, conn, peer),
             LaneCommand::Start { qpn, peer, options } => data.start_engine(Instant::now(), qpn, &peer, options, *mtu),
             LaneCommand::ConnectionLost(qpn) => data.connection_lost(qpn),

@@ -329,16 +329,25 @@ const GSO_MAX_BYTES: usize = 65_000;
 const GSO_MAX_SEGMENTS: usize = 64;
 
 /// The next run of `datagrams` (unsealed, from the front) that the kernel can send as one GSO buffer: one
-/// destination, every datagram of the run the same length but the last, which may be shorter — a read's data
-/// WRITE with its response SEND, or the middle packets of a long WRITE with its last. Returns its length.
+/// destination queue pair, every datagram of the run the same length but the last, which may be shorter — a
+/// read's data WRITE with its response SEND, or the middle packets of a long WRITE with its last. Returns its
+/// length. One queue pair, not just one address: a buffer that arrives whole (loopback, GRO) is steered to a
+/// lane by its first datagram's queue pair, so another queue pair's datagram in it would reach the wrong lane.
 fn gso_run(datagrams: &[Datagram]) -> usize {
     let Some(first) = datagrams.first() else { return 0 };
     let segment = first.bytes.len() + icrc::ICRC_LEN;
+    let qp = dest_qp(&first.bytes);
     let mut total = segment;
     let mut n = 1;
     for d in &datagrams[1..] {
         let len = d.bytes.len() + icrc::ICRC_LEN;
-        if d.dst != first.dst || len > segment || n == GSO_MAX_SEGMENTS || total + len > GSO_MAX_BYTES {
+        if d.dst != first.dst
+            || qp.is_none()
+            || dest_qp(&d.bytes) != qp
+            || len > segment
+            || n == GSO_MAX_SEGMENTS
+            || total + len > GSO_MAX_BYTES
+        {
             break;
         }
         n += 1;
@@ -348,6 +357,11 @@ fn gso_run(datagrams: &[Datagram]) -> usize {
         }
     }
     n
+}
+
+/// The destination queue pair of a RoCEv2 packet (BTH bytes 5..8).
+fn dest_qp(packet: &[u8]) -> Option<&[u8]> {
+    packet.get(super::wire::bth::field::DEST_QP)
 }
 
 /// Seals the datagrams of a flush leaving `local` (a lane's socket, on the device's port) and sends them:
@@ -369,12 +383,7 @@ pub(crate) async fn transmit(
         let (run, after) = rest.split_at_mut(n);
         rest = after;
         if n == 1 {
-            let d = &mut run[0];
-            if seal(&mut d.bytes, local.ip(), local.port(), d.dst) {
-                singles.push((d.dst, std::mem::take(&mut d.bytes)));
-            } else {
-                dropped += 1;
-            }
+            dropped += seal_single(&mut run[0], local, &mut singles);
             continue;
         }
         // Order holds: what came before the run leaves before it.
@@ -394,16 +403,15 @@ pub(crate) async fn transmit(
                 sent += n as u64;
                 gso_buffers += 1;
             }
-            Err(e) if gso_unavailable(&e) => {
-                tracing::debug!(%local, "UDP GSO unavailable ({e}): single datagrams from now on");
-                batch.gso = false;
+            Err(e) if gso_refused(&e).is_some() => {
+                if gso_refused(&e) == Some(Refusal::Always) {
+                    tracing::debug!(%local, "UDP GSO unavailable ({e}): single datagrams from now on");
+                    batch.gso = false;
+                }
+                // Sealed for identifications 1, 2, …: sealed again for 0, as single datagrams.
                 for d in run.iter_mut() {
                     d.bytes.truncate(d.bytes.len() - icrc::ICRC_LEN);
-                    if seal(&mut d.bytes, local.ip(), local.port(), d.dst) {
-                        singles.push((d.dst, std::mem::take(&mut d.bytes)));
-                    } else {
-                        dropped += 1;
-                    }
+                    dropped += seal_single(d, local, &mut singles);
                 }
             }
             Err(e) => {
@@ -455,13 +463,31 @@ async fn send_gso(socket: &tokio::net::UdpSocket, run: &[Datagram]) -> std::io::
     }
 }
 
-/// Errors by which a kernel says it cannot segment for us (no UDP GSO, no checksum offload on the route, a
-/// segment above the route's MTU).
-fn gso_unavailable(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc_errno::EIO | libc_errno::EINVAL | libc_errno::ENOPROTOOPT | libc_errno::EOPNOTSUPP)
-    )
+/// Seals a datagram for sending alone and queues it; 1 if it could not be sealed (dropped), else 0.
+fn seal_single(d: &mut Datagram, local: SocketAddr, singles: &mut Vec<(SocketAddr, Vec<u8>)>) -> u64 {
+    if seal(&mut d.bytes, local.ip(), local.port(), d.dst) {
+        singles.push((d.dst, std::mem::take(&mut d.bytes)));
+        0
+    } else {
+        1
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// This run only (a segment above the route's MTU, which an MTU change may have lowered).
+    ThisRun,
+    /// The kernel or route cannot segment for us at all (no UDP GSO, no checksum offload).
+    Always,
+}
+
+/// Whether an error says the kernel would not segment the run (rather than that sending failed).
+fn gso_refused(e: &std::io::Error) -> Option<Refusal> {
+    match e.raw_os_error() {
+        Some(libc_errno::EINVAL) => Some(Refusal::ThisRun),
+        Some(libc_errno::EIO | libc_errno::ENOPROTOOPT | libc_errno::EOPNOTSUPP) => Some(Refusal::Always),
+        _ => None,
+    }
 }
 
 mod libc_errno {
@@ -522,18 +548,47 @@ mod tests {
         }
     }
 
-    /// A read's WRITE and response go as one GSO buffer (segments numbered 0 and 1 in their ICRCs) and come
-    /// back through GRO as the same two datagrams, each whole.
+    /// Runs never mix queue pairs (their datagrams may belong to different lanes of the peer) nor
+    /// destinations, and end at a shorter datagram.
+    #[test]
+    fn a_gso_run_is_one_queue_pair_of_one_destination() {
+        let to: SocketAddr = "127.0.0.1:4791".parse().unwrap();
+        let d = |len: usize, qp: u8| {
+            let mut bytes = vec![0u8; len];
+            if let Some(b) = bytes.get_mut(7) {
+                *b = qp;
+            }
+            Datagram { dst: to, bytes, source_port: None }
+        };
+        assert_eq!(gso_run(&[d(100, 1), d(100, 1), d(40, 1), d(100, 1)]), 3);
+        assert_eq!(gso_run(&[d(100, 1), d(100, 2), d(40, 2)]), 1, "another queue pair");
+        assert_eq!(gso_run(&[d(100, 1), d(120, 1)]), 1, "a longer one");
+        assert_eq!(gso_run(&[d(4, 1), d(4, 1)]), 1, "too short for a BTH");
+        let mut elsewhere = d(100, 1);
+        elsewhere.dst = "127.0.0.2:4791".parse().unwrap();
+        assert_eq!(gso_run(&[d(100, 1), elsewhere]), 1, "another destination");
+        let long: Vec<Datagram> = (0..40).map(|_| d(4112, 1)).collect();
+        assert_eq!(gso_run(&long), 15, "at most 65 000 bytes");
+    }
+
+    /// A long WRITE's last packets and its response go as one GSO buffer (segments numbered 0, 1, 2 in their
+    /// ICRCs) and come back through GRO as the same three datagrams, each whole; a datagram for another
+    /// destination goes alone.
     #[tokio::test]
     async fn a_gso_run_comes_back_as_its_datagrams_through_gro() {
         let rx = bind("127.0.0.1:0".parse().unwrap()).expect("bind");
         assert!(enable_gro(&rx), "UDP GRO");
         let tx = tokio::net::UdpSocket::from_std(bind("127.0.0.1:0".parse().unwrap()).expect("bind")).unwrap();
         let (to, from) = (rx.local_addr().unwrap(), tx.local_addr().unwrap());
-        let datagram = |fill: u8, len: usize| Datagram { dst: to, bytes: vec![fill; len], source_port: None };
-        // Two runs: [4124, 4124, 28] and a lone datagram to another port.
+        // Bytes 5..8 are the BTH's destination queue pair.
+        let datagram = |fill: u8, len: usize, qp: u8| {
+            let mut bytes = vec![fill; len];
+            bytes[5..8].copy_from_slice(&[0, 0, qp]);
+            Datagram { dst: to, bytes, source_port: None }
+        };
+        // One run [4124, 4124, 28] for queue pair 0x42; then a lone datagram to another port.
         let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut lone = datagram(9, 100);
+        let mut lone = datagram(9, 100, 0x42);
         lone.dst = other.local_addr().unwrap();
         // First a datagram of its own: a buffer that comes with no control message must not cost the next
         // one its segment size.
@@ -546,7 +601,7 @@ mod tests {
                 Err(e) => panic!("recvmmsg: {e}"),
             }
         }
-        let out = vec![datagram(1, 4124), datagram(2, 4124), datagram(3, 28), lone];
+        let out = vec![datagram(1, 4124, 0x42), datagram(2, 4124, 0x42), datagram(3, 28, 0x42), lone];
         let done = transmit(&tx, &mut SendBatch::new(), from, out).await;
         assert_eq!((done.sent, done.dropped, done.gso_buffers), (4, 0, 1));
         let (mut got, mut coalesced) = (Vec::new(), 0);
@@ -567,7 +622,7 @@ mod tests {
         let mut solver = icrc::IdentificationSolver::new();
         for (k, (r, bytes)) in got.iter().enumerate() {
             assert_eq!(r.from, Some(from));
-            assert!(bytes[..bytes.len() - 4].iter().all(|&b| b == k as u8 + 1));
+            assert!(bytes[8..bytes.len() - 4].iter().all(|&b| b == k as u8 + 1));
             let ip = ip_header(from.ip(), to.ip(), bytes.len() - icrc::ICRC_LEN);
             assert_eq!(solver.solve(&ip, from.port(), bytes), Some(k as u16), "segment {k}'s identification");
         }

@@ -81,6 +81,8 @@ pub(super) struct Worker {
     steered: bool,
     lanes: Vec<LaneEntry>,
     lane_qps: HashMap<u32, LaneQp>,
+    /// Shared receive queues kept by lanes: (lane, domain) by id.
+    lane_srqs: HashMap<u32, (usize, u32)>,
 }
 
 impl Worker {
@@ -123,6 +125,7 @@ impl Worker {
             steered,
             lanes: Vec::new(),
             lane_qps: HashMap::new(),
+            lane_srqs: HashMap::new(),
             conns: HashMap::new(),
             peer_ports: HashMap::new(),
             next_qpn: 0x11,
@@ -285,9 +288,14 @@ impl Worker {
         pd: u32,
         send_cq: crate::device::CompletionQueue,
         recv_cq: crate::device::CompletionQueue,
+        srq: Option<u32>,
     ) -> Result<(u32, mpsc::UnboundedSender<Command>), DeviceError> {
         if !self.pds.contains(&pd) {
             return Err(DeviceError::UnknownPd(pd));
+        }
+        // A lane's queue pair takes its receives only from a shared receive queue of that lane and domain.
+        if let Some(id) = srq.filter(|id| self.lane_srqs.get(id) != Some(&(lane, pd))) {
+            return Err(DeviceError::UnknownSrq(id));
         }
         let start_psn = self.random_psn();
         let entry = lane
@@ -302,10 +310,25 @@ impl Worker {
                 break qpn;
             }
         };
-        let create = LaneCommand::Create { qpn, pd, send_cq, recv_cq, start_psn };
+        let create = LaneCommand::Create { qpn, pd, send_cq, recv_cq, srq, start_psn };
         entry.commands.send(Command::Lane(create)).map_err(|_| DeviceError::Closed)?;
         self.lane_qps.insert(qpn, LaneQp { lane, pd, start_psn, conn: None });
         Ok((qpn, entry.commands.clone()))
+    }
+
+    fn create_lane_srq(&mut self, lane: usize, pd: u32) -> Result<(u32, mpsc::UnboundedSender<Command>), DeviceError> {
+        if !self.pds.contains(&pd) {
+            return Err(DeviceError::UnknownPd(pd));
+        }
+        let entry = lane
+            .checked_sub(1)
+            .and_then(|i| self.lanes.get(i))
+            .ok_or(DeviceError::Unsupported("no such lane on this device"))?;
+        let id = self.next_srq;
+        entry.commands.send(Command::Lane(LaneCommand::CreateSrq { id, pd })).map_err(|_| DeviceError::Closed)?;
+        self.next_srq += 1;
+        self.lane_srqs.insert(id, (lane, pd));
+        Ok((id, entry.commands.clone()))
     }
 
     /// The first PSN of a queue pair about to be connected, wherever it runs.
@@ -413,6 +436,7 @@ impl Worker {
                     Err(DeviceError::UnknownPd(pd))
                 } else if self.data.pd_in_use(pd)
                     || self.lane_qps.values().any(|q| q.pd == pd)
+                    || self.lane_srqs.values().any(|&(_, p)| p == pd)
                     // Lanes count their regions, not per domain: any region on a lane keeps every domain.
                     || self.lane_count(|c| &c.regions) > 0
                 {
@@ -506,7 +530,7 @@ impl Worker {
                 let region_bytes = region_bytes + self.lane_count(|c| &c.region_bytes) as usize;
                 let _ = reply.send(DeviceStats {
                     protection_domains: self.pds.len(),
-                    shared_receive_queues: self.data.shared_receive_queues(),
+                    shared_receive_queues: self.data.shared_receive_queues() + self.lane_srqs.len(),
                     queue_pairs: self.data.queue_pairs() + self.lane_qps.len(),
                     regions,
                     region_bytes,
@@ -527,8 +551,14 @@ impl Worker {
             Command::OpenLane(reply) => {
                 let _ = reply.send(self.open_lane());
             }
-            Command::CreateQpOnLane { lane, pd, send_cq, recv_cq, reply } => {
-                let _ = reply.send(self.create_lane_qp(lane, pd, send_cq, recv_cq));
+            Command::CreateQpOnLane { lane, pd, send_cq, recv_cq, srq, reply } => {
+                let _ = reply.send(self.create_lane_qp(lane, pd, send_cq, recv_cq, srq));
+            }
+            Command::CreateSrqOnLane { lane, pd, reply } => {
+                let _ = reply.send(self.create_lane_srq(lane, pd));
+            }
+            Command::LaneSrqDestroyed(id) => {
+                self.lane_srqs.remove(&id);
             }
             Command::Lane(_) => tracing::debug!("lane commands are for lanes"),
             Command::RegisterOnLane { lane, pd, buf, access, reply } => {

@@ -491,9 +491,10 @@ impl Worker {
             Command::OpenLane(reply) => {
                 let _ = reply.send(Err(DeviceError::Unsupported("lanes: the verbs provider keeps its queue pairs")));
             }
-            Command::CreateQpOnLane { reply, .. } => {
+            Command::CreateQpOnLane { reply, .. } | Command::CreateSrqOnLane { reply, .. } => {
                 let _ = reply.send(Err(DeviceError::Unsupported("lanes: the verbs provider keeps its queue pairs")));
             }
+            Command::LaneSrqDestroyed(_) => {}
             Command::Lane(_) => {}
             Command::RegisterOnLane { reply, .. } => {
                 let _ = reply.send(Err(DeviceError::Unsupported("lanes: the verbs provider keeps its queue pairs")));
