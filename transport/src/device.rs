@@ -191,6 +191,16 @@ pub struct MemoryRegion {
     pub keys: RegionKeys,
 }
 
+/// Sends a command that carries its reply to the owner behind `commands` and waits for the answer.
+async fn call_on<T>(
+    commands: &mpsc::UnboundedSender<Command>,
+    make: impl FnOnce(Reply<T>) -> Command,
+) -> Result<T, DeviceError> {
+    let (tx, rx) = oneshot::channel();
+    commands.send(make(tx)).map_err(|_| DeviceError::Closed)?;
+    rx.await.map_err(|_| DeviceError::Closed)?
+}
+
 /// A handle to an RC queue pair of a device.
 #[derive(Debug, Clone)]
 pub struct QueuePair {
@@ -220,16 +230,13 @@ impl QueuePair {
         buf: Vec<u8>,
         access: Access,
     ) -> Result<MemoryRegion, DeviceError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Register(pd.id, buf, access, reply)).map_err(|_| DeviceError::Closed)?;
-        rx.await.map_err(|_| DeviceError::Closed)?
+        let pd = pd.id;
+        call_on(&self.commands, |reply| Command::Register(pd, buf, access, reply)).await
     }
 
     /// Takes back a region [`QueuePair::register`] handed out.
     pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Deregister(mr.keys.rkey, reply)).map_err(|_| DeviceError::Closed)?;
-        rx.await.map_err(|_| DeviceError::Closed)?
+        call_on(&self.commands, |reply| Command::Deregister(mr.keys.rkey, reply)).await
     }
 }
 
@@ -412,9 +419,7 @@ impl Device {
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, DeviceError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).map_err(|_| DeviceError::Closed)?;
-        rx.await.map_err(|_| DeviceError::Closed)?
+        call_on(&self.commands, make).await
     }
 
     /// Hands `buf` to the device for remote access; [`Device::deregister`] gives it back.
@@ -548,9 +553,7 @@ impl Device {
     /// pairs use it.
     pub async fn destroy_srq(&self, srq: &SharedReceiveQueue) -> Result<Vec<RecvWr>, DeviceError> {
         // Its owner destroys it: the device's worker, or the lane that keeps it.
-        let (reply, rx) = oneshot::channel();
-        srq.commands.send(Command::DestroySrq(srq.id, reply)).map_err(|_| DeviceError::Closed)?;
-        let taken = rx.await.map_err(|_| DeviceError::Closed)??;
+        let taken = call_on(&srq.commands, |reply| Command::DestroySrq(srq.id, reply)).await?;
         if !srq.commands.same_channel(&self.commands) {
             let _ = self.commands.send(Command::LaneSrqDestroyed(srq.id));
         }
