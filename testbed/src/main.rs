@@ -82,6 +82,27 @@ enum BenchCmd {
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         queues: Vec<usize>,
     },
+    /// One target under many hosts at once (soft provider, loopback): HOSTS `nvmf perf --verify` processes of
+    /// QUEUES I/O queues each, every one on a namespace of its own; the target's queue pairs, memory per queue
+    /// pair (peak minus its baseline in the same run), threads and descriptors, every host's verify result, and
+    /// the stats back at the baseline. Writes DIR/scale.json; exit 1 if anything failed.
+    Scale {
+        #[arg(long, default_value = "build/bench-scale")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        hosts: usize,
+        /// I/O queues per host.
+        #[arg(long, default_value_t = 8)]
+        queues: usize,
+        /// Commands in flight per host.
+        #[arg(long, default_value_t = 8)]
+        iodepth: usize,
+        #[arg(long, default_value_t = 2)]
+        poll_groups: usize,
+        /// Seconds of I/O per host.
+        #[arg(long, default_value_t = 10)]
+        runtime: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +151,26 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Cmd::Bench { command: BenchCmd::Loopback { dir, runtime, runs, jobs, queues } } = args.command {
         return bench_loopback(dir, runtime, runs, &jobs, queues);
+    }
+    if let Cmd::Bench { command: BenchCmd::Scale { dir, hosts, queues, iodepth, poll_groups, runtime } } = args.command
+    {
+        if hosts == 0 || hosts > 1000 || queues == 0 || queues > 16 || iodepth == 0 || poll_groups == 0 || runtime == 0
+        {
+            return Err("--hosts 1..=1000, --queues 1..=16, --iodepth, --poll-groups and --runtime at least 1".into());
+        }
+        let bench = testbed::bench::scale::ScaleBench {
+            hosts,
+            queues,
+            iodepth,
+            poll_groups,
+            runtime: Duration::from_secs(runtime),
+            dir: dir.clone(),
+        };
+        let report = bench.run()?;
+        print!("{}", testbed::bench::scale::text(&report));
+        let path = scenario::write_json(&dir, "scale.json", &report)?;
+        println!("result: {}", path.display());
+        return Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     let cache = args.cache.unwrap_or_else(default_cache);
     let image = image::build(&cache)?;

@@ -1,5 +1,6 @@
-//! `testbed bench loopback` end to end with the debug binaries: it starts our target, runs perf, measures the
-//! UDP ceiling and writes a report whose every figure is a measurement (nothing is asserted about speed).
+//! `testbed bench loopback` and `bench scale` end to end with the debug binaries: they start our target, run
+//! perf (and the UDP ceiling) and write reports whose every figure is a measurement (nothing is asserted about
+//! speed).
 
 use std::process::Command;
 
@@ -34,5 +35,32 @@ fn loopback_bench_reports_measured_ratios() {
     }
     // QD1 is compared with the round trip, so its latency ratio is there.
     assert!(f(&jobs[0]["latency_ratio"]) > 0.0, "{}", jobs[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `testbed bench scale` with the debug binaries: a few hosts, every queue pair counted at the peak, every
+/// host's data verified, the target back at its baseline, the memory per queue pair measured.
+#[test]
+fn scale_bench_counts_every_queue_pair_and_verifies_every_host() {
+    let dir = std::env::temp_dir().join(format!("testbed-scale-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_testbed"))
+        .args(["bench", "scale", "--hosts", "3", "--queues", "2", "--iodepth", "4", "--runtime", "2", "--dir"])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run testbed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scale.json")).expect("scale.json")).expect("JSON");
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["peak"]["qpairs"], 9, "3 hosts × (2 I/O queues + admin): {report}");
+    assert_eq!(report["shared_receive_queues"], 2, "one per poll group: {report}");
+    assert_eq!(report["verify_errors"], 0);
+    let hosts = report["host_results"].as_array().expect("hosts");
+    assert_eq!(hosts.len(), 3);
+    assert!(hosts.iter().all(|h| h["exit"] == 0 && h["verified_blocks"].as_u64().unwrap_or(0) > 0), "{report}");
+    assert!(report["rss_per_qpair_bytes"].as_f64().is_some_and(f64::is_finite), "{report}");
+    assert_eq!(report["back_at_baseline"], true);
     let _ = std::fs::remove_dir_all(&dir);
 }

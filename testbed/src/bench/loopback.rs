@@ -5,17 +5,16 @@
 //! `nvmf perf -o json` for each job. The target's CPU per I/O comes from two snapshots of its stats
 //! (`cpu_seconds`, `commands_completed`) around each job; the host's from perf's own report.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
 
 use super::ceiling::{self, ExchangeResult, StreamResult};
+use super::target::RunningTarget;
 use super::{BenchError, median};
 
 /// Addresses of this bench: none of them is the default target's 127.0.0.1, so a running main job is not
@@ -105,7 +104,12 @@ impl LoopbackBench {
         let ceiling = self.ceiling()?;
         let mut jobs = Vec::new();
         for &queues in &self.queues {
-            let mut target = RunningTarget::start(&target_bin, &self.dir, queues)?;
+            let args: Vec<String> = ["-a", TARGET_ADDR, "-n", NQN, "--ram-size", "512M", "--poll-groups"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([queues.to_string()])
+                .collect();
+            let mut target = RunningTarget::start(&target_bin, &self.dir, &format!("nvmf-target-{queues}"), &args)?;
             for &job in &self.jobs {
                 let mut runs = Vec::new();
                 for run in 0..self.runs {
@@ -278,86 +282,6 @@ fn machine() -> String {
     let model = info.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cores} cores, {}", model.unwrap_or("unknown CPU"))
-}
-
-/// Our target, started for one configuration.
-struct RunningTarget {
-    child: Child,
-    control: PathBuf,
-}
-
-impl RunningTarget {
-    fn start(bin: &Path, dir: &Path, poll_groups: usize) -> Result<RunningTarget, BenchError> {
-        let control = dir.join(format!("target-{poll_groups}.sock"));
-        let _ = std::fs::remove_file(&control);
-        let log_path = dir.join(format!("nvmf-target-{poll_groups}.log"));
-        let log = std::fs::File::create(&log_path).map_err(|source| BenchError::Io { path: log_path, source })?;
-        let child = Command::new(bin)
-            .args(["-a", TARGET_ADDR, "-n", NQN, "--ram-size", "512M", "--poll-groups", &poll_groups.to_string()])
-            .arg("--control-socket")
-            .arg(&control)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|source| BenchError::Io { path: bin.to_path_buf(), source })?;
-        let mut target = RunningTarget { child, control };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match target.stats() {
-                Ok(_) => return Ok(target),
-                Err(e) if Instant::now() >= deadline => {
-                    let _ = target.stop();
-                    return Err(e);
-                }
-                Err(_) => {
-                    if let Ok(Some(status)) = target.child.try_wait() {
-                        return Err(BenchError::Failed(format!("nvmf-target exited at start: {status}")));
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-    }
-
-    fn stats(&mut self) -> Result<Value, BenchError> {
-        let io = |source| BenchError::Io { path: self.control.clone(), source };
-        let mut stream = UnixStream::connect(&self.control).map_err(io)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io)?;
-        stream.write_all(b"stats\n").map_err(io)?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).map_err(io)?;
-        serde_json::from_str(&line).map_err(|e| BenchError::Failed(format!("target stats: {e}: {line:?}")))
-    }
-
-    /// SIGTERM, as an operator stops it: it drains and exits 0.
-    fn stop(mut self) -> Result<(), BenchError> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) if status.success() => return Ok(()),
-                Ok(Some(status)) => return Err(BenchError::Failed(format!("nvmf-target exited {status}"))),
-                _ if Instant::now() >= deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return Err(BenchError::Failed("nvmf-target did not stop within 20 s of SIGTERM".into()));
-                }
-                _ => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
-}
-
-impl Drop for RunningTarget {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// The report as a table a person reads.

@@ -1,8 +1,11 @@
 //! Benchmarks: what the stack achieves as a ratio of a baseline measured in the same run, never a timed
-//! assertion. [`loopback`]: our target and host on the soft provider beside plain UDP ([`ceiling`]).
+//! assertion. [`loopback`]: our target and host on the soft provider beside plain UDP ([`ceiling`]); [`scale`]:
+//! one target under many hosts' verified I/O, its memory per queue pair.
 
 pub mod ceiling;
 pub mod loopback;
+pub mod scale;
+mod target;
 
 use std::path::PathBuf;
 
