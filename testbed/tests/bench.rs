@@ -4,21 +4,30 @@
 
 use std::process::Command;
 
-#[test]
-fn loopback_bench_reports_measured_ratios() {
-    let dir = std::env::temp_dir().join(format!("testbed-bench-{}", std::process::id()));
+/// Runs `testbed bench ARGS --dir DIR` (a fresh directory named after `tag`); its stdout, the JSON report it
+/// wrote (`file` in DIR), and DIR.
+fn bench(tag: &str, args: &[&str], file: &str) -> (String, serde_json::Value, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("testbed-{tag}-{}", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_testbed"))
-        .args(["bench", "loopback", "--runtime", "1", "--runs", "1", "--queues", "1"])
-        .args(["--jobs", "randread-4k-qd1,write-128k-qd8", "--dir"])
+        .arg("bench")
+        .args(args)
+        .arg("--dir")
         .arg(&dir)
         .env("RUST_LOG", "warn")
         .output()
         .expect("run testbed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    (stdout, serde_json::from_str(&text).expect("JSON"), dir)
+}
+
+#[test]
+fn loopback_bench_reports_measured_ratios() {
+    let args =
+        ["loopback", "--runtime", "1", "--runs", "1", "--queues", "1", "--jobs", "randread-4k-qd1,write-128k-qd8"];
+    let (stdout, report, dir) = bench("bench", &args, "bench.json");
     assert!(stdout.contains("| randread-4k-qd1 | 1 |"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).expect("bench.json")).expect("JSON");
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     for shape in ["read_qd1", "read_qd32", "write_qd32"] {
         let c = &report["ceiling"][shape];
@@ -42,17 +51,9 @@ fn loopback_bench_reports_measured_ratios() {
 /// host's data verified, the target back at its baseline, the memory per queue pair measured.
 #[test]
 fn scale_bench_counts_every_queue_pair_and_verifies_every_host() {
-    let dir = std::env::temp_dir().join(format!("testbed-scale-{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_testbed"))
-        .args(["bench", "scale", "--hosts", "3", "--queues", "2", "--iodepth", "4", "--runtime", "2", "--dir"])
-        .arg(&dir)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run testbed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("scale.json")).expect("scale.json")).expect("JSON");
+    let args = ["scale", "--hosts", "3", "--queues", "2", "--iodepth", "4", "--runtime", "2"];
+    let (stdout, report, dir) = bench("scale", &args, "scale.json");
+    assert!(stdout.contains("PASSED"), "{stdout}");
     assert_eq!(report["passed"], true, "{report}");
     assert_eq!(report["peak"]["qpairs"], 9, "3 hosts × (2 I/O queues + admin): {report}");
     assert_eq!(report["shared_receive_queues"], 2, "one per poll group: {report}");
