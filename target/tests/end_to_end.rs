@@ -18,6 +18,7 @@ use nvme_proto::sgl::SglDescriptor;
 use nvme_proto::{AdminCommand, Command, IoCommand, Status};
 use rstest::rstest;
 use support::{Rng, SubsystemSpec, TestTarget, block, blocks};
+use target::TargetLimits;
 use target::backend::BackendSpec;
 
 const NQN_A: &str = "nqn.2026-11.dev.nvmf-rs:test-a";
@@ -218,6 +219,22 @@ async fn random_io_four_queues_qd32(#[case] backend: &str) {
     t.wait_idle(Duration::from_secs(5)).await;
     t.rdma.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A shared receive queue far smaller than what the hosts keep in flight (16 capsule buffers per poll group
+/// against 4 queues × 32 commands): the responder answers RNR and the host's requester sends again, so hosts wait
+/// and never fail — all data verified — and every buffer is back in the shared queue afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_shared_receive_queue_makes_hosts_wait_not_fail() {
+    let limits = TargetLimits { srq_depth: 16, ..TargetLimits::default() };
+    let spec = BackendSpec::Ram { size: 64 << 20, block_size: 512 };
+    let subsystems = vec![SubsystemSpec { nqn: NQN_A, hosts: None, namespaces: vec![(1, spec)] }];
+    let t = TestTarget::start_with(subsystems, &[4420], limits, Duration::from_secs(1)).await;
+    let (reads, writes) = random_io(&t, NQN_A, 10).await;
+    assert!(reads + writes >= 1280, "{reads} reads, {writes} writes");
+    let s = t.wait_idle(Duration::from_secs(10)).await;
+    assert_eq!(s.srq_receives, 2 * 16, "{s:#?}");
+    t.rdma.shutdown().await;
 }
 
 fn is_root() -> bool {

@@ -297,6 +297,9 @@ pub struct DeviceStats {
     /// coalesced by UDP GRO.
     pub lane_gso_sends: u64,
     pub lane_gro_receives: u64,
+    /// Receives posted on shared receive queues (the device's and its lanes') and not yet taken: a pool that
+    /// must be whole again whenever no queue pair holds one.
+    pub srq_receives: u64,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;

@@ -68,6 +68,9 @@ pub struct Stats {
     pub stale_connection_attempts: usize,
     /// Registered memory regions of every device.
     pub memory_regions: usize,
+    /// Capsule buffers waiting on the poll groups' shared receive queues: all of them (groups × `srq_depth` per
+    /// listener) whenever no queue holds one — a buffer a closing queue failed to hand back shows here.
+    pub srq_receives: u64,
     pub pool_buffers_in_use: usize,
     pub pool_buffers: usize,
     /// Commands the poll groups have answered since the target started (every queue, admin included).
@@ -278,6 +281,7 @@ impl StatsHandle {
         }
         let mut listeners = self.listener_status();
         let (mut qpairs, mut connections, mut stale_connection_attempts, mut memory_regions) = (0, 0, 0, 0);
+        let mut srq_receives = 0;
         for l in &mut listeners {
             if let Some(d) = &l.device
                 && let Ok(s) = d.stats().await
@@ -286,6 +290,7 @@ impl StatsHandle {
                 connections += s.connections;
                 stale_connection_attempts += s.stale_connection_attempts;
                 memory_regions += s.regions;
+                srq_receives += s.srq_receives;
                 l.active_mtu = Some(s.active_mtu);
                 l.lanes = Some(s.lanes);
                 l.shared_receive_queues = Some(s.shared_receive_queues);
@@ -307,6 +312,7 @@ impl StatsHandle {
             connections,
             stale_connection_attempts,
             memory_regions,
+            srq_receives,
             pool_buffers_in_use: groups.iter().map(|g| g.pool_buffers_in_use).sum(),
             pool_buffers: groups.iter().map(|g| g.pool_buffers).sum(),
             commands_completed: groups.iter().map(|g| g.commands_completed).sum(),

@@ -255,9 +255,19 @@ impl Queue {
                 }
             }
         }
+        // What completed but was not read yet, and what destroying the queue pair flushes, still hands its
+        // receive buffer back to the group's shared receive queue (it outlives this queue).
+        self.take_leftovers(tasks);
         self.setup.release(false).await;
+        self.take_leftovers(tasks);
         if let Some(ctrl) = ctrl {
             self.target.queue_closed(ctrl, self.me);
+        }
+    }
+
+    fn take_leftovers(self: &Rc<Self>, tasks: &mut JoinSet<()>) {
+        for c in self.setup.cq.poll(usize::MAX) {
+            self.on_completion(c, tasks);
         }
     }
 

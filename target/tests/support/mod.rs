@@ -32,6 +32,8 @@ impl SubsystemSpec {
 pub struct TestTarget {
     pub rdma: RdmaTarget,
     pub addr: TargetAddr,
+    /// Receives per shared receive queue (the limits it started with).
+    pub srq_depth: u32,
 }
 
 impl TestTarget {
@@ -74,15 +76,20 @@ impl TestTarget {
         let spec =
             ListenSpec { addr: LOOPBACK, trsvcids: trsvcids.to_vec(), udp_port, provider: transport::Provider::Soft };
         let udp = rdma.listen(spec).await.expect("listen");
-        TestTarget { rdma, addr: TargetAddr { udp: SocketAddr::new(LOOPBACK, udp), trsvcid: trsvcids[0] } }
+        let addr = TargetAddr { udp: SocketAddr::new(LOOPBACK, udp), trsvcid: trsvcids[0] };
+        TestTarget { rdma, addr, srq_depth: limits.srq_depth }
     }
 
     /// Waits until the target holds no controllers, queues or queue pairs, and no pool buffers.
+    /// Waits until no controller, queue pair, poller or pool buffer is left and every shared receive queue
+    /// holds all its buffers again.
     pub async fn wait_idle(&self, within: Duration) -> target::Stats {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let s = self.rdma.stats().await;
-            if s.controllers == 0 && s.qpairs == 0 && s.pollers == 0 && s.pool_buffers_in_use == 0 {
+            let srqs: usize = s.listeners.iter().filter_map(|l| l.shared_receive_queues).sum();
+            let receives_home = s.srq_receives == (srqs as u64) * u64::from(self.srq_depth);
+            if s.controllers == 0 && s.qpairs == 0 && s.pollers == 0 && s.pool_buffers_in_use == 0 && receives_home {
                 return s;
             }
             assert!(tokio::time::Instant::now() < deadline, "target did not return to idle: {s:#?}");

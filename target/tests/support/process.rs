@@ -98,7 +98,7 @@ impl TargetProcess {
             let s = self.stats();
             let same = |k: &str| s[k] == baseline[k];
             let idle = s["controllers"] == 0 && s["qpairs"] == 0 && s["pollers"] == 0 && s["pool_buffers_in_use"] == 0;
-            if idle && same("threads") && same("fds") && same("memory_regions") {
+            if idle && same("threads") && same("fds") && same("memory_regions") && same("srq_receives") {
                 return s;
             }
             assert!(Instant::now() < deadline, "target did not return to its baseline {baseline}: {s}");

@@ -42,6 +42,7 @@ pub struct HostResult {
     pub errors: u64,
     pub verify_errors: u64,
     pub verified_blocks: u64,
+    pub reconnects: u64,
     /// The last lines the host printed on stderr when it failed.
     pub stderr_tail: Option<String>,
 }
@@ -54,6 +55,8 @@ pub struct TargetSnapshot {
     pub threads: u64,
     pub fds: u64,
     pub pool_buffers_in_use: u64,
+    /// Capsule buffers waiting on the shared receive queues (all of them when no queue holds one).
+    pub srq_receives: u64,
 }
 
 impl TargetSnapshot {
@@ -65,6 +68,7 @@ impl TargetSnapshot {
             threads: n("threads"),
             fds: n("fds"),
             pool_buffers_in_use: n("pool_buffers_in_use"),
+            srq_receives: n("srq_receives"),
         }
     }
 }
@@ -113,11 +117,7 @@ impl ScaleBench {
         let after = self.settle(&mut target, Some(&baseline))?;
         target.stop()?;
         let mut report = self.report(baseline, peak, after, srqs, host_results);
-        for h in warm_up.iter().filter(|h| h.exit != Some(0) || h.errors > 0 || h.verify_errors > 0) {
-            report
-                .problems
-                .push(format!("warm-up host {}: exit {:?}, {} verify errors", h.host, h.exit, h.verify_errors));
-        }
+        report.problems.extend(warm_up.iter().filter_map(|h| h.problem("warm-up host")));
         report.passed = report.problems.is_empty();
         Ok(report)
     }
@@ -163,7 +163,7 @@ impl ScaleBench {
     }
 
     /// Waits (up to 30 s) until no queue pair and no pool buffer is held — and, given a baseline, the same
-    /// threads and descriptors as then; the snapshot at that moment.
+    /// threads, descriptors and shared receive queue buffers as then; the snapshot at that moment.
     fn settle(
         &self,
         target: &mut RunningTarget,
@@ -173,7 +173,8 @@ impl ScaleBench {
         loop {
             let now = TargetSnapshot::of(&target.stats()?);
             let idle = now.qpairs == 0 && now.pool_buffers_in_use == 0;
-            let same = baseline.is_none_or(|b| now.threads == b.threads && now.fds == b.fds);
+            let same = baseline
+                .is_none_or(|b| now.threads == b.threads && now.fds == b.fds && now.srq_receives == b.srq_receives);
             if (idle && same) || Instant::now() >= until {
                 return Ok(now);
             }
@@ -233,23 +234,18 @@ impl ScaleBench {
         let back_at_baseline = after.qpairs == 0
             && after.pool_buffers_in_use == 0
             && after.threads == baseline.threads
-            && after.fds == baseline.fds;
+            && after.fds == baseline.fds
+            && after.srq_receives == baseline.srq_receives;
         let mut problems = Vec::new();
         if peak.qpairs != expected_qpairs {
             problems.push(format!("{} queue pairs at the peak, {expected_qpairs} expected", peak.qpairs));
         }
-        for h in host_results.iter().filter(|h| h.exit != Some(0) || h.errors > 0 || h.verify_errors > 0) {
+        problems.extend(host_results.iter().filter_map(|h| h.problem("host")));
+        if shared_receive_queues != self.poll_groups as u64 {
             problems.push(format!(
-                "host {}: exit {:?}, {} errors, {} verify errors{}",
-                h.host,
-                h.exit,
-                h.errors,
-                h.verify_errors,
-                h.stderr_tail.as_deref().map(|t| format!(": {t}")).unwrap_or_default()
+                "{shared_receive_queues} shared receive queues, one per poll group ({}) expected",
+                self.poll_groups
             ));
-        }
-        if host_results.iter().any(|h| h.verified_blocks == 0) {
-            problems.push("a host verified no block".into());
         }
         if !back_at_baseline {
             problems.push(format!("not back at the baseline after the hosts: {after:?} (before {baseline:?})"));
@@ -288,12 +284,46 @@ fn host_addr(i: usize) -> String {
     format!("127.0.{}.{}", 20 + i / 250, 1 + i % 250)
 }
 
+impl HostResult {
+    /// What went wrong with this host, if anything: an exit other than 0, errors, verify errors, nothing
+    /// verified, or a reconnection (a host that lost its association may still exit 0).
+    fn problem(&self, what: &str) -> Option<String> {
+        let bad = self.exit != Some(0)
+            || self.errors > 0
+            || self.verify_errors > 0
+            || self.verified_blocks == 0
+            || self.reconnects > 0;
+        bad.then(|| {
+            format!(
+                "{what} {}: exit {:?}, {} errors, {} verify errors, {} blocks verified, {} reconnects{}",
+                self.host,
+                self.exit,
+                self.errors,
+                self.verify_errors,
+                self.verified_blocks,
+                self.reconnects,
+                self.stderr_tail.as_deref().map(|t| format!(": {t}")).unwrap_or_default()
+            )
+        })
+    }
+}
+
 /// A host's `nvmf perf`, its report and its log.
 struct RunningHost {
     addr: String,
     child: Child,
     json_path: PathBuf,
     err_path: PathBuf,
+}
+
+impl Drop for RunningHost {
+    /// A host never outlives the bench (a panic or an early return included).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl RunningHost {
@@ -319,7 +349,7 @@ impl RunningHost {
             lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
         });
         HostResult {
-            host: self.addr,
+            host: std::mem::take(&mut self.addr),
             exit,
             ios: n(&report["ios"]),
             iops: report["iops"].as_f64().unwrap_or(0.0),
@@ -327,6 +357,7 @@ impl RunningHost {
             // A report without a verify section verified nothing: counted as an error.
             verify_errors: if verify.is_null() { 1 } else { n(&verify["errors"]) },
             verified_blocks: n(&verify["checked_blocks"]) + n(&verify["final_checked_blocks"]),
+            reconnects: n(&report["reconnects"]),
             stderr_tail,
         }
     }

@@ -136,6 +136,11 @@ impl DataPath {
         self.memory.deregister(key).ok_or(DeviceError::UnknownRegion(key))
     }
 
+    /// Receives posted on the shared receive queues and not yet taken.
+    pub fn srq_receives(&self) -> usize {
+        self.srqs.values().map(|(_, q)| q.len()).sum()
+    }
+
     pub fn create_srq(&mut self, id: u32, pd: u32) {
         self.srqs.insert(id, (pd, VecDeque::new()));
     }

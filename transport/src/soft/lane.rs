@@ -62,6 +62,8 @@ pub(crate) struct LaneCounters {
     /// GSO buffers sent and GRO buffers taken.
     pub gso_sends: AtomicU64,
     pub gro_receives: AtomicU64,
+    /// Receives waiting on the lane's shared receive queues (as of the lane's last turn).
+    pub srq_receives: AtomicU64,
     /// Regions registered on the lane and their bytes.
     pub regions: AtomicU64,
     pub region_bytes: AtomicU64,
@@ -194,6 +196,7 @@ impl Lane {
             }
             let (mut out, mut fatal) = (Vec::new(), Vec::new());
             data.poll_output(Instant::now(), &mut out, &mut fatal);
+            counters.srq_receives.store(data.srq_receives() as u64, Ordering::Relaxed);
             for (qpn, cause) in fatal {
                 let _ = events.send(DeviceEvent::QpFatal { qpn, cause });
             }
@@ -243,7 +246,13 @@ fn on_command(data: &mut DataPath, mtu: &mut usize, counters: &LaneCounters, com
         }
         Command::Lane(c) => match c {
             LaneCommand::Create { qpn, pd, send_cq, recv_cq, srq, start_psn } => {
-                data.create_qp(qpn, pd, send_cq, recv_cq, srq, start_psn)
+                // A shared receive queue destroyed after the worker checked it: the queue pair is born in the
+                // error state (nothing it is posted completes but as a flush), never waiting on receives.
+                let gone = srq.is_some_and(|id| !data.srq_in(id, pd));
+                data.create_qp(qpn, pd, send_cq, recv_cq, srq.filter(|_| !gone), start_psn);
+                if gone {
+                    let _ = data.modify_qp(qpn, crate::device::QpTransition::Error, *mtu);
+                }
             }
             LaneCommand::CreateSrq { id, pd } => data.create_srq(id, pd),
             LaneCommand::Bind { qpn, conn, peer } => data.bind_connection(qpn, conn, peer),

@@ -545,6 +545,7 @@ impl Worker {
                     lane_packets_received: self.lane_count(|c| &c.received),
                     lane_gso_sends: self.lane_count(|c| &c.gso_sends),
                     lane_gro_receives: self.lane_count(|c| &c.gro_receives),
+                    srq_receives: self.data.srq_receives() as u64 + self.lane_count(|c| &c.srq_receives),
                     ..self.stats
                 });
             }
