@@ -53,6 +53,11 @@ impl Default for TargetLimits {
 }
 
 impl TargetLimits {
+    /// Bytes of one capsule receive buffer: the SQE and the in-capsule data it may carry.
+    pub fn capsule_bytes(&self) -> usize {
+        64 + self.in_capsule_data_size as usize
+    }
+
     /// MDTS in units of the 4 KiB minimum page.
     pub fn mdts(&self) -> u8 {
         (self.max_io_size / 4096).trailing_zeros() as u8

@@ -175,8 +175,8 @@ async fn open_device(
                 let id = lane.id();
                 match groups.send(group, GroupMsg::RunLane(lane)) {
                     Ok(()) => {
-                        let (depth, size) = (limits.srq_depth, 64 + limits.in_capsule_data_size as usize);
-                        Some(GroupLane { id, srq: group_srq(&device, id, &pd, depth, size).await })
+                        let srq = group_srq(&device, id, &pd, limits.srq_depth, limits.capsule_bytes()).await;
+                        Some(GroupLane { id, srq })
                     }
                     Err(_) => None,
                 }
@@ -440,9 +440,8 @@ impl Listener {
             }
         };
         if srq.is_none() {
-            let recv_size = 64 + limits.in_capsule_data_size as usize;
             for slot in 0..depth as u64 {
-                let _ = qp.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; recv_size]));
+                let _ = qp.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; limits.capsule_bytes()]));
             }
         }
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);

@@ -403,21 +403,23 @@ pub(crate) async fn transmit(
                 sent += n as u64;
                 gso_buffers += 1;
             }
-            Err(e) if gso_refused(&e).is_some() => {
-                if gso_refused(&e) == Some(Refusal::Always) {
-                    tracing::debug!(%local, "UDP GSO unavailable ({e}): single datagrams from now on");
-                    batch.gso = false;
+            Err(e) => match gso_refused(&e) {
+                Some(refusal) => {
+                    if refusal == Refusal::Always {
+                        tracing::debug!(%local, "UDP GSO unavailable ({e}): single datagrams from now on");
+                        batch.gso = false;
+                    }
+                    // Sealed for identifications 1, 2, …: sealed again for 0, as single datagrams.
+                    for d in run.iter_mut() {
+                        d.bytes.truncate(d.bytes.len() - icrc::ICRC_LEN);
+                        dropped += seal_single(d, local, &mut singles);
+                    }
                 }
-                // Sealed for identifications 1, 2, …: sealed again for 0, as single datagrams.
-                for d in run.iter_mut() {
-                    d.bytes.truncate(d.bytes.len() - icrc::ICRC_LEN);
-                    dropped += seal_single(d, local, &mut singles);
+                None => {
+                    tracing::trace!(dst = %run[0].dst, "GSO send: {e}");
+                    dropped += n as u64;
                 }
-            }
-            Err(e) => {
-                tracing::trace!(dst = %run[0].dst, "GSO send: {e}");
-                dropped += n as u64;
-            }
+            },
         }
     }
     let (s, x) = send_sealed(socket, batch, &singles).await;
@@ -483,18 +485,12 @@ enum Refusal {
 
 /// Whether an error says the kernel would not segment the run (rather than that sending failed).
 fn gso_refused(e: &std::io::Error) -> Option<Refusal> {
-    match e.raw_os_error() {
-        Some(libc_errno::EINVAL) => Some(Refusal::ThisRun),
-        Some(libc_errno::EIO | libc_errno::ENOPROTOOPT | libc_errno::EOPNOTSUPP) => Some(Refusal::Always),
+    use nix::errno::Errno;
+    match Errno::from_raw(e.raw_os_error()?) {
+        Errno::EINVAL => Some(Refusal::ThisRun),
+        Errno::EIO | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP => Some(Refusal::Always),
         _ => None,
     }
-}
-
-mod libc_errno {
-    pub const EIO: i32 = nix::errno::Errno::EIO as i32;
-    pub const EINVAL: i32 = nix::errno::Errno::EINVAL as i32;
-    pub const ENOPROTOOPT: i32 = nix::errno::Errno::ENOPROTOOPT as i32;
-    pub const EOPNOTSUPP: i32 = nix::errno::Errno::EOPNOTSUPP as i32;
 }
 
 #[cfg(test)]

@@ -258,10 +258,14 @@ impl Worker {
         }
     }
 
+    /// Lane `lane` (lanes are numbered from 1; 0 is the device itself).
+    fn lane(&self, lane: usize) -> Option<&LaneEntry> {
+        self.lanes.get(lane.checked_sub(1)?)
+    }
+
     /// The channel of the lane that drives `qpn`, if a lane does.
     fn lane_of(&self, qpn: u32) -> Option<&mpsc::UnboundedSender<Command>> {
-        let lane = self.lane_qps.get(&qpn)?.lane;
-        self.lanes.get(lane - 1).map(|l| &l.commands)
+        self.lane(self.lane_qps.get(&qpn)?.lane).map(|l| &l.commands)
     }
 
     fn open_lane(&mut self) -> Result<Lane, DeviceError> {
@@ -320,15 +324,12 @@ impl Worker {
         if !self.pds.contains(&pd) {
             return Err(DeviceError::UnknownPd(pd));
         }
-        let entry = lane
-            .checked_sub(1)
-            .and_then(|i| self.lanes.get(i))
-            .ok_or(DeviceError::Unsupported("no such lane on this device"))?;
+        let commands = self.lane(lane).ok_or(DeviceError::Unsupported("no such lane on this device"))?.commands.clone();
         let id = self.next_srq;
-        entry.commands.send(Command::Lane(LaneCommand::CreateSrq { id, pd })).map_err(|_| DeviceError::Closed)?;
+        commands.send(Command::Lane(LaneCommand::CreateSrq { id, pd })).map_err(|_| DeviceError::Closed)?;
         self.next_srq += 1;
         self.lane_srqs.insert(id, (lane, pd));
-        Ok((id, entry.commands.clone()))
+        Ok((id, commands))
     }
 
     /// The first PSN of a queue pair about to be connected, wherever it runs.
@@ -565,15 +566,14 @@ impl Worker {
             Command::RegisterOnLane { lane, pd, buf, access, reply } => {
                 if !self.pds.contains(&pd) {
                     let _ = reply.send(Err(DeviceError::UnknownPd(pd)));
-                } else if let Some(l) = lane.checked_sub(1).and_then(|i| self.lanes.get(i)) {
+                } else if let Some(l) = self.lane(lane) {
                     // A lane that no longer runs drops the reply: the caller sees Closed.
                     let _ = l.commands.send(Command::Register(pd, buf, access, reply));
                 } else {
                     let _ = reply.send(Err(DeviceError::Unsupported("no such lane on this device")));
                 }
             }
-            Command::DeregisterOnLane { lane, key, reply } => match lane.checked_sub(1).and_then(|i| self.lanes.get(i))
-            {
+            Command::DeregisterOnLane { lane, key, reply } => match self.lane(lane) {
                 Some(l) => {
                     let _ = l.commands.send(Command::Deregister(key, reply));
                 }
