@@ -103,6 +103,22 @@ enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         runtime: u64,
     },
+    /// In two VMs on a bond (TCG here): the stock kernel host's fio, 4 KiB randread, against the kernel's
+    /// nvmet-rdma on rxe, our target on the verbs provider on the same rxe, and our target on the soft provider;
+    /// IOPS and each VM's CPU per I/O, medians and ratios against nvmet-rdma. Needs nvmf-target built with the
+    /// verbs feature beside this binary. Writes DIR/vm.json; exit 1 if a run failed.
+    Vm {
+        #[arg(long, default_value = "build/bench-vm")]
+        dir: PathBuf,
+        /// Seconds of fio per run.
+        #[arg(long, default_value_t = 30)]
+        runtime: u64,
+        /// Runs per target (medians are reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 32)]
+        iodepth: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +228,20 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 ok &= o.exit == Some(0);
             }
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Bench { command: BenchCmd::Vm { dir, runtime, rounds, iodepth } } => {
+            let accel = vm::probe_accel(&image, &cache);
+            let bench = testbed::bench::vm::VmBench {
+                setup: Setup { image, accel, dir: dir.clone() },
+                runtime: Duration::from_secs(runtime),
+                rounds,
+                iodepth,
+            };
+            let report = bench.run()?;
+            print!("{}", testbed::bench::vm::text(&report));
+            let path = scenario::write_json(&dir, "vm.json", &report)?;
+            println!("result: {}", path.display());
+            Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Cmd::Bench { .. } => unreachable!("handled before the image is built"),
         Cmd::Scenario { name, dir, timeout, flaps, side, stall, host } => {

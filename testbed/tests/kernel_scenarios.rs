@@ -238,6 +238,28 @@ fn device_removal_our_target_lets_go_and_listens_again() {
     assert!(r.passed, "{:?}", r.problems);
 }
 
+/// `testbed bench vm`, short: the kernel host's fio against nvmet-rdma, our verbs target and our soft target in
+/// the same VMs; every run moves I/O with its CPU counted, and our target is back at its baseline after each.
+/// The figures are reported, not asserted (a benchmark, not a timed test).
+#[test]
+fn vm_bench_runs_fio_against_nvmet_and_both_our_providers() {
+    let _one = VMS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(setup) = setup_ours("bench-vm") else { return };
+    let bench = testbed::bench::vm::VmBench { setup, runtime: Duration::from_secs(5), rounds: 1, iodepth: 32 };
+    let r = bench.run().expect("bench ran");
+    eprintln!("{}", testbed::bench::vm::text(&r));
+    assert_eq!(r.runs.len(), 3, "{r:#?}");
+    for run in &r.runs {
+        assert!(run.connected && run.fio_exit == Some(0) && run.ios > 0, "{run:#?}");
+        assert!(run.target_cpu_us_per_io.is_some_and(|c| c > 0.0), "{run:#?}");
+    }
+    for run in r.runs.iter().filter(|run| run.our_target.is_some()) {
+        assert!(run.our_target.as_ref().is_some_and(|t| t.clean()), "{run:#?}");
+    }
+    assert!(r.summary.iter().all(|m| m.runs == 1 && m.iops_ratio > 0.0), "{:#?}", r.summary);
+    assert!(r.passed, "{:?}", r.problems);
+}
+
 /// The kernel host on our soft target across the tap, at MTU 1500 and 9000: discover, connect (one I/O queue
 /// of 32; a read, a write and a poll queue of 128), id-ctrl, fio 4 KiB and 128 KiB writes with crc32c verify
 /// (and a polled read-back), disconnect; our target back at its baseline; every datagram checks.

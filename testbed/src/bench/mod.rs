@@ -1,11 +1,13 @@
 //! Benchmarks: what the stack achieves as a ratio of a baseline measured in the same run, never a timed
 //! assertion. [`loopback`]: our target and host on the soft provider beside plain UDP ([`ceiling`]); [`scale`]:
-//! one target under many hosts' verified I/O, its memory per queue pair.
+//! one target under many hosts' verified I/O, its memory per queue pair; [`vm`]: in the VMs, the kernel host's
+//! fio against nvmet-rdma and our target on both providers.
 
 pub mod ceiling;
 pub mod loopback;
 pub mod scale;
 mod target;
+pub mod vm;
 
 use std::path::PathBuf;
 

@@ -70,6 +70,22 @@ log "nvmet listening on {addr}:4420"
     )
 }
 
+/// Undoes [`nvmet_target_setup`]: the port (its listener goes with it), the namespace, the subsystem, the file.
+pub fn nvmet_target_teardown() -> String {
+    format!(
+        r#"cd /sys/kernel/config/nvmet
+rm ports/1/subsystems/{NQN}
+rmdir ports/1
+echo 0 > subsystems/{NQN}/namespaces/1/enable
+rmdir subsystems/{NQN}/namespaces/1
+rmdir subsystems/{NQN}
+cd /
+rm -f /tmp/ns1.img
+log "nvmet removed"
+"#
+    )
+}
+
 /// Two VMs, each with two NICs wired pairwise, bond0 + rxe0 on both.
 pub fn two_bonded_hosts(target_script: String, host_script: String) -> (Vec<VmSpec>, Vec<crate::vm::Cable>) {
     let net = |addr| crate::guest::network(2, true, addr, true);

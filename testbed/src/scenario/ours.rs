@@ -51,12 +51,17 @@ pub fn stats_fn() -> String {
     )
 }
 
-/// Starts our target (verbs provider, a RAM namespace) on `addr` in the background as `$tpid`, waits until it
-/// listens, and writes its baseline stats to `$T/stats.before`. Its log goes to `$T/nvmf-target.log` (the VM's
-/// own script log is `$T/target.log`).
+/// Starts our target (verbs provider, two poll groups, a RAM namespace) on `addr`: [`start_target_on`].
 pub fn start_target(target: &std::path::Path, addr: &str) -> String {
+    start_target_on(target, addr, "verbs", 2)
+}
+
+/// Starts our target (`provider`, `poll_groups`, a 256 MiB RAM namespace) on `addr` in the background as
+/// `$tpid`, waits until it listens, and writes its baseline stats to `$T/stats.before`. Its log goes to
+/// `$T/nvmf-target.log` (the VM's own script log is `$T/target.log`).
+pub fn start_target_on(target: &std::path::Path, addr: &str, provider: &str, poll_groups: usize) -> String {
     format!(
-        r#"{stats}RUST_LOG=info {bin} --provider verbs -a {addr} -n {NQN} --ram-size 256M --poll-groups 2 \
+        r#"{stats}RUST_LOG=info {bin} --provider {provider} -a {addr} -n {NQN} --ram-size 256M --poll-groups {poll_groups} \
     --control-socket {CONTROL} > $T/target.out 2> $T/nvmf-target.log &
 tpid=$!
 n=0; until grep -q 'listening on' $T/target.out 2>/dev/null; do
@@ -71,14 +76,16 @@ log "our target listening on {addr}:4420"
     )
 }
 
-/// Waits (up to 30 s) until the target holds no controller, queue pair, poller or pool buffer, writes its stats
+/// Waits (up to 30 s) until the target holds no controller, queue pair, poller, connection (one in the CM's
+/// time-wait lasts a second after the host's disconnect) or pool buffer, writes its stats
 /// to `$T/stats.after`, stops it with SIGINT and records its exit code in `$T/nvmf-target.exit` (and whether it
 /// was still running in `$T/nvmf-target.alive`). Not `target.exit`: that is the target VM's own script exit.
 pub fn stop_target() -> String {
     r#"if kill -0 $tpid 2>/dev/null; then echo yes > $T/nvmf-target.alive; else echo no > $T/nvmf-target.alive; fi
 n=0; while [ $n -lt 150 ]; do
     s=$(stats)
-    echo "$s" | grep -q '"controllers":0,"qpairs":0,"pollers":0' && echo "$s" | grep -q '"pool_buffers_in_use":0' && break
+    echo "$s" | grep -q '"controllers":0,"qpairs":0,"pollers":0' && echo "$s" | grep -q '"pool_buffers_in_use":0' \
+        && echo "$s" | grep -q '"connections":0,' && break
     sleep 0.2; n=$((n+1))
 done
 stats > $T/stats.after
