@@ -888,6 +888,17 @@ impl Drop for Srq {
     }
 }
 
+/// One request of a chain for [`Qp::post_sends`]. An unsignalled one completes silently: its completion is
+/// implied by a later signalled one's (an RC send queue completes in order).
+#[derive(Debug, Clone, Copy)]
+pub struct SendRequest {
+    pub wr_id: u64,
+    pub kind: SendKind,
+    pub sge: Option<Sge>,
+    pub solicited: bool,
+    pub signaled: bool,
+}
+
 /// What a send-queue request does, in libibverbs terms.
 #[derive(Debug, Clone, Copy)]
 pub enum SendKind {
@@ -929,7 +940,8 @@ impl Qp {
                 max_inline_data: 0,
             },
             qp_type: sys::ibv_qp_type::IBV_QPT_RC,
-            sq_sig_all: 1,
+            // Requests say whether they are signalled (the worker leaves all but a chain's last unsignalled).
+            sq_sig_all: 0,
         };
         // SAFETY: domain, CQ and SRQ are valid and of one device; attr is read by the call.
         let raw = unsafe { sys::ibv_create_qp(pd.raw.as_ptr(), &mut attr) };
@@ -972,47 +984,69 @@ impl Qp {
         self.modify(&mut QpAttr { attr, mask: sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32 })
     }
 
-    /// Posts one signalled send-queue request over `sge`'s region (registered and untouched until it completes).
-    pub fn post_send(&self, wr_id: u64, kind: SendKind, sge: Option<Sge>, solicited: bool) -> Result<(), VerbsError> {
-        let mut sg = sge.map(Sge::raw);
-        // SAFETY: ibv_send_wr is plain data (pointers and integers) for which all-zero bytes are valid.
-        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
-        wr.wr_id = wr_id;
-        wr.sg_list = sg.as_mut().map_or(null_mut(), |s| s as *mut _);
-        wr.num_sge = i32::from(sg.is_some());
-        wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
-        if solicited {
-            wr.send_flags |= sys::ibv_send_flags::IBV_SEND_SOLICITED.0;
+    /// Posts `requests` as one chain — one `ibv_post_send`, so the provider is rung once — each over its SGE's
+    /// region (registered and untouched until it completes). On a failure, the index of the first request not
+    /// posted (those before it are on the device).
+    pub fn post_sends(&self, requests: &[SendRequest]) -> Result<(), (usize, VerbsError)> {
+        if requests.is_empty() {
+            return Ok(());
         }
-        use sys::ibv_wr_opcode as op;
-        let rdma = |remote_addr, rkey| sys::wr_t { rdma: sys::rdma_t { remote_addr, rkey } };
-        match kind {
-            SendKind::Send => wr.opcode = op::IBV_WR_SEND,
-            SendKind::SendWithImm(imm) => {
-                wr.opcode = op::IBV_WR_SEND_WITH_IMM;
-                wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+        let mut sges: Vec<sys::ibv_sge> =
+            requests.iter().map(|r| r.sge.map_or(sys::ibv_sge { addr: 0, length: 0, lkey: 0 }, Sge::raw)).collect();
+        let mut wrs: Vec<sys::ibv_send_wr> = Vec::with_capacity(requests.len());
+        for (r, sg) in requests.iter().zip(sges.iter_mut()) {
+            // SAFETY: ibv_send_wr is plain data (pointers and integers) for which all-zero bytes are valid.
+            let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+            wr.wr_id = r.wr_id;
+            wr.sg_list = if r.sge.is_some() { sg as *mut _ } else { null_mut() };
+            wr.num_sge = i32::from(r.sge.is_some());
+            if r.signaled {
+                wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
             }
-            SendKind::SendWithInv(rkey) => {
-                wr.opcode = op::IBV_WR_SEND_WITH_INV;
-                wr.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
+            if r.solicited {
+                wr.send_flags |= sys::ibv_send_flags::IBV_SEND_SOLICITED.0;
             }
-            SendKind::Write { remote_addr, rkey } => {
-                wr.opcode = op::IBV_WR_RDMA_WRITE;
-                wr.wr = rdma(remote_addr, rkey);
+            use sys::ibv_wr_opcode as op;
+            let rdma = |remote_addr, rkey| sys::wr_t { rdma: sys::rdma_t { remote_addr, rkey } };
+            match r.kind {
+                SendKind::Send => wr.opcode = op::IBV_WR_SEND,
+                SendKind::SendWithImm(imm) => {
+                    wr.opcode = op::IBV_WR_SEND_WITH_IMM;
+                    wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                }
+                SendKind::SendWithInv(rkey) => {
+                    wr.opcode = op::IBV_WR_SEND_WITH_INV;
+                    wr.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
+                }
+                SendKind::Write { remote_addr, rkey } => {
+                    wr.opcode = op::IBV_WR_RDMA_WRITE;
+                    wr.wr = rdma(remote_addr, rkey);
+                }
+                SendKind::WriteWithImm { remote_addr, rkey, imm } => {
+                    wr.opcode = op::IBV_WR_RDMA_WRITE_WITH_IMM;
+                    wr.wr = rdma(remote_addr, rkey);
+                    wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+                }
+                SendKind::Read { remote_addr, rkey } => {
+                    wr.opcode = op::IBV_WR_RDMA_READ;
+                    wr.wr = rdma(remote_addr, rkey);
+                }
             }
-            SendKind::WriteWithImm { remote_addr, rkey, imm } => {
-                wr.opcode = op::IBV_WR_RDMA_WRITE_WITH_IMM;
-                wr.wr = rdma(remote_addr, rkey);
-                wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
-            }
-            SendKind::Read { remote_addr, rkey } => {
-                wr.opcode = op::IBV_WR_RDMA_READ;
-                wr.wr = rdma(remote_addr, rkey);
-            }
+            wrs.push(wr);
+        }
+        // Linked in place: `wrs` is not resized from here on, so the pointers stay valid.
+        for i in 1..wrs.len() {
+            let next: *mut sys::ibv_send_wr = &mut wrs[i];
+            wrs[i - 1].next = next;
         }
         let mut bad: *mut sys::ibv_send_wr = null_mut();
-        // SAFETY: the QP is valid; wr and its SGE live across the call (the provider copies them).
-        post_recv_error("ibv_post_send", unsafe { sys::ibv_post_send(self.raw.as_ptr(), &mut wr, &mut bad) })
+        // SAFETY: the QP is valid; the chain and its SGEs live across the call (the provider copies them).
+        let ret = unsafe { sys::ibv_post_send(self.raw.as_ptr(), wrs.as_mut_ptr(), &mut bad) };
+        post_recv_error("ibv_post_send", ret).map_err(|e| {
+            // The first request the provider refused; all of them if it named none of ours.
+            let at = wrs.iter().position(|w| std::ptr::eq(w, bad)).unwrap_or(0);
+            (at, e)
+        })
     }
 
     /// Posts a receive into `sge`'s region (registered and untouched until it completes).

@@ -36,6 +36,8 @@ const SRQ_DEPTH: usize = 1024;
 const DREQ_GRACE: Duration = Duration::from_secs(1);
 /// How often parked ids and pending disconnects are looked at.
 const RELEASE_TICK: Duration = Duration::from_millis(200);
+/// Commands taken in one turn beyond the first, so that posts queued together are posted together.
+const COMMAND_BURST: usize = 64;
 /// Staging buffers kept per size class and queue, beyond which returned ones are deregistered.
 const STAGING_KEEP: usize = 64;
 
@@ -127,6 +129,10 @@ struct QpSlot {
     recv_backlog: VecDeque<RecvWr>,
     staging: Staging,
     fatal_reported: bool,
+    /// Sends prepared (staged, in `pending`) this turn, posted as one chain at its end ([`Worker::post_chains`]).
+    chain: Vec<ffi::SendRequest>,
+    /// Posted unsignalled sends, oldest first: each completes when a later send of this queue pair does.
+    unsignaled: VecDeque<u64>,
 }
 
 struct SrqSlot {
@@ -190,6 +196,8 @@ pub(super) struct Worker {
     /// Queue pairs the device's removal destroyed, until the application destroys them too: what it still
     /// posts there comes back flushed (its buffers are not lost).
     removed_qps: HashMap<u32, (CompletionQueue, CompletionQueue)>,
+    /// Queue pairs with a chain of sends to post at the end of this turn.
+    chained: Vec<u32>,
     stats: DeviceStats,
     removed: bool,
 }
@@ -265,6 +273,7 @@ impl Worker {
             next_conn: 1,
             parked: Vec::new(),
             removed_qps: HashMap::new(),
+            chained: Vec::new(),
             stats: DeviceStats { port_up, node_guid, active_mtu: mtu, ..DeviceStats::default() },
             removed: false,
         })
@@ -289,7 +298,24 @@ impl Worker {
                 _ = release.tick() => self.release_due(),
                 command = commands.recv() => match command {
                     None | Some(Command::Shutdown) => break,
-                    Some(c) => self.on_command(c),
+                    Some(c) => {
+                        self.on_command(c);
+                        // What is queued already (a read's data WRITE and its response) goes out as one chain.
+                        let mut stop = false;
+                        for _ in 0..COMMAND_BURST {
+                            match commands.try_recv() {
+                                Ok(Command::Shutdown) => {
+                                    stop = true;
+                                    break;
+                                }
+                                Ok(c) => self.on_command(c),
+                                Err(_) => break,
+                            }
+                        }
+                        if stop {
+                            break;
+                        }
+                    }
                 },
                 guard = cm_fd.readable() => {
                     if let Ok(mut guard) = guard {
@@ -310,6 +336,7 @@ impl Worker {
                     }
                 },
             }
+            self.post_chains();
             if self.removed && comp_fd.is_some() {
                 // The reactor lets go of the device's descriptors before the device's objects close them.
                 comp_fd = None;
@@ -356,6 +383,11 @@ impl Worker {
     }
 
     fn on_command(&mut self, command: Command) {
+        // Only posts may overtake the sends of this turn (a send queue's order is its own): anything else
+        // sees them posted.
+        if !matches!(command, Command::PostSend(..) | Command::PostRecv(..) | Command::PostSrqRecv(..)) {
+            self.post_chains();
+        }
         match command {
             Command::AllocPd(reply) => {
                 let result = self.alive().and_then(|l| ffi::Pd::new(&l.context).map_err(verbs)).map(|pd| {
@@ -559,6 +591,8 @@ impl Worker {
                 recv_backlog: VecDeque::new(),
                 staging: Staging::default(),
                 fatal_reported: false,
+                chain: Vec::new(),
+                unsignaled: VecDeque::new(),
             },
         );
         Ok(qpn)
@@ -750,21 +784,51 @@ impl Worker {
         };
         let key = self.next_wr;
         self.next_wr += 1;
-        match slot.qp.post_send(key, kind, staging.as_ref().map(|s| s.sge(len)), wr.solicited) {
-            Ok(()) => {
-                slot.sends_posted += 1;
-                self.pending.insert(key, Pending::send(qpn, wr, staging, len));
+        if slot.chain.is_empty() {
+            self.chained.push(qpn);
+        }
+        let sge = staging.as_ref().map(|s| s.sge(len));
+        slot.chain.push(ffi::SendRequest { wr_id: key, kind, sge, solicited: wr.solicited, signaled: true });
+        slot.sends_posted += 1;
+        self.pending.insert(key, Pending::send(qpn, wr, staging, len));
+    }
+
+    /// Posts the sends this turn prepared, one chain per queue pair (one `ibv_post_send`: rxe's requester runs
+    /// once for a read's data WRITE and its response, as for nvmet's chained pair). All but a chain's last are
+    /// unsignalled — one completion where there were several — except READs, whose data must be copied out
+    /// when they complete.
+    fn post_chains(&mut self) {
+        for qpn in std::mem::take(&mut self.chained) {
+            let Some(slot) = self.qps.get_mut(&qpn) else { continue };
+            let mut chain = std::mem::take(&mut slot.chain);
+            let last = chain.len().saturating_sub(1);
+            for r in &mut chain[..last] {
+                r.signaled = matches!(r.kind, SendKind::Read { .. });
             }
-            Err(e) => {
-                tracing::debug!(qpn, "ibv_post_send: {e}");
-                if let Some(s) = staging {
+            let posted = match slot.qp.post_sends(&chain) {
+                Ok(()) => chain.len(),
+                Err((at, e)) => {
+                    tracing::debug!(qpn, "ibv_post_send: {e}");
+                    at
+                }
+            };
+            slot.unsignaled.extend(chain[..posted].iter().filter(|r| !r.signaled).map(|r| r.wr_id));
+            if posted == chain.len() {
+                continue;
+            }
+            // The first that could not be posted fails, the rest are flushed; and nothing after a request
+            // that could not go may execute: a read's response must not reach the host without its data.
+            let _ = slot.qp.to_error();
+            slot.state = QpState::Error;
+            for (i, r) in chain[posted..].iter().enumerate() {
+                let Some(p) = self.pending.remove(&r.wr_id) else { continue };
+                let Some(slot) = self.qps.get_mut(&qpn) else { break };
+                slot.sends_posted -= 1;
+                if let Some(s) = p.staging {
                     slot.staging.give(s);
                 }
-                let wc = flushed(wr.wr_id, Some(wr.op), wr.buf, wr.sg_list, WcStatus::LocalQpOperation);
-                slot.send_cq.push(Completion { qpn, wc });
-                // As above: what follows a request that could not be posted must not execute.
-                let _ = slot.qp.to_error();
-                slot.state = QpState::Error;
+                let status = if i == 0 { WcStatus::LocalQpOperation } else { WcStatus::WrFlush };
+                slot.send_cq.push(Completion { qpn, wc: flushed(p.wr_id, p.op, p.buf, p.sg_list, status) });
             }
         }
     }
@@ -855,6 +919,30 @@ impl Worker {
     }
 
     fn complete(&mut self, qpn: u32, wc: ffi::Wc) {
+        // A send's completion completes every unsignalled send posted before it on this queue pair (in order):
+        // successfully, unless this one is a flush (then whether they ran is unknown).
+        if self.pending.get(&wc.wr_id).is_some_and(|p| p.op.is_some()) {
+            let status = if wc.status == ffi::wc_status::IBV_WC_WR_FLUSH_ERR {
+                ffi::wc_status::IBV_WC_WR_FLUSH_ERR
+            } else {
+                ffi::wc_status::IBV_WC_SUCCESS
+            };
+            while let Some(slot) = self.qps.get_mut(&qpn)
+                && let Some(&key) = slot.unsignaled.front()
+                && key <= wc.wr_id
+            {
+                slot.unsignaled.pop_front();
+                if key < wc.wr_id {
+                    let implied =
+                        ffi::Wc { wr_id: key, status, opcode: 0, byte_len: 0, imm: None, invalidated_rkey: None };
+                    self.complete_one(qpn, implied);
+                }
+            }
+        }
+        self.complete_one(qpn, wc);
+    }
+
+    fn complete_one(&mut self, qpn: u32, wc: ffi::Wc) {
         let Some(mut p) = self.pending.remove(&wc.wr_id) else {
             tracing::warn!(qpn, wr_id = wc.wr_id, "completion of an unknown request");
             return;
