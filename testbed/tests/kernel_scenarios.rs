@@ -248,15 +248,17 @@ fn vm_bench_runs_fio_against_nvmet_and_both_our_providers() {
     let bench = testbed::bench::vm::VmBench { setup, runtime: Duration::from_secs(5), rounds: 1, iodepth: 32 };
     let r = bench.run().expect("bench ran");
     eprintln!("{}", testbed::bench::vm::text(&r));
-    assert_eq!(r.runs.len(), 3, "{r:#?}");
     for run in &r.runs {
-        assert!(run.connected && run.fio_exit == Some(0) && run.ios > 0, "{run:#?}");
+        assert!(run.connected && run.fio_exit == Some(0) && run.ios > 0 && run.mean_latency_us > 0.0, "{run:#?}");
         assert!(run.target_cpu_us_per_io.is_some_and(|c| c > 0.0), "{run:#?}");
+        assert!(run.host_cpu_us_per_io.is_some_and(|c| c > 0.0), "{run:#?}");
+        assert!(run.target_busy.is_some_and(|b| b > 0.0 && b <= 1.0), "{run:#?}");
+        assert!(run.target_clock_coverage.is_some_and(|c| c > 0.5 && c <= 1.05), "{run:#?}");
     }
     for run in r.runs.iter().filter(|run| run.our_target.is_some()) {
         assert!(run.our_target.as_ref().is_some_and(|t| t.clean()), "{run:#?}");
     }
-    assert!(r.summary.iter().all(|m| m.runs == 1 && m.iops_ratio > 0.0), "{:#?}", r.summary);
+    assert!(r.summary.iter().all(|m| m.runs == 1), "{:#?}", r.summary);
     assert!(r.passed, "{:?}", r.problems);
 }
 

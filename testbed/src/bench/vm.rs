@@ -39,6 +39,20 @@ impl Candidate {
     }
 }
 
+/// Shell helpers of both VMs' scripts. `cpu_line`: the `/proc/stat` totals and the uptime (under TCG the
+/// guest's jiffies run a few per cent short of its clock; the report says by how much). `wait_mark FILE SECONDS
+/// OTHER`: as `wait_file`, but giving up as soon as the other VM's script has ended (`OTHER.exit`).
+const HELPERS: &str = r#"cpu_line() { head -1 /proc/stat; cut -d' ' -f1 /proc/uptime; }
+wait_mark() {
+    n=0
+    while [ ! -e "$1" ]; do
+        [ -e "$T/$3.exit" ] && return 1
+        sleep 0.2; n=$((n+1)); [ $n -ge $(($2*5)) ] && return 1
+    done
+    return 0
+}
+"#;
+
 #[derive(Debug, Clone)]
 pub struct VmBench {
     pub setup: Setup,
@@ -62,6 +76,9 @@ pub struct RunResult {
     /// Busy CPU time of the whole VM per I/O, and the share of the window it was busy.
     pub target_cpu_us_per_io: Option<f64>,
     pub target_busy: Option<f64>,
+    /// The target VM's jiffies over its uptime in the window: under TCG the guest's ticks run a few per cent
+    /// short, for every target alike.
+    pub target_clock_coverage: Option<f64>,
     pub host_cpu_us_per_io: Option<f64>,
     pub host_busy: Option<f64>,
     /// Ours only: alive to the end, exit code after SIGINT, stats back at the baseline.
@@ -77,6 +94,9 @@ pub struct Summary {
     pub iops: f64,
     pub mean_latency_us: f64,
     pub target_cpu_us_per_io: f64,
+    /// The target VM's busy share of the window, and its jiffies over its uptime.
+    pub target_busy: f64,
+    pub target_clock_coverage: f64,
     pub host_cpu_us_per_io: f64,
     /// IOPS over nvmet-rdma's (goal ≥ 1.0), and target CPU per I/O over nvmet-rdma's (goal ≤ 1.0).
     pub iops_ratio: f64,
@@ -128,18 +148,18 @@ impl VmBench {
         // The target sleeps through the run rather than polling for the stop mark: its own polling would be
         // counted as the target's CPU.
         let nap = self.runtime.as_secs().saturating_sub(1);
+        let helpers = HELPERS;
         let mut s = format!(
-            r#"cpu_line() {{ head -1 /proc/stat; }}
-getconf CLK_TCK > $T/clk_tck 2>/dev/null
+            r#"{helpers}getconf CLK_TCK > $T/clk_tck 2>/dev/null
 # window RUN: ready for the host, then the CPU counters at its go and stop marks, then its disconnect.
 window() {{
     touch $T/$1.ready
-    wait_file $T/$1.go {secs} || {{ log "$1: the host never started"; return 1; }}
+    wait_mark $T/$1.go {secs} host || {{ log "$1: the host never started"; echo "the host never started" > $T/$1.problem; return 1; }}
     cpu_line > $T/$1.target-cpu.start
     sleep {nap}
-    wait_file $T/$1.stop {secs} || {{ log "$1: the host never stopped"; return 1; }}
+    wait_mark $T/$1.stop {secs} host || {{ log "$1: the host never stopped"; echo "the host never stopped" > $T/$1.problem; return 1; }}
     cpu_line > $T/$1.target-cpu.end
-    wait_file $T/$1.done {secs} || {{ log "$1: the host never disconnected"; return 1; }}
+    wait_mark $T/$1.done {secs} host || {{ log "$1: the host never disconnected"; echo "the host never disconnected" > $T/$1.problem; return 1; }}
 }}
 # keep RUN: our target's files under the run's name.
 keep() {{
@@ -180,12 +200,15 @@ keep() {{
     fn host_script(&self) -> String {
         let secs = self.mark_timeout();
         let (runtime, qd) = (self.runtime.as_secs(), self.iodepth);
+        let helpers = HELPERS;
         let mut s = format!(
-            r#"cpu_line() {{ head -1 /proc/stat; }}
-# run_phase RUN: connect, fio between the go and stop marks, disconnect.
+            r#"{helpers}# run_phase RUN: connect, fio between the go and stop marks, disconnect.
 run_phase() {{
-    wait_file $T/$1.ready {secs} || {{ log "$1: target not ready"; return 1; }}
-    nvme connect -t rdma -a {TARGET_ADDR} -s 4420 -n {NQN} --hostnqn {HOSTNQN} > $T/$1.connect.out 2>&1
+    # A target VM whose script has ended serves nothing more: stop here rather than wait out every mark.
+    wait_mark $T/$1.ready {secs} target || {{ log "$1: target not ready"; echo "target not ready" > $T/$1.problem; exit 3; }}
+    # Bounded reconnecting, so a target that dies under fio fails the run instead of holding it for 600 s.
+    nvme connect -t rdma -a {TARGET_ADDR} -s 4420 -n {NQN} --hostnqn {HOSTNQN} --nr-io-queues=1 \
+        --ctrl-loss-tmo=30 --reconnect-delay=2 > $T/$1.connect.out 2>&1
     echo $? > $T/$1.connect.exit
     n=0; until [ -b /dev/nvme0n1 ]; do sleep 0.2; n=$((n+1)); [ $n -gt 150 ] && break; done
     if [ -b /dev/nvme0n1 ]; then
@@ -200,7 +223,10 @@ run_phase() {{
         log "$1: no /dev/nvme0n1"; nvme list; touch $T/$1.go $T/$1.stop
     fi
     nvme disconnect -n {NQN} > $T/$1.disconnect.out 2>&1
-    n=0; while [ -e /dev/nvme0 ]; do sleep 0.2; n=$((n+1)); [ $n -gt 150 ] && break; done
+    n=0; while [ -e /dev/nvme0 ]; do
+        sleep 0.2; n=$((n+1))
+        [ $n -gt 150 ] && {{ echo "the controller outlived its disconnect" > $T/$1.problem; break; }}
+    done
     touch $T/$1.done
 }}
 "#
@@ -256,14 +282,32 @@ fn cpu_jiffies(line: &str) -> Option<(u64, u64)> {
 }
 
 /// CPU microseconds per I/O and the busy share between two `/proc/stat` lines.
-fn cpu_per_io(start: Option<String>, end: Option<String>, ios: u64, ticks_per_second: f64) -> Option<(f64, f64)> {
-    let (b0, t0) = cpu_jiffies(start?.trim())?;
-    let (b1, t1) = cpu_jiffies(end?.trim())?;
+/// What two `cpu_line` snapshots say of the window between them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuWindow {
+    /// Busy CPU microseconds per I/O, and the busy share of the window's jiffies.
+    per_io: f64,
+    busy: f64,
+    /// The window's jiffies over its uptime (1.0 when the guest's ticks keep up with its clock).
+    coverage: Option<f64>,
+}
+
+/// From two `cpu_line` snapshots (a `/proc/stat` `cpu` line, then the uptime in seconds).
+fn cpu_window(start: Option<String>, end: Option<String>, ios: u64, ticks_per_second: f64) -> Option<CpuWindow> {
+    let (start, end) = (start?, end?);
+    let (mut a, mut b) = (start.lines(), end.lines());
+    let (b0, t0) = cpu_jiffies(a.next()?.trim())?;
+    let (b1, t1) = cpu_jiffies(b.next()?.trim())?;
     if ios == 0 || b1 < b0 || t1 <= t0 {
         return None;
     }
     let busy = (b1 - b0) as f64;
-    Some((busy / ticks_per_second * 1e6 / ios as f64, busy / (t1 - t0) as f64))
+    let uptime = |l: Option<&str>| l.and_then(|l| l.trim().parse::<f64>().ok());
+    let coverage = match (uptime(a.next()), uptime(b.next())) {
+        (Some(u0), Some(u1)) if u1 > u0 => Some((t1 - t0) as f64 / ticks_per_second / (u1 - u0)),
+        _ => None,
+    };
+    Some(CpuWindow { per_io: busy / ticks_per_second * 1e6 / ios as f64, busy: busy / (t1 - t0) as f64, coverage })
 }
 
 fn read_run(vm_run: &Run, name: String, target: Candidate, ticks: f64) -> RunResult {
@@ -280,11 +324,16 @@ fn read_run(vm_run: &Run, name: String, target: Candidate, ticks: f64) -> RunRes
     let ios = job.and_then(|j| j["total_ios"].as_u64()).unwrap_or(0);
     let mean_latency_us = job.and_then(|j| j["lat_ns"]["mean"].as_f64()).unwrap_or(0.0) / 1e3;
     let job_error = fio.as_ref().and_then(|f| f["jobs"][0]["error"].as_i64());
-    if fio_exit != Some(0) || job_error != Some(0) || ios == 0 {
-        problems.push(format!("fio exit {fio_exit:?}, job error {job_error:?}, {ios} I/Os"));
+    if fio_exit != Some(0) || job_error != Some(0) || ios == 0 || iops <= 0.0 || mean_latency_us <= 0.0 {
+        problems.push(format!(
+            "fio exit {fio_exit:?}, job error {job_error:?}, {ios} I/Os, {iops} IOPS, mean latency {mean_latency_us} µs"
+        ));
     }
-    let target_cpu = cpu_per_io(file("target-cpu.start"), file("target-cpu.end"), ios, ticks);
-    let host_cpu = cpu_per_io(file("host-cpu.start"), file("host-cpu.end"), ios, ticks);
+    if let Some(p) = file("problem") {
+        problems.push(p.trim().to_string());
+    }
+    let target_cpu = cpu_window(file("target-cpu.start"), file("target-cpu.end"), ios, ticks);
+    let host_cpu = cpu_window(file("host-cpu.start"), file("host-cpu.end"), ios, ticks);
     if target_cpu.is_none() || host_cpu.is_none() {
         problems.push("CPU counters missing".into());
     }
@@ -312,17 +361,18 @@ fn read_run(vm_run: &Run, name: String, target: Candidate, ticks: f64) -> RunRes
         iops,
         ios,
         mean_latency_us,
-        target_cpu_us_per_io: target_cpu.map(|c| c.0),
-        target_busy: target_cpu.map(|c| c.1),
-        host_cpu_us_per_io: host_cpu.map(|c| c.0),
-        host_busy: host_cpu.map(|c| c.1),
+        target_cpu_us_per_io: target_cpu.map(|c| c.per_io),
+        target_busy: target_cpu.map(|c| c.busy),
+        target_clock_coverage: target_cpu.and_then(|c| c.coverage),
+        host_cpu_us_per_io: host_cpu.map(|c| c.per_io),
+        host_busy: host_cpu.map(|c| c.busy),
         our_target,
         problems,
     }
 }
 
 fn summarise(runs: &[RunResult]) -> Vec<Summary> {
-    let medians: Vec<(Candidate, usize, [f64; 4])> = Candidate::ALL
+    let medians: Vec<(Candidate, usize, [f64; 6])> = Candidate::ALL
         .iter()
         .map(|&c| {
             let of = |f: &dyn Fn(&RunResult) -> Option<f64>| {
@@ -334,6 +384,8 @@ fn summarise(runs: &[RunResult]) -> Vec<Summary> {
                 of(&|r| Some(r.mean_latency_us)),
                 of(&|r| r.target_cpu_us_per_io),
                 of(&|r| r.host_cpu_us_per_io),
+                of(&|r| r.target_busy),
+                of(&|r| r.target_clock_coverage),
             ];
             (c, n, m)
         })
@@ -342,12 +394,14 @@ fn summarise(runs: &[RunResult]) -> Vec<Summary> {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     medians
         .into_iter()
-        .map(|(target, runs, [iops, lat, tcpu, hcpu])| Summary {
+        .map(|(target, runs, [iops, lat, tcpu, hcpu, busy, coverage])| Summary {
             target,
             runs,
             iops,
             mean_latency_us: lat,
             target_cpu_us_per_io: tcpu,
+            target_busy: busy,
+            target_clock_coverage: coverage,
             host_cpu_us_per_io: hcpu,
             iops_ratio: ratio(iops, base[0]),
             target_cpu_ratio: ratio(tcpu, base[2]),
@@ -367,22 +421,25 @@ pub fn text(r: &VmBenchReport) -> String {
         r.rounds
     );
     s.push_str(&format!(
-        "  {:<11} {:>10} {:>9} {:>16} {:>14} {:>10} {:>10}\n",
-        "target", "IOPS", "lat µs", "target CPU/IO µs", "host CPU/IO µs", "IOPS ×", "CPU ×"
+        "  {:<11} {:>10} {:>9} {:>16} {:>12} {:>14} {:>10} {:>10}\n",
+        "target", "IOPS", "lat µs", "target CPU/IO µs", "target busy", "host CPU/IO µs", "IOPS ×", "CPU ×"
     ));
     for m in &r.summary {
         s.push_str(&format!(
-            "  {:<11} {:>10.0} {:>9.0} {:>16.0} {:>14.0} {:>10.3} {:>10.3}\n",
+            "  {:<11} {:>10.0} {:>9.0} {:>16.0} {:>11.0}% {:>14.0} {:>10.3} {:>10.3}\n",
             m.target.label(),
             m.iops,
             m.mean_latency_us,
             m.target_cpu_us_per_io,
+            m.target_busy * 100.0,
             m.host_cpu_us_per_io,
             m.iops_ratio,
             m.target_cpu_ratio
         ));
     }
-    s.push_str("  (× : over nvmet-rdma in this run; CPU is the whole VM's busy time between the host's marks)\n");
+    s.push_str("  (× : over nvmet-rdma in this run; CPU is the whole VM's busy jiffies between the host's marks)\n");
+    let coverage: Vec<String> = r.summary.iter().map(|m| format!("{:.3}", m.target_clock_coverage)).collect();
+    s.push_str(&format!("  target VM jiffies over its uptime (TCG loses ticks): {}\n", coverage.join(" / ")));
     for p in &r.problems {
         s.push_str(&format!("  problem: {p}\n"));
     }
@@ -397,15 +454,19 @@ mod tests {
 
     #[test]
     fn cpu_lines_give_busy_time_per_io() {
-        let start = "cpu  100 0 50 1000 10 5 5 0 0 0";
-        let end = "cpu  300 0 150 1100 10 25 25 0 0 0";
-        // 340 busy jiffies of 440 at 100 per second over 1 000 I/Os: 3.4 s / 1 000 = 3 400 µs.
-        let (per_io, busy) = cpu_per_io(Some(start.into()), Some(end.into()), 1000, 100.0).expect("parsed");
-        assert!((per_io - 3400.0).abs() < 1e-6, "{per_io}");
-        assert!((busy - 340.0 / 440.0).abs() < 1e-9, "{busy}");
-        assert_eq!(cpu_per_io(Some(start.into()), Some(end.into()), 0, 100.0), None);
-        assert_eq!(cpu_per_io(Some("cpu0 1 2 3".into()), Some(end.into()), 10, 100.0), None);
-        assert_eq!(cpu_per_io(Some(end.into()), Some(start.into()), 10, 100.0), None);
+        let start = "cpu  100 0 50 1000 10 5 5 0 0 0\n10.00\n";
+        let end = "cpu  300 0 150 1100 10 25 25 0 0 0\n15.50\n";
+        // 340 busy jiffies of 440 at 100 per second over 1 000 I/Os: 3.4 s / 1 000 = 3 400 µs; 4.4 s of jiffies
+        // in 5.5 s of uptime.
+        let w = cpu_window(Some(start.into()), Some(end.into()), 1000, 100.0).expect("parsed");
+        assert!((w.per_io - 3400.0).abs() < 1e-6, "{w:?}");
+        assert!((w.busy - 340.0 / 440.0).abs() < 1e-9, "{w:?}");
+        assert!(w.coverage.is_some_and(|c| (c - 0.8).abs() < 1e-9), "{w:?}");
+        let no_uptime = cpu_window(Some(start.lines().next().unwrap().into()), Some(end.into()), 1000, 100.0);
+        assert_eq!(no_uptime.map(|w| w.coverage), Some(None));
+        assert_eq!(cpu_window(Some(start.into()), Some(end.into()), 0, 100.0), None);
+        assert_eq!(cpu_window(Some("cpu0 1 2 3".into()), Some(end.into()), 10, 100.0), None);
+        assert_eq!(cpu_window(Some(end.into()), Some(start.into()), 10, 100.0), None);
     }
 
     fn bench(rounds: usize) -> VmBench {
@@ -451,6 +512,7 @@ mod tests {
             mean_latency_us: 1.0,
             target_cpu_us_per_io: Some(cpu),
             target_busy: None,
+            target_clock_coverage: None,
             host_cpu_us_per_io: Some(1.0),
             host_busy: None,
             our_target: None,

@@ -986,8 +986,9 @@ impl Qp {
 
     /// Posts `requests` as one chain — one `ibv_post_send`, so the provider is rung once — each over its SGE's
     /// region (registered and untouched until it completes). On a failure, the index of the first request not
-    /// posted (those before it are on the device).
-    pub fn post_sends(&self, requests: &[SendRequest]) -> Result<(), (usize, VerbsError)> {
+    /// posted (those before it are on the device), or `None` when the provider named none: then all of them are
+    /// on its ring (its doorbell failed), to be flushed.
+    pub fn post_sends(&self, requests: &[SendRequest]) -> Result<(), (Option<usize>, VerbsError)> {
         if requests.is_empty() {
             return Ok(());
         }
@@ -1034,17 +1035,17 @@ impl Qp {
             }
             wrs.push(wr);
         }
-        // Linked in place: `wrs` is not resized from here on, so the pointers stay valid.
+        // Linked in place through one base pointer: `wrs` is not resized or reborrowed from here on.
+        let base = wrs.as_mut_ptr();
         for i in 1..wrs.len() {
-            let next: *mut sys::ibv_send_wr = &mut wrs[i];
-            wrs[i - 1].next = next;
+            // SAFETY: i - 1 and i are in bounds of `wrs`, which outlives the call below.
+            unsafe { (*base.add(i - 1)).next = base.add(i) };
         }
         let mut bad: *mut sys::ibv_send_wr = null_mut();
         // SAFETY: the QP is valid; the chain and its SGEs live across the call (the provider copies them).
-        let ret = unsafe { sys::ibv_post_send(self.raw.as_ptr(), wrs.as_mut_ptr(), &mut bad) };
+        let ret = unsafe { sys::ibv_post_send(self.raw.as_ptr(), base, &mut bad) };
         post_recv_error("ibv_post_send", ret).map_err(|e| {
-            // The first request the provider refused; all of them if it named none of ours.
-            let at = wrs.iter().position(|w| std::ptr::eq(w, bad)).unwrap_or(0);
+            let at = (0..requests.len()).find(|&i| std::ptr::eq(base.wrapping_add(i), bad));
             (at, e)
         })
     }

@@ -805,15 +805,20 @@ impl Worker {
             for r in &mut chain[..last] {
                 r.signaled = matches!(r.kind, SendKind::Read { .. });
             }
-            let posted = match slot.qp.post_sends(&chain) {
-                Ok(()) => chain.len(),
+            let (posted, failed) = match slot.qp.post_sends(&chain) {
+                Ok(()) => (chain.len(), false),
                 Err((at, e)) => {
                     tracing::debug!(qpn, "ibv_post_send: {e}");
-                    at
+                    // None: all are on the ring (the doorbell failed); the error state flushes them.
+                    (at.unwrap_or(chain.len()), true)
                 }
             };
             slot.unsignaled.extend(chain[..posted].iter().filter(|r| !r.signaled).map(|r| r.wr_id));
             if posted == chain.len() {
+                if failed {
+                    let _ = slot.qp.to_error();
+                    slot.state = QpState::Error;
+                }
                 continue;
             }
             // The first that could not be posted fails, the rest are flushed; and nothing after a request
