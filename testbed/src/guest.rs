@@ -42,8 +42,16 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 T=/testbed
 now() { cut -d' ' -f1 /proc/uptime; }
 log() { echo "[$(now)] $*"; }
-# wait_file FILE SECONDS: until another VM (or the host) creates FILE.
-wait_file() { n=0; while [ ! -e "$1" ]; do sleep 0.2; n=$((n+1)); [ $n -ge $(($2*5)) ] && return 1; done; return 0; }
+# wait_file FILE SECONDS [OTHER]: until another VM (or the host) creates FILE; with OTHER, giving up as soon as
+# that VM's script has ended (its OTHER.exit), since it will create nothing more.
+wait_file() {
+    n=0
+    while [ ! -e "$1" ]; do
+        [ -n "${3:-}" ] && [ -e "$T/$3.exit" ] && return 1
+        sleep 0.2; n=$((n+1)); [ $n -ge $(($2*5)) ] && return 1
+    done
+    return 0
+}
 "#;
 
 /// Asserts that `script`, after the prelude, is valid shell for the host's sh (the one the VMs run).

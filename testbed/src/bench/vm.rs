@@ -40,17 +40,10 @@ impl Candidate {
 }
 
 /// Shell helpers of both VMs' scripts. `cpu_line`: the `/proc/stat` totals and the uptime (under TCG the
-/// guest's jiffies run a few per cent short of its clock; the report says by how much). `wait_mark FILE SECONDS
-/// OTHER`: as `wait_file`, but giving up as soon as the other VM's script has ended (`OTHER.exit`).
+/// guest's jiffies run a few per cent short of its clock; the report says by how much). `problem RUN WHAT`:
+/// logged, and kept as the run's problem for the report.
 const HELPERS: &str = r#"cpu_line() { head -1 /proc/stat; cut -d' ' -f1 /proc/uptime; }
-wait_mark() {
-    n=0
-    while [ ! -e "$1" ]; do
-        [ -e "$T/$3.exit" ] && return 1
-        sleep 0.2; n=$((n+1)); [ $n -ge $(($2*5)) ] && return 1
-    done
-    return 0
-}
+problem() { log "$1: $2"; echo "$2" > $T/$1.problem; }
 "#;
 
 #[derive(Debug, Clone)]
@@ -154,12 +147,12 @@ impl VmBench {
 # window RUN: ready for the host, then the CPU counters at its go and stop marks, then its disconnect.
 window() {{
     touch $T/$1.ready
-    wait_mark $T/$1.go {secs} host || {{ log "$1: the host never started"; echo "the host never started" > $T/$1.problem; return 1; }}
+    wait_file $T/$1.go {secs} host || {{ problem $1 "the host never started"; return 1; }}
     cpu_line > $T/$1.target-cpu.start
     sleep {nap}
-    wait_mark $T/$1.stop {secs} host || {{ log "$1: the host never stopped"; echo "the host never stopped" > $T/$1.problem; return 1; }}
+    wait_file $T/$1.stop {secs} host || {{ problem $1 "the host never stopped"; return 1; }}
     cpu_line > $T/$1.target-cpu.end
-    wait_mark $T/$1.done {secs} host || {{ log "$1: the host never disconnected"; echo "the host never disconnected" > $T/$1.problem; return 1; }}
+    wait_file $T/$1.done {secs} host || {{ problem $1 "the host never disconnected"; return 1; }}
 }}
 # keep RUN: our target's files under the run's name.
 keep() {{
@@ -205,7 +198,7 @@ keep() {{
             r#"{helpers}# run_phase RUN: connect, fio between the go and stop marks, disconnect.
 run_phase() {{
     # A target VM whose script has ended serves nothing more: stop here rather than wait out every mark.
-    wait_mark $T/$1.ready {secs} target || {{ log "$1: target not ready"; echo "target not ready" > $T/$1.problem; exit 3; }}
+    wait_file $T/$1.ready {secs} target || {{ problem $1 "target not ready"; exit 3; }}
     # Bounded reconnecting, so a target that dies under fio fails the run instead of holding it for 600 s.
     nvme connect -t rdma -a {TARGET_ADDR} -s 4420 -n {NQN} --hostnqn {HOSTNQN} --nr-io-queues=1 \
         --ctrl-loss-tmo=30 --reconnect-delay=2 > $T/$1.connect.out 2>&1
@@ -225,7 +218,7 @@ run_phase() {{
     nvme disconnect -n {NQN} > $T/$1.disconnect.out 2>&1
     n=0; while [ -e /dev/nvme0 ]; do
         sleep 0.2; n=$((n+1))
-        [ $n -gt 150 ] && {{ echo "the controller outlived its disconnect" > $T/$1.problem; break; }}
+        [ $n -gt 150 ] && {{ problem $1 "the controller outlived its disconnect"; break; }}
     done
     touch $T/$1.done
 }}
