@@ -336,8 +336,8 @@ pub(crate) enum Command {
     Reject(ConnId, Vec<u8>, Reply<()>),
     Disconnect(ConnId, Reply<()>),
     Stats(oneshot::Sender<DeviceStats>),
-    /// A lane for the caller's thread (soft provider).
-    OpenLane(Reply<crate::soft::lane::Lane>),
+    /// A lane for the caller's thread.
+    OpenLane(Reply<crate::Lane>),
     CreateQpOnLane {
         lane: usize,
         pd: u32,
@@ -356,6 +356,12 @@ pub(crate) enum Command {
     LaneSrqDestroyed(u32),
     /// The device's worker to one of its lanes.
     Lane(crate::soft::lane::LaneCommand),
+    /// The verbs device's worker to one of its lanes.
+    #[cfg(feature = "verbs")]
+    VerbsLane(crate::verbs::lane::LaneCommand),
+    /// A verbs lane to its device's worker.
+    #[cfg(feature = "verbs")]
+    FromVerbsLane(crate::verbs::lane::LaneReport),
     /// A region for the queue pairs of a lane (forwarded to it as `Register` / `Deregister`).
     RegisterOnLane {
         lane: usize,
@@ -495,7 +501,7 @@ impl Device {
     /// queue pairs created on it ([`Device::create_qp_on_lane`]) are driven on that thread, their datagrams
     /// steered to it by the kernel, so posting, completing and the RC engine share one thread. Soft provider
     /// only (`Unsupported` elsewhere, or where the kernel takes no steering program); a device has at most 31.
-    pub async fn open_lane(&self) -> Result<crate::soft::lane::Lane, DeviceError> {
+    pub async fn open_lane(&self) -> Result<crate::Lane, DeviceError> {
         self.call(Command::OpenLane).await
     }
 

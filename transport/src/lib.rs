@@ -15,11 +15,13 @@
 //! Providers: [`soft`], a userspace RoCEv2 (RC over UDP 4791, IB CM on QP1) wire-compatible with Linux rxe,
 //! needing no hardware, root or kernel module ([`Device::open`]); and [`verbs`], libibverbs (loaded at run
 //! time) and the kernel's connection manager, for real RNICs and kernel rxe ([`Device::open_verbs`]). Both are
-//! one worker thread behind the same handles.
+//! one worker thread behind the same handles, which keeps the connection manager, plus lanes that the
+//! application runs on its own threads for the data path (see [`lane`]).
 #![deny(unsafe_code)]
 
 pub mod connection;
 pub mod device;
+pub mod lane;
 pub mod mtu;
 pub mod provider;
 pub mod region;
@@ -32,9 +34,9 @@ pub use device::{
     Completion, CompletionQueue, ConnectionOptions, Device, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
     ProtectionDomain, QpState, QpTransition, QueuePair, SharedReceiveQueue,
 };
+pub use lane::Lane;
 pub use provider::Provider;
 pub use region::{Access, RegionKeys};
 pub use soft::device::SoftConfig;
-pub use soft::lane::Lane;
 pub use verbs::VerbsConfig;
 pub use work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};

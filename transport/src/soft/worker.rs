@@ -268,7 +268,7 @@ impl Worker {
         self.lane(self.lane_qps.get(&qpn)?.lane).map(|l| &l.commands)
     }
 
-    fn open_lane(&mut self) -> Result<Lane, DeviceError> {
+    fn open_lane(&mut self) -> Result<crate::Lane, DeviceError> {
         if !self.steered {
             return Err(DeviceError::Unsupported("lanes: the kernel took no reuseport steering program"));
         }
@@ -283,7 +283,9 @@ impl Worker {
         self.lanes.push(LaneEntry { commands, _socket: keep, counters: counters.clone(), next: 0 });
         let id = self.lanes.len();
         tracing::debug!(%local, lane = id, "lane opened");
-        Ok(Lane::new(id, local, socket, receiver, self.events.clone(), self.data_path_config, self.mtu, counters))
+        let lane =
+            Lane::new(id, local, socket, receiver, self.events.clone(), self.data_path_config, self.mtu, counters);
+        Ok(crate::Lane::soft(lane))
     }
 
     fn create_lane_qp(
@@ -563,6 +565,8 @@ impl Worker {
                 self.lane_srqs.remove(&id);
             }
             Command::Lane(_) => tracing::debug!("lane commands are for lanes"),
+            #[cfg(feature = "verbs")]
+            Command::VerbsLane(_) | Command::FromVerbsLane(_) => tracing::debug!("verbs lanes are not this device's"),
             Command::RegisterOnLane { lane, pd, buf, access, reply } => {
                 if !self.pds.contains(&pd) {
                     let _ = reply.send(Err(DeviceError::UnknownPd(pd)));

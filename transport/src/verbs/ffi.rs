@@ -421,8 +421,9 @@ pub struct Context {
     node_guid: u64,
     ibdev_index: u32,
     port_num: u8,
-    /// An id bound to the device's address: the device's removal is announced on it even with no listener.
-    _anchor: Rc<CmId>,
+    /// An id bound to the device's address: the device's removal is announced on it even with no listener
+    /// (the worker's context has one; a lane's does not).
+    _anchor: Option<Rc<CmId>>,
 }
 
 /// A device event (`ibv_get_async_event`).
@@ -435,6 +436,15 @@ pub enum AsyncEvent {
     Other(u32),
 }
 
+/// What names a device across threads: its node GUID (as the kernel stores it), index and the port, so that a
+/// lane can open a context of its own on the same device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceKey {
+    node_guid: u64,
+    ibdev_index: u32,
+    port_num: u8,
+}
+
 impl Context {
     /// Opens the device `anchor` is bound to; `None` when no RDMA device serves its address.
     pub fn open(anchor: Rc<CmId>) -> Result<Option<Rc<Context>>, VerbsError> {
@@ -442,6 +452,17 @@ impl Context {
         if !info.has_device() {
             return Ok(None);
         }
+        let key = DeviceKey { node_guid: info.node_guid, ibdev_index: info.ibdev_index, port_num: info.port_num };
+        Context::open_with(key, Some(anchor))
+    }
+
+    /// Another context of the device `key` names (a lane's: its objects are its own); `None` once the device
+    /// is gone.
+    pub fn open_key(key: DeviceKey) -> Result<Option<Rc<Context>>, VerbsError> {
+        Context::open_with(key, None)
+    }
+
+    fn open_with(key: DeviceKey, anchor: Option<Rc<CmId>>) -> Result<Option<Rc<Context>>, VerbsError> {
         let mut n = 0;
         // SAFETY: the list (or null) is released below with ibv_free_device_list; an opened context keeps its
         // device alive on its own.
@@ -456,7 +477,7 @@ impl Context {
             // The node GUID names the device (the loader's stubs have no ibv_get_device_index); a device removed
             // and added back under the same GUID is no longer listed while its old self is going away.
             // SAFETY: `device` is valid while the list is.
-            if unsafe { sys::ibv_get_device_guid(device) } == info.node_guid {
+            if unsafe { sys::ibv_get_device_guid(device) } == key.node_guid {
                 // SAFETY: `device` is valid; the context is closed in Drop.
                 opened = Some(unsafe { sys::ibv_open_device(device) });
                 break;
@@ -468,11 +489,16 @@ impl Context {
         let raw = NonNull::new(raw).ok_or_else(|| last_error("ibv_open_device"))?;
         Ok(Some(Rc::new(Context {
             raw,
-            node_guid: info.node_guid,
-            ibdev_index: info.ibdev_index,
-            port_num: info.port_num,
+            node_guid: key.node_guid,
+            ibdev_index: key.ibdev_index,
+            port_num: key.port_num,
             _anchor: anchor,
         })))
+    }
+
+    /// What another thread needs to open this device ([`Context::open_key`]).
+    pub fn key(&self) -> DeviceKey {
+        DeviceKey { node_guid: self.node_guid, ibdev_index: self.ibdev_index, port_num: self.port_num }
     }
 
     /// Whether an id bound as `info` says is on this device.

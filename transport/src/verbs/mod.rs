@@ -6,11 +6,17 @@
 //! `sideway` lists the devices; the rest goes through rdma-mummy-sys directly (`ffi`, the workspace's only
 //! unsafe code), because sideway 0.4 has no shared receive queues, no connection parameters (private data,
 //! responder resources, initiator depth, RNR retry) and no access to a connect request's private data, all of
-//! which the NVMe/RDMA binding needs. Everything runs on the device's worker thread (`worker`), behind the
-//! same [`crate::Device`] surface as the soft provider.
+//! which the NVMe/RDMA binding needs. The device's worker thread (`worker`) owns the connection manager, the
+//! device's lifecycle and the queue pairs made on the device; queue pairs made on a lane belong to the lane's
+//! thread (`lane`), each lane with a device context of its own; both drive a `data_path`. The surface is the
+//! same [`crate::Device`] as the soft provider's.
 
 #[cfg(feature = "verbs")]
+mod data_path;
+#[cfg(feature = "verbs")]
 mod ffi;
+#[cfg(feature = "verbs")]
+pub(crate) mod lane;
 #[cfg(feature = "verbs")]
 mod ucma;
 #[cfg(feature = "verbs")]
@@ -70,6 +76,7 @@ impl Device {
         use tokio::sync::mpsc;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
+        let own = commands.downgrade();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let worker = std::thread::Builder::new()
             .name(format!("verbs {addr}"))
@@ -83,7 +90,7 @@ impl Device {
                     }
                 };
                 // The library objects are created on this thread and never leave it.
-                match worker::Worker::open(config, event_tx) {
+                match worker::Worker::open(config, event_tx, own) {
                     Ok(w) => {
                         let _ = ready_tx.send(Ok(()));
                         rt.block_on(w.run(command_rx));
