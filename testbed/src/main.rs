@@ -46,6 +46,9 @@ enum Cmd {
         /// kernel-flap, target-flap: number of flaps.
         #[arg(long, default_value_t = 10)]
         flaps: u32,
+        /// device-removal: how many times the device is deleted and added back.
+        #[arg(long, default_value_t = 4)]
+        removals: u32,
         /// kernel-flap, target-flap: whose bond flaps (target | initiator); soft-target-flap: target (the tap,
         /// our side), initiator (the VM's bond0) or both (a run each).
         #[arg(long, default_value = "target")]
@@ -244,7 +247,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Cmd::Bench { .. } => unreachable!("handled before the image is built"),
-        Cmd::Scenario { name, dir, timeout, flaps, side, stall, host } => {
+        Cmd::Scenario { name, dir, timeout, flaps, removals, side, stall, host } => {
             let accel = vm::probe_accel(&image, &cache);
             let setup = Setup { image, accel, dir: dir.clone() };
             let timeout = Duration::from_secs(timeout);
@@ -282,7 +285,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     r.passed
                 }
                 "device-removal" => {
-                    let r = scenario::device_removal::run(&setup, timeout)?;
+                    let r = scenario::device_removal::run(&setup, removals, timeout)?;
                     println!("{}", r.summary());
                     r.passed
                 }
