@@ -9,6 +9,7 @@
 //! completion can be used at once, whatever the device still does.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use tokio::sync::mpsc;
@@ -23,8 +24,47 @@ use crate::work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkComple
 const SEND_DEPTH: usize = 256;
 const RECV_DEPTH: usize = 256;
 const SRQ_DEPTH: usize = 1024;
-/// Staging buffers kept per size class and queue, beyond which returned ones are deregistered.
-const STAGING_KEEP: usize = 64;
+/// Staging buffers kept per size class and queue, beyond which returned ones are deregistered: enough for a
+/// queue's requests in flight (a read at QD 32 holds 64: its data and its response), within a byte budget per
+/// class. Registering one is a pinned page and a zeroed buffer: it must not happen per I/O.
+const STAGING_KEEP_BYTES: usize = 1 << 20;
+const STAGING_KEEP_MIN: usize = 64;
+const STAGING_KEEP_MAX: usize = 1024;
+/// The smallest staging buffer (a response capsule is 16 bytes).
+const STAGING_MIN_CLASS: usize = 256;
+
+/// A hasher for the numbers this module keys its tables by — request keys it hands out in sequence, queue pair
+/// numbers and CQ addresses the library gives — none of them chosen by a peer; SipHash was 1.4 % of a
+/// target's profile.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: odd multiplier, so distinct keys stay distinct in the low bits and spread in the high.
+        self.0 = (self.0.rotate_left(29) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type KeyMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
 pub(super) fn verbs(e: ffi::VerbsError) -> DeviceError {
     DeviceError::Verbs { call: e.call, source: e.source }
@@ -41,7 +81,7 @@ impl Staging {
         if len == 0 {
             return Ok(None);
         }
-        let class = len.next_power_of_two().max(4096);
+        let class = len.next_power_of_two().max(STAGING_MIN_CLASS);
         if let Some(mr) = self.free.get_mut(&class).and_then(Vec::pop) {
             return Ok(Some(mr));
         }
@@ -51,8 +91,9 @@ impl Staging {
     }
 
     fn give(&mut self, mr: ffi::MemoryRegion) {
+        let keep = (STAGING_KEEP_BYTES / mr.len().max(1)).clamp(STAGING_KEEP_MIN, STAGING_KEEP_MAX);
         let free = self.free.entry(mr.len()).or_default();
-        if free.len() < STAGING_KEEP {
+        if free.len() < keep {
             free.push(mr);
         }
     }
@@ -147,11 +188,11 @@ pub(super) struct DataPath {
     events: mpsc::UnboundedSender<DeviceEvent>,
     /// `None`: the device was removed under the domain.
     pds: HashMap<u32, Option<Rc<ffi::Pd>>>,
-    regions: HashMap<u32, Region>,
-    srqs: HashMap<u32, SrqSlot>,
-    qps: HashMap<u32, QpSlot>,
-    cq_owner: HashMap<usize, u32>,
-    pending: HashMap<u64, Pending>,
+    regions: KeyMap<u32, Region>,
+    srqs: KeyMap<u32, SrqSlot>,
+    qps: KeyMap<u32, QpSlot>,
+    cq_owner: KeyMap<usize, u32>,
+    pending: KeyMap<u64, Pending>,
     next_wr: u64,
     /// Queue pairs the device's removal destroyed, until the application destroys them too: what it still
     /// posts there comes back flushed (its buffers are not lost).
@@ -212,11 +253,11 @@ impl DataPath {
             port,
             events,
             pds: HashMap::new(),
-            regions: HashMap::new(),
-            srqs: HashMap::new(),
-            qps: HashMap::new(),
-            cq_owner: HashMap::new(),
-            pending: HashMap::new(),
+            regions: KeyMap::default(),
+            srqs: KeyMap::default(),
+            qps: KeyMap::default(),
+            cq_owner: KeyMap::default(),
+            pending: KeyMap::default(),
             next_wr: 1,
             removed_qps: HashMap::new(),
             chained: Vec::new(),
@@ -576,10 +617,11 @@ impl DataPath {
                 tracing::warn!(qpn, "staging a send: {e}");
                 let wc = flushed(wr.wr_id, Some(wr.op), wr.buf, wr.sg_list, WcStatus::LocalProtection);
                 slot.send_cq.push(Completion { qpn, wc });
-                // Nothing posted after a request that could not go may execute: a read's response must not
-                // reach the host without the data WRITE before it.
-                let _ = slot.qp.to_error();
-                slot.state = QpState::Error;
+                // What this turn took before it goes as it would have; nothing after it may execute: a read's
+                // response must not reach the host without the data WRITE before it.
+                self.chained.retain(|&q| q != qpn);
+                self.post_chain(qpn);
+                self.fail_qp(qpn);
                 return;
             }
         };
@@ -622,42 +664,51 @@ impl DataPath {
     /// when they complete.
     pub fn post_chains(&mut self) {
         for qpn in std::mem::take(&mut self.chained) {
-            let Some(slot) = self.qps.get_mut(&qpn) else { continue };
-            let mut chain = std::mem::take(&mut slot.chain);
-            let last = chain.len().saturating_sub(1);
-            for r in &mut chain[..last] {
-                r.signaled = matches!(r.kind, SendKind::Read { .. });
+            self.post_chain(qpn);
+        }
+    }
+
+    fn post_chain(&mut self, qpn: u32) {
+        let Some(slot) = self.qps.get_mut(&qpn) else { return };
+        let mut chain = std::mem::take(&mut slot.chain);
+        if chain.is_empty() {
+            return;
+        }
+        let last = chain.len() - 1;
+        for r in &mut chain[..last] {
+            r.signaled = matches!(r.kind, SendKind::Read { .. });
+        }
+        let (posted, failed) = match slot.qp.post_sends(&chain) {
+            Ok(()) => (chain.len(), false),
+            Err((at, e)) => {
+                tracing::debug!(qpn, "ibv_post_send: {e}");
+                // None: all are on the ring (the doorbell failed); the error state flushes them.
+                (at.unwrap_or(chain.len()), true)
             }
-            let (posted, failed) = match slot.qp.post_sends(&chain) {
-                Ok(()) => (chain.len(), false),
-                Err((at, e)) => {
-                    tracing::debug!(qpn, "ibv_post_send: {e}");
-                    // None: all are on the ring (the doorbell failed); the error state flushes them.
-                    (at.unwrap_or(chain.len()), true)
-                }
-            };
-            slot.unsignaled.extend(chain[..posted].iter().filter(|r| !r.signaled).map(|r| r.wr_id));
-            if posted == chain.len() {
-                if failed {
-                    let _ = slot.qp.to_error();
-                    slot.state = QpState::Error;
-                }
-                continue;
+        };
+        // Posted unsignalled requests complete with the next signalled one, or on their own when the queue
+        // pair's error state flushes them (an error completion is always generated).
+        slot.unsignaled.extend(chain[..posted].iter().filter(|r| !r.signaled).map(|r| r.wr_id));
+        if posted == chain.len() {
+            if failed {
+                let _ = slot.qp.to_error();
+                slot.state = QpState::Error;
             }
-            // The first that could not be posted fails, the rest are flushed; and nothing after a request
-            // that could not go may execute: a read's response must not reach the host without its data.
-            let _ = slot.qp.to_error();
-            slot.state = QpState::Error;
-            for (i, r) in chain[posted..].iter().enumerate() {
-                let Some(p) = self.pending.remove(&r.wr_id) else { continue };
-                let Some(slot) = self.qps.get_mut(&qpn) else { break };
-                slot.sends_posted -= 1;
-                if let Some(s) = p.staging {
-                    slot.staging.give(s);
-                }
-                let status = if i == 0 { WcStatus::LocalQpOperation } else { WcStatus::WrFlush };
-                slot.send_cq.push(Completion { qpn, wc: flushed(p.wr_id, p.op, p.buf, p.sg_list, status) });
+            return;
+        }
+        // The first that could not be posted fails, the rest are flushed; and nothing after a request that
+        // could not go may execute: a read's response must not reach the host without its data.
+        let _ = slot.qp.to_error();
+        slot.state = QpState::Error;
+        for (i, r) in chain[posted..].iter().enumerate() {
+            let Some(p) = self.pending.remove(&r.wr_id) else { continue };
+            let Some(slot) = self.qps.get_mut(&qpn) else { break };
+            slot.sends_posted -= 1;
+            if let Some(s) = p.staging {
+                slot.staging.give(s);
             }
+            let status = if i == 0 { WcStatus::LocalQpOperation } else { WcStatus::WrFlush };
+            slot.send_cq.push(Completion { qpn, wc: flushed(p.wr_id, p.op, p.buf, p.sg_list, status) });
         }
     }
 
