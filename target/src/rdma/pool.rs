@@ -37,15 +37,21 @@ impl BufferPool {
         assert!(len <= self.buffer_size, "transfer of {len} bytes exceeds the pool's buffers; callers check MDTS");
         let permit = self.permits.clone().acquire_owned().await.expect("the pool's semaphore is never closed");
         let mut buf = self.free.borrow_mut().pop().unwrap_or_else(|| Vec::with_capacity(self.buffer_size));
-        buf.resize(len, 0);
+        // Not zeroed again: whatever a transfer leaves in a buffer is overwritten in full before it is sent —
+        // a read's by the backend (`read_at` fills the slice or fails, and a failed read sends nothing), a
+        // write's by the RDMA READ (a failed one fails the command) — as nvmet's and SPDK's buffers are.
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
         Lease { buf, _permit: permit }
     }
 
     /// Returns a lease; put the buffer back into `lease.buf` first if it travelled. A buffer that did not come
     /// back (a transport that lost it) is replaced by a new one on a later `take`.
     pub fn put(&self, lease: Lease) {
-        let Lease { mut buf, _permit } = lease;
-        buf.clear();
+        let Lease { buf, _permit } = lease;
         if buf.capacity() == self.buffer_size {
             self.free.borrow_mut().push(buf);
         }

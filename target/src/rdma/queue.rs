@@ -353,8 +353,11 @@ impl Queue {
         if self.draining.get() && self.setup.srq.is_none() {
             return;
         }
+        // Whole again, zeroing only what a transport cut off (zeroing 8 KiB per command was 3 % of a profile).
         let size = buf.capacity();
-        buf.resize(size, 0);
+        if buf.len() < size {
+            buf.resize(size, 0);
+        }
         let wr = transport::RecvWr::new(RECV_TAG | slot, buf);
         let _ = match &self.setup.srq {
             Some(srq) => srq.post_recv(wr),
@@ -364,7 +367,7 @@ impl Queue {
 
     /// One received capsule, from decoding to the response.
     async fn command(self: Rc<Self>, slot: u64, wc: WorkCompletion) {
-        let mut recv = wc.buf;
+        let recv = wc.buf;
         let len = (wc.byte_len as usize).min(recv.len());
         self.sq_head.set((self.sq_head.get() + 1) % self.setup.depth);
         if self.kind == QueueKind::Admin {
@@ -395,8 +398,7 @@ impl Queue {
             Err(e) => Some(Reply { location: Some(e.offset as u16), ..Reply::err(e.status) }),
         };
         // Hand the receive buffer back before answering: the host may send its next command as soon as it has
-        // our response.
-        recv.truncate(0);
+        // our response. (What the last capsule left in it is never read: a capsule is its completion's length.)
         self.repost(slot, recv);
         if let Some(reply) = reply {
             self.respond(cid, reply, invalidate).await;
