@@ -24,6 +24,10 @@ use crate::work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkComple
 const SEND_DEPTH: usize = 256;
 const RECV_DEPTH: usize = 256;
 const SRQ_DEPTH: usize = 1024;
+/// Completions the data path's one CQ starts with room for; it grows (`ibv_resize_cq`) so that every request
+/// that can be outstanding at once has a place: an overflowing CQ breaks every queue pair on it.
+const CQ_INITIAL: usize = 4096;
+
 /// Staging buffers kept per size class and queue, beyond which returned ones are deregistered: enough for a
 /// queue's requests in flight (a read at QD 32 holds 64: its data and its response), within a byte budget per
 /// class. Registering one is a pinned page and a zeroed buffer: it must not happen per I/O.
@@ -142,7 +146,6 @@ impl Pending {
 
 struct QpSlot {
     qp: ffi::Qp,
-    cq: Rc<ffi::Cq>,
     pd: u32,
     srq: Option<u32>,
     state: QpState,
@@ -191,7 +194,10 @@ pub(super) struct DataPath {
     regions: KeyMap<u32, Region>,
     srqs: KeyMap<u32, SrqSlot>,
     qps: KeyMap<u32, QpSlot>,
-    cq_owner: KeyMap<usize, u32>,
+    /// The one completion queue of every queue pair here (made with the first), its size, and the completions
+    /// its queue pairs and shared receive queues can have outstanding at once.
+    cq: Option<(Rc<ffi::Cq>, usize)>,
+    cq_reserved: usize,
     pending: KeyMap<u64, Pending>,
     next_wr: u64,
     /// Queue pairs the device's removal destroyed, until the application destroys them too: what it still
@@ -256,7 +262,8 @@ impl DataPath {
             regions: KeyMap::default(),
             srqs: KeyMap::default(),
             qps: KeyMap::default(),
-            cq_owner: KeyMap::default(),
+            cq: None,
+            cq_reserved: 0,
             pending: KeyMap::default(),
             next_wr: 1,
             removed_qps: HashMap::new(),
@@ -342,7 +349,33 @@ impl DataPath {
         let srq = ffi::Srq::new(&self.pd(pd)?, SRQ_DEPTH as u32).map_err(verbs)?;
         let slot = SrqSlot { srq: Some(srq), pd, posted: 0, backlog: VecDeque::new(), staging: Staging::default() };
         self.srqs.insert(id, slot);
+        // Its receives complete on the CQ of whichever queue pair takes them: the one CQ.
+        self.cq_reserved += SRQ_DEPTH;
         Ok(())
+    }
+
+    /// The CQ, with room for `more` completions beyond what is reserved already.
+    fn cq_for(&mut self, more: usize) -> Result<Rc<ffi::Cq>, DeviceError> {
+        let need = self.cq_reserved + more;
+        let live = self.live.as_ref().ok_or(DeviceError::Closed)?;
+        match &mut self.cq {
+            Some((cq, size)) => {
+                if need > *size {
+                    let grown = need.next_power_of_two();
+                    cq.resize(u32::try_from(grown).unwrap_or(u32::MAX)).map_err(verbs)?;
+                    tracing::debug!(from = *size, to = grown, "completion queue grown");
+                    *size = grown;
+                }
+                Ok(Rc::clone(cq))
+            }
+            None => {
+                let size = need.max(CQ_INITIAL).next_power_of_two();
+                let cq =
+                    ffi::Cq::new(&live.context, &live.comp, u32::try_from(size).unwrap_or(u32::MAX)).map_err(verbs)?;
+                self.cq = Some((Rc::clone(&cq), size));
+                Ok(cq)
+            }
+        }
     }
 
     pub fn create_qp(
@@ -353,7 +386,7 @@ impl DataPath {
         srq: Option<u32>,
     ) -> Result<u32, DeviceError> {
         let p = self.pd(pd)?;
-        let live = self.alive()?;
+        self.alive()?;
         let srq_rc = match srq {
             Some(id) => match self.srqs.get(&id) {
                 Some(SrqSlot { srq: Some(s), pd: spd, .. }) if *spd == pd => Some(Rc::clone(s)),
@@ -361,18 +394,17 @@ impl DataPath {
             },
             None => None,
         };
-        let entries = SEND_DEPTH + if srq.is_some() { SRQ_DEPTH } else { RECV_DEPTH };
-        let cq = ffi::Cq::new(&live.context, &live.comp, entries as u32).map_err(verbs)?;
+        let entries = SEND_DEPTH + if srq.is_some() { 0 } else { RECV_DEPTH };
+        let cq = self.cq_for(entries)?;
         let qp = ffi::Qp::new(&p, &cq, srq_rc.as_ref(), SEND_DEPTH as u32, RECV_DEPTH as u32).map_err(verbs)?;
         // INIT at once: receives may be posted before the connection exists.
         qp.init(self.port).map_err(verbs)?;
+        self.cq_reserved += entries;
         let qpn = qp.qp_num();
-        self.cq_owner.insert(cq.key(), qpn);
         self.qps.insert(
             qpn,
             QpSlot {
                 qp,
-                cq,
                 pd,
                 srq,
                 state: QpState::Init,
@@ -467,6 +499,7 @@ impl DataPath {
             return Err(DeviceError::SrqBusy(id));
         }
         let mut slot = self.srqs.remove(&id).ok_or(DeviceError::UnknownSrq(id))?;
+        self.cq_reserved = self.cq_reserved.saturating_sub(SRQ_DEPTH);
         // The device lets go of the posted receives' buffers with the SRQ.
         drop(slot.srq.take());
         let keys: Vec<u64> = self.pending.iter().filter(|(_, p)| p.owner == Owner::Srq(id)).map(|(k, _)| *k).collect();
@@ -753,10 +786,10 @@ impl DataPath {
     pub fn drain_completions(&mut self) {
         let Some(live) = &self.live else { return };
         let comp = Rc::clone(&live.comp);
-        let mut signalled = Vec::new();
+        let mut signalled = false;
         loop {
             match comp.next() {
-                Ok(Some(key)) => signalled.push(key),
+                Ok(Some(_)) => signalled = true,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!("completion channel: {e}");
@@ -764,21 +797,18 @@ impl DataPath {
                 }
             }
         }
-        signalled.sort_unstable();
-        signalled.dedup();
-        for key in signalled {
-            if let Some(&qpn) = self.cq_owner.get(&key) {
-                self.poll_qp(qpn);
-            }
+        if signalled {
+            self.poll_cq();
         }
     }
 
-    /// Re-arms the queue pair's CQ and takes every completion on it (polling after arming, so none is missed).
-    fn poll_qp(&mut self, qpn: u32) {
-        let Some(slot) = self.qps.get(&qpn) else { return };
-        let cq = Rc::clone(&slot.cq);
+    /// Re-arms the CQ and takes every completion on it, each to its queue pair (polling after arming, so none
+    /// is missed).
+    fn poll_cq(&mut self) {
+        let Some((cq, _)) = &self.cq else { return };
+        let cq = Rc::clone(cq);
         if let Err(e) = cq.arm() {
-            tracing::warn!(qpn, "{e}");
+            tracing::warn!("{e}");
         }
         let mut wcs = Vec::new();
         loop {
@@ -787,11 +817,11 @@ impl DataPath {
                 Ok(0) => break,
                 Ok(_) => {
                     for wc in wcs.drain(..) {
-                        self.complete(qpn, wc);
+                        self.complete(wc.qp_num, wc);
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(qpn, "{e}");
+                    tracing::warn!("{e}");
                     break;
                 }
             }
@@ -813,8 +843,15 @@ impl DataPath {
             {
                 slot.unsignaled.pop_front();
                 if key < wc.wr_id {
-                    let implied =
-                        ffi::Wc { wr_id: key, status, opcode: 0, byte_len: 0, imm: None, invalidated_rkey: None };
+                    let implied = ffi::Wc {
+                        wr_id: key,
+                        qp_num: qpn,
+                        status,
+                        opcode: 0,
+                        byte_len: 0,
+                        imm: None,
+                        invalidated_rkey: None,
+                    };
                     self.complete_one(qpn, implied);
                 }
             }
@@ -824,7 +861,9 @@ impl DataPath {
 
     fn complete_one(&mut self, qpn: u32, wc: ffi::Wc) {
         let Some(mut p) = self.pending.remove(&wc.wr_id) else {
-            tracing::warn!(qpn, wr_id = wc.wr_id, "completion of an unknown request");
+            // A flush the device made after its queue pair was destroyed (what it held came back then); keys
+            // are never reused, so it is nobody else's.
+            tracing::debug!(qpn, wr_id = wc.wr_id, "completion of a request no longer here");
             return;
         };
         let status = wc_status(wc.status);
@@ -890,6 +929,14 @@ impl DataPath {
             sg_list: p.sg_list,
         };
         let mut fatal = None;
+        if !self.qps.contains_key(&qpn)
+            && let Owner::Srq(id) = p.owner
+        {
+            // A shared receive a queue pair took just before it was destroyed, completed after: nobody waits
+            // for its message, and the buffer is the shared queue's again.
+            self.post_srq_recv(id, RecvWr { wr_id: out.wr_id, buf: out.buf, sg_list: out.sg_list });
+            return;
+        }
         if let Some(slot) = self.qps.get_mut(&qpn) {
             let cq = if p.op.is_some() { &slot.send_cq } else { &slot.recv_cq };
             cq.push(Completion { qpn, wc: out });
@@ -913,9 +960,9 @@ impl DataPath {
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
         let _ = slot.qp.to_error();
         slot.state = QpState::Error;
-        self.poll_qp(qpn);
+        self.poll_cq();
         let Some(mut slot) = self.qps.remove(&qpn) else { return };
-        self.cq_owner.remove(&slot.cq.key());
+        self.cq_reserved -= SEND_DEPTH + if slot.srq.is_some() { 0 } else { RECV_DEPTH };
         let (send_cq, recv_cq) = (slot.send_cq.clone(), slot.recv_cq.clone());
         let (send_backlog, recv_backlog) =
             (std::mem::take(&mut slot.send_backlog), std::mem::take(&mut slot.recv_backlog));
@@ -973,6 +1020,7 @@ impl DataPath {
         for pd in self.pds.values_mut() {
             *pd = None;
         }
+        self.cq = None;
         self.live = None;
     }
 
@@ -986,6 +1034,7 @@ impl DataPath {
         self.srqs.clear();
         self.regions.clear();
         self.pds.clear();
+        self.cq = None;
         self.live = None;
     }
 

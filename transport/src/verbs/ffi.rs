@@ -753,7 +753,7 @@ impl CompChannel {
         Watched::new(self.fd(), Rc::clone(self) as Rc<dyn std::any::Any>)
     }
 
-    /// The completion queue that signalled ([`Cq::key`]), its event acknowledged; `None` when none did.
+    /// The completion queue that signalled (by address), its event acknowledged; `None` when none did.
     pub fn next(&self) -> Result<Option<usize>, VerbsError> {
         let mut cq: *mut sys::ibv_cq = null_mut();
         let mut context: *mut c_void = null_mut();
@@ -780,6 +780,7 @@ impl Drop for CompChannel {
 #[derive(Debug, Clone, Copy)]
 pub struct Wc {
     pub wr_id: u64,
+    pub qp_num: u32,
     pub status: u32,
     pub opcode: u32,
     pub byte_len: u32,
@@ -807,8 +808,16 @@ impl Cq {
         Ok(Rc::new(cq))
     }
 
-    pub fn key(&self) -> usize {
-        self.raw.as_ptr() as usize
+    /// Makes room for at least `entries` completions (`ibv_resize_cq`).
+    pub fn resize(&self, entries: u32) -> Result<(), VerbsError> {
+        let entries = i32::try_from(entries).unwrap_or(i32::MAX);
+        // SAFETY: the CQ is valid; libibverbs keeps what it holds across the resize.
+        let ret = unsafe { sys::ibv_resize_cq(self.raw.as_ptr(), entries) };
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(VerbsError { call: "ibv_resize_cq", source: io::Error::from_raw_os_error(ret.abs()) })
+        }
     }
 
     /// Asks for an event on the channel at the next completion.
@@ -842,6 +851,7 @@ impl Cq {
                 };
                 out.push(Wc {
                     wr_id: wc.wr_id,
+                    qp_num: wc.qp_num,
                     status: wc.status,
                     opcode: wc.opcode,
                     byte_len: wc.byte_len,
