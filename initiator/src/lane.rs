@@ -1,5 +1,6 @@
-//! An I/O queue's own thread. On the soft provider the queue's queue pair lives on a lane of the device (its
-//! RC engine and its own socket, to which the kernel steers its datagrams); the lane, the queue's task and
+//! An I/O queue's own thread. The queue's queue pair lives on a lane of the device (soft provider: its RC engine
+//! and its own socket, to which the kernel steers its datagrams; verbs provider: a device context of its own,
+//! its CQ and completion channel); the lane, the queue's task and
 //! every exchange of the queue (registering the command's buffer, sending the capsule, taking the completion,
 //! giving the buffer back) run on this one thread, so an I/O crosses threads only on its way in from the
 //! caller and on its way out — not between the caller, the queue's task and the device's worker several times.
@@ -26,8 +27,8 @@ impl std::fmt::Debug for LaneThread {
 }
 
 impl LaneThread {
-    /// A lane of `device` running on a new thread named `name`; `None` where the device has no lanes (the
-    /// verbs provider, a kernel that took no steering program, a device with all its lanes taken) — its queue
+    /// A lane of `device` running on a new thread named `name`; `None` where the device has no lanes (a
+    /// kernel that took no steering program, a device with all its lanes taken) — its queue
     /// pairs then stay on the device's worker. The thread ends when the device closes.
     pub async fn start(device: &Device, name: String) -> Result<Option<LaneThread>, HostError> {
         let lane = match device.open_lane().await {
