@@ -223,7 +223,7 @@ fn target_flap_kernel_host_our_target_survives() {
     assert!(ours.stats.back_to_baseline, "{:?}", ours.stats);
 }
 
-/// `rdma link delete rxe0` four times under live I/O and a connection churn, the device back for 0.3 to 3 s in
+/// `rdma link delete rxe0` four times under live I/O and a connection churn, the device back for 0.3 to 5 s in
 /// between (removals racing with the target's repair, new connections and completions): every delete completes
 /// (our target's worker and every lane let the device go), our target listens on the last device, and our host
 /// reconnects with nothing lost.

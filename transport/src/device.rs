@@ -562,11 +562,12 @@ impl Device {
     /// pairs use it.
     pub async fn destroy_srq(&self, srq: &SharedReceiveQueue) -> Result<Vec<RecvWr>, DeviceError> {
         // Its owner destroys it: the device's worker, or the lane that keeps it.
-        let taken = call_on(&srq.commands, |reply| Command::DestroySrq(srq.id, reply)).await?;
-        if !srq.commands.same_channel(&self.commands) {
+        let taken = call_on(&srq.commands, |reply| Command::DestroySrq(srq.id, reply)).await;
+        // Gone unless still in use — also when its lane has ended (the queue went with it).
+        if !srq.commands.same_channel(&self.commands) && !matches!(taken, Err(DeviceError::SrqBusy(_))) {
             let _ = self.commands.send(Command::LaneSrqDestroyed(srq.id));
         }
-        Ok(taken)
+        taken
     }
 
     /// Moves a queue pair through RESET / INIT / RTR / RTS / ERR by hand; returns the new state.

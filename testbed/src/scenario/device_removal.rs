@@ -1,7 +1,7 @@
 //! `device-removal`: while our `nvmf perf --verify` runs against our `nvmf-target` (verbs provider, rxe0 on
 //! bond0) and a second host process connects and disconnects over and over (`nvmf discover` in a loop), the
 //! target VM deletes its RDMA device (`rdma link delete rxe0`) and adds it back, N times, the device staying
-//! back between removals for gaps from 0.2 s to 3 s — some inside the target's repair (reopening the device,
+//! back between removals for gaps from 0.3 s to 5 s — some inside the target's repair (reopening the device,
 //! handing its poll groups new lanes) and the host's reconnect — so removals race with connections being set
 //! up and with completions in flight. Our target must survive every one, let the device go each time (the
 //! kernel waits for every user — the worker's context and each lane's — before the delete returns), listen
@@ -340,9 +340,10 @@ touch $T/host-done
     {
         problems.push(format!("our target's removals: {:?}", result.target_removals));
     }
-    if result.listener_repairs != Some(result.target_removals.len() as u64)
-        || result.listener_state_after != "listening"
-    {
+    // A repair per removal of a device the target held — fewer when one lands inside a repair (the reopened
+    // device gone before the listener listens on it: that repair fails and the next one counts).
+    let repairs = result.listener_repairs.unwrap_or(0);
+    if repairs < 1 || repairs > result.target_removals.len() as u64 || result.listener_state_after != "listening" {
         problems.push(format!(
             "listener: {:?} repairs, state {:?} after",
             result.listener_repairs, result.listener_state_after

@@ -26,7 +26,7 @@ const RECV_DEPTH: usize = 256;
 const SRQ_DEPTH: usize = 1024;
 /// Completions the data path's one CQ starts with room for; it grows (`ibv_resize_cq`) so that every request
 /// that can be outstanding at once has a place: an overflowing CQ breaks every queue pair on it.
-const CQ_INITIAL: usize = 4096;
+const CQ_INITIAL: usize = 8192;
 
 /// Staging buffers kept per size class and queue, beyond which returned ones are deregistered: enough for a
 /// queue's requests in flight (a read at QD 32 holds 64: its data and its response), within a byte budget per
@@ -38,8 +38,8 @@ const STAGING_KEEP_MAX: usize = 1024;
 const STAGING_MIN_CLASS: usize = 256;
 
 /// A hasher for the numbers this module keys its tables by — request keys it hands out in sequence, queue pair
-/// numbers and CQ addresses the library gives — none of them chosen by a peer; SipHash was 1.4 % of a
-/// target's profile.
+/// numbers, region keys and queue ids the library or the worker gives — none of them chosen by a peer; SipHash
+/// was 1.4 % of a target's profile.
 #[derive(Default, Clone, Copy)]
 struct KeyHasher(u64);
 
@@ -55,8 +55,12 @@ impl Hasher for KeyHasher {
     }
 
     fn write_u64(&mut self, n: u64) {
-        // Fibonacci hashing: odd multiplier, so distinct keys stay distinct in the low bits and spread in the high.
-        self.0 = (self.0.rotate_left(29) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // splitmix64's finaliser: every bit of the key reaches the low bits the table picks buckets by (a plain
+        // multiply would leave keys alike in their low bits, as region keys are, in one bucket).
+        let mut z = (self.0 ^ n).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.0 = z ^ (z >> 31);
     }
 
     fn write_usize(&mut self, n: usize) {
@@ -362,6 +366,8 @@ impl DataPath {
             Some((cq, size)) => {
                 if need > *size {
                     let grown = need.next_power_of_two();
+                    // A device that cannot resize (or not that far) takes no more queue pairs here: an
+                    // overflowing CQ would break every one of them.
                     cq.resize(u32::try_from(grown).unwrap_or(u32::MAX)).map_err(verbs)?;
                     tracing::debug!(from = *size, to = grown, "completion queue grown");
                     *size = grown;
@@ -966,8 +972,10 @@ impl DataPath {
         let (send_cq, recv_cq) = (slot.send_cq.clone(), slot.recv_cq.clone());
         let (send_backlog, recv_backlog) =
             (std::mem::take(&mut slot.send_backlog), std::mem::take(&mut slot.recv_backlog));
-        // Destroying the queue pair ends the device's use of every buffer posted on it.
+        // Destroying the queue pair ends the device's use of every buffer posted on it; what it completed in
+        // the meantime leaves the CQ before its room is given to another.
         drop(slot);
+        self.poll_cq();
         let keys: Vec<u64> = self.pending.iter().filter(|(_, p)| p.owner == Owner::Qp(qpn)).map(|(k, _)| *k).collect();
         for key in keys {
             if let Some(p) = self.pending.remove(&key) {

@@ -64,6 +64,7 @@ pub(crate) enum LaneCommand {
 /// What a lane tells the device's worker.
 pub(crate) enum LaneReport {
     QpCreated { lane: usize, qpn: u32, pd: u32, srq: bool },
+    SrqCreated { lane: usize, id: u32, pd: u32 },
     QpReady { conn: ConnId, qpn: u32, result: Result<(), DeviceError> },
     Released { lane: usize, generation: u64 },
 }
@@ -134,7 +135,7 @@ impl Lane {
             None => Err(DeviceError::Closed),
         });
         let mut data = opened.unwrap_or_else(|e| {
-            tracing::warn!(lane = id, "verbs lane: no device context ({e}): it serves nothing");
+            tracing::error!(lane = id, "verbs lane: no device context ({e}): it serves nothing");
             DataPath::gone(port, events.clone())
         });
         let (mut comp_fd, mut async_fd) = match data.watch() {
@@ -147,7 +148,7 @@ impl Lane {
                 (None, None)
             }
         };
-        let mut lane = LaneState { id, generation, data, worker, removed: false };
+        let mut lane = LaneState { id, generation, data, worker, counters, removed: false };
         loop {
             tokio::select! {
                 command = commands.recv() => {
@@ -199,10 +200,7 @@ impl Lane {
                 }
             }
             lane.data.post_chains();
-            let (regions, bytes) = lane.data.regions();
-            counters.regions.store(regions as u64, Ordering::Relaxed);
-            counters.region_bytes.store(bytes as u64, Ordering::Relaxed);
-            counters.srq_receives.store(lane.data.srq_receives() as u64, Ordering::Relaxed);
+            lane.count();
         }
     }
 }
@@ -212,10 +210,20 @@ struct LaneState {
     generation: u64,
     data: DataPath,
     worker: mpsc::UnboundedSender<Command>,
+    counters: Arc<LaneCounters>,
     removed: bool,
 }
 
 impl LaneState {
+    /// What the device's stats read of this lane (also before a region's caller hears of it, so that its next
+    /// stats include it).
+    fn count(&self) {
+        let (regions, bytes) = self.data.regions();
+        self.counters.regions.store(regions as u64, Ordering::Relaxed);
+        self.counters.region_bytes.store(bytes as u64, Ordering::Relaxed);
+        self.counters.srq_receives.store(self.data.srq_receives() as u64, Ordering::Relaxed);
+    }
+
     fn report(&self, report: LaneReport) {
         let _ = self.worker.send(Command::FromVerbsLane(report));
     }
@@ -239,10 +247,14 @@ impl LaneState {
         let data = &mut self.data;
         match command {
             Command::Register(pd, buf, access, reply) => {
-                let _ = reply.send(data.ensure_pd(pd).and_then(|()| data.register(pd, buf, access)));
+                let result = data.ensure_pd(pd).and_then(|()| data.register(pd, buf, access));
+                self.count();
+                let _ = reply.send(result);
             }
             Command::Deregister(key, reply) => {
-                let _ = reply.send(data.deregister(key));
+                let result = data.deregister(key);
+                self.count();
+                let _ = reply.send(result);
             }
             Command::PostSend(qpn, wr) => data.post_send(qpn, wr),
             Command::PostRecv(qpn, wr) => data.post_recv(qpn, wr),
@@ -274,6 +286,9 @@ impl LaneState {
             }
             LaneCommand::CreateSrq { id: srq, pd, commands, reply } => {
                 let created = data.ensure_pd(pd).and_then(|()| data.create_srq(srq, pd));
+                if created.is_ok() {
+                    self.report(LaneReport::SrqCreated { lane: id, id: srq, pd });
+                }
                 let _ = reply.send(created.map(|()| (srq, commands)));
             }
             LaneCommand::Connect { conn, qpn, mut attrs } => {

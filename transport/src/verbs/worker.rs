@@ -362,6 +362,9 @@ impl Worker {
                 let result = match self.conns.remove(&conn) {
                     Some(c) => {
                         self.conn_by_id.remove(&c.id.key());
+                        if let Some(qpn) = c.qpn {
+                            self.qp_conn.remove(&qpn);
+                        }
                         c.id.reject(&private_data).map_err(verbs)
                     }
                     None => Err(unknown_conn(conn)),
@@ -505,16 +508,17 @@ impl Worker {
         };
         let id = self.next_srq;
         self.next_srq += 1;
-        if commands.clone().send(Command::VerbsLane(LaneCommand::CreateSrq { id, pd, commands, reply })).is_ok() {
-            // Counted from now; a lane that fails to make it answers so, and the caller destroys nothing.
-            self.lane_srqs.insert(id, (lane, pd));
-        }
+        // The lane says so once it has made it (`SrqCreated`), before its caller hears of it.
+        let _ = commands.clone().send(Command::VerbsLane(LaneCommand::CreateSrq { id, pd, commands, reply }));
     }
 
     fn on_lane_report(&mut self, report: LaneReport) {
         match report {
             LaneReport::QpCreated { lane, qpn, pd, srq } => {
                 self.lane_qps.insert(qpn, LaneQp { lane, pd, srq });
+            }
+            LaneReport::SrqCreated { lane, id, pd } => {
+                self.lane_srqs.insert(id, (lane, pd));
             }
             LaneReport::QpReady { conn, qpn, result } => self.lane_qp_ready(conn, qpn, result),
             LaneReport::Released { lane, generation } => {
@@ -550,7 +554,7 @@ impl Worker {
 
     /// A lane's queue pair has the connection's attributes (or could not take them): the handshake goes on.
     fn lane_qp_ready(&mut self, conn: ConnId, qpn: u32, result: Result<(), DeviceError>) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn).filter(|c| c.qpn == Some(qpn)) else { return };
         match c.awaiting.take() {
             Some(Awaiting::Accept { param, reply }) => {
                 let result = result.and_then(|()| c.id.accept(&param).map_err(verbs));
@@ -720,6 +724,10 @@ impl Worker {
     fn accept(&mut self, conn: ConnId, qpn: u32, options: ConnectionOptions, private_data: Vec<u8>, reply: Reply<()>) {
         let prepared = self.connectable(qpn, "accept").and_then(|srq| {
             let c = self.conns.get(&conn).ok_or(unknown_conn(conn))?;
+            // Accepted once already (or being accepted): a second accept would take the first one's place.
+            if c.qpn.is_some() {
+                return Err(DeviceError::BadTransition { qpn, from: crate::device::QpState::Init, to: "accept" });
+            }
             Ok((srq, Self::connection_attrs(c, Some(options))?))
         });
         let (srq, mut attrs) = match prepared {
