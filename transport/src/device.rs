@@ -201,6 +201,42 @@ async fn call_on<T>(
     rx.await.map_err(|_| DeviceError::Closed)?
 }
 
+/// A device worker's `RegisterOnLane`: handed to the lane's channel (`lane`, if the device has that lane) as the
+/// lane's own `Register`, once the domain is known to be the device's. A lane that no longer runs drops the reply:
+/// the caller sees `Closed`.
+pub(crate) fn register_on_lane(
+    lane: Option<&mpsc::UnboundedSender<Command>>,
+    pd_known: bool,
+    pd: u32,
+    buf: Vec<u8>,
+    access: Access,
+    reply: Reply<MemoryRegion>,
+) {
+    match lane {
+        _ if !pd_known => {
+            let _ = reply.send(Err(DeviceError::UnknownPd(pd)));
+        }
+        Some(l) => {
+            let _ = l.send(Command::Register(pd, buf, access, reply));
+        }
+        None => {
+            let _ = reply.send(Err(DeviceError::Unsupported("no such lane on this device")));
+        }
+    }
+}
+
+/// A device worker's `DeregisterOnLane`: handed to the lane's channel as the lane's own `Deregister`.
+pub(crate) fn deregister_on_lane(lane: Option<&mpsc::UnboundedSender<Command>>, key: u32, reply: Reply<Vec<u8>>) {
+    match lane {
+        Some(l) => {
+            let _ = l.send(Command::Deregister(key, reply));
+        }
+        None => {
+            let _ = reply.send(Err(DeviceError::UnknownRegion(key)));
+        }
+    }
+}
+
 /// A handle to an RC queue pair of a device.
 #[derive(Debug, Clone)]
 pub struct QueuePair {

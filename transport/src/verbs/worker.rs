@@ -416,23 +416,12 @@ impl Worker {
                 self.lane_srqs.remove(&id);
             }
             Command::RegisterOnLane { lane, pd, buf, access, reply } => {
-                if !self.pds.contains(&pd) {
-                    let _ = reply.send(Err(DeviceError::UnknownPd(pd)));
-                } else if let Some(l) = self.lane(lane) {
-                    // A lane that no longer runs drops the reply: the caller sees Closed.
-                    let _ = l.commands.send(Command::Register(pd, buf, access, reply));
-                } else {
-                    let _ = reply.send(Err(DeviceError::Unsupported("no such lane on this device")));
-                }
+                let lane = self.lane(lane).map(|l| &l.commands);
+                crate::device::register_on_lane(lane, self.pds.contains(&pd), pd, buf, access, reply);
             }
-            Command::DeregisterOnLane { lane, key, reply } => match self.lane(lane) {
-                Some(l) => {
-                    let _ = l.commands.send(Command::Deregister(key, reply));
-                }
-                None => {
-                    let _ = reply.send(Err(DeviceError::UnknownRegion(key)));
-                }
-            },
+            Command::DeregisterOnLane { lane, key, reply } => {
+                crate::device::deregister_on_lane(self.lane(lane).map(|l| &l.commands), key, reply);
+            }
             Command::FromVerbsLane(report) => self.on_lane_report(report),
             Command::Lane(_) | Command::VerbsLane(_) => tracing::debug!("lane commands are for lanes"),
             Command::Shutdown => {}
