@@ -43,13 +43,16 @@ pub struct TargetRemoval {
 
 impl TargetRemoval {
     /// From our target's log: "RDMA device removed … generation=G lanes=N", "verbs lane released its device …
-    /// generation=G", "verbs device released … generation=G".
+    /// generation=G", "verbs device released … generation=G". Lines of one generation are matched by it, not by
+    /// their order: threads write their lines in whatever order they get the stream (a lane's release has been
+    /// seen before the worker's line announcing the removal it answers).
     fn parse(log: &str) -> Vec<TargetRemoval> {
         let field = |line: &str, name: &str| -> Option<u64> {
             let at = line.find(&format!("{name}="))? + name.len() + 1;
             line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
         };
         let mut out: Vec<TargetRemoval> = Vec::new();
+        let (mut lanes_released, mut released) = (Vec::new(), Vec::new());
         for line in log.lines().map(strip_ansi) {
             if line.contains("closing every queue: device removed")
                 && let Some(last) = out.last_mut()
@@ -61,13 +64,15 @@ impl TargetRemoval {
             if line.contains("RDMA device removed") {
                 let lanes = field(&line, "lanes").unwrap_or(0);
                 out.push(TargetRemoval { generation, lanes, lanes_released: 0, released: false, queues_closed: None });
-            } else if let Some(r) = out.iter_mut().find(|r| r.generation == generation) {
-                if line.contains("verbs lane released its device") {
-                    r.lanes_released += 1;
-                } else if line.contains("verbs device released") {
-                    r.released = true;
-                }
+            } else if line.contains("verbs lane released its device") {
+                lanes_released.push(generation);
+            } else if line.contains("verbs device released") {
+                released.push(generation);
             }
+        }
+        for r in &mut out {
+            r.lanes_released = lanes_released.iter().filter(|&&g| g == r.generation).count() as u64;
+            r.released = released.contains(&r.generation);
         }
         out
     }
@@ -378,8 +383,8 @@ mod tests {
  INFO verbs device released addr=198.18.0.1 generation=1
  WARN closing every queue: device removed addr=198.18.0.1 queues=2
  INFO verbs device open addr=198.18.0.1 generation=2
- WARN RDMA device removed addr=198.18.0.1 generation=2 lanes=2
  INFO verbs lane released its device lane=1 generation=2
+ WARN RDMA device removed addr=198.18.0.1 generation=2 lanes=2
 ";
         let r = TargetRemoval::parse(log);
         assert_eq!(r.len(), 2, "{r:?}");
