@@ -26,7 +26,7 @@ use crate::error::HostError;
 use crate::events::EventRouter;
 use crate::lane::LaneThread;
 use crate::loss::LossSignal;
-use crate::queue::{HostQueue, QueueIo};
+use crate::queue::{HostQueue, QueueIo, QueuePool};
 
 /// Where a target listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,7 +218,7 @@ async fn exchange(
     in_capsule_limit: usize,
     name: &'static str,
 ) -> Exchange {
-    let (access, buf) = match data {
+    let (access, mut buf) = match data {
         DataDir::None => {
             let result = queue.submit(capsule(command, null_sgl()), &[]).await;
             return (result.and_then(|c| check(name, c)), Some(Vec::new()));
@@ -232,6 +232,14 @@ async fn exchange(
         DataDir::ToHost(len) => (Access::REMOTE_WRITE, vec![0u8; len]),
     };
     let len = buf.len() as u32;
+    if let Some(pool) = queue.pool()
+        && buf.len() <= pool.buffers.buffer_size()
+    {
+        match exchange_registered(queue, pool, command, buf, access, name).await {
+            Ok(done) => return done,
+            Err(back) => buf = back,
+        }
+    }
     let mr = match queue.register(pd, buf, access).await {
         Ok(mr) => mr,
         Err(e) => return (Err(e), None),
@@ -248,6 +256,48 @@ async fn exchange(
         Ok(buf) => (result.and_then(|c| check(name, c)), Some(buf)),
         Err(e) => (result.and(Err(e)), None),
     }
+}
+
+/// [`exchange`] through a buffer of the queue's registered pool: the caller's data is copied in (writes) or out
+/// (reads) instead of being registered for the command. The caller's buffer comes back as the error when the
+/// pool's arena is not registered (then the command registers a region of its own).
+async fn exchange_registered(
+    queue: &QueueIo,
+    pool: &QueuePool,
+    command: Command,
+    data: Vec<u8>,
+    access: Access,
+    name: &'static str,
+) -> Result<Exchange, Vec<u8>> {
+    let len = data.len();
+    let mut buf = pool.buffers.take().await;
+    let tail = buf.split_off(len);
+    let Some(keys) = pool.keys(&buf) else {
+        buf.unsplit(tail);
+        pool.buffers.give(buf);
+        return Err(data);
+    };
+    let to_host = access.remote_write;
+    if !to_host {
+        buf.copy_from_slice(&data);
+    }
+    // No remote invalidation: the key is the whole arena's, not this command's.
+    let result = match SglDescriptor::keyed(buf.address(), len as u32, keys.rkey, false) {
+        Ok(sgl) => queue.submit(capsule(command, sgl), &[]).await.and_then(|c| check(name, c)),
+        Err(e) => Err(e.into()),
+    };
+    // A response means the target is done with the buffer (RC delivers a read's data before its response):
+    // it goes back to the pool. Without one (a timeout, a lost queue pair) the target may still write into it
+    // through the arena's key, so it is never handed out again; the pool carves another when it needs one.
+    let mut back = data;
+    if to_host && result.is_ok() {
+        back.copy_from_slice(&buf);
+    }
+    if matches!(result, Ok(_) | Err(HostError::Nvme { .. })) {
+        buf.unsplit(tail);
+        pool.buffers.give(buf);
+    }
+    Ok((result, Some(back)))
 }
 
 /// [`exchange`] for callers that do not send data again.
@@ -402,7 +452,8 @@ impl Controller {
             self.lanes.push(l.clone());
         }
         let (device, pd, router, target) = (self.device.clone(), &self.pd, &self.router, self.target);
-        let q = HostQueue::connect(device, pd, router, target, qid, depth, loss, lane).await?;
+        let mut q = HostQueue::connect(device, pd, router, target, qid, depth, loss, lane).await?;
+        q.use_registered_buffers(pd, self.max_transfer()).await;
         let connect = Connect { recfmt: 0, qid, sqsize: depth - 1, cattr: 0, kato: 0 };
         let result = self.connect_on(&q, connect, self.cntlid, self.options.in_capsule_limit).await;
         match result {

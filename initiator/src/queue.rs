@@ -12,8 +12,8 @@ use nvme_proto::rdma_cm::{CmReject, CmRequest, RECORD_FORMAT_1_0};
 use nvme_proto::{Cqe, Sqe};
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use transport::{
-    Access, CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, MemoryRegion, ProtectionDomain, QueuePair,
-    RecvWr, SendOp, SendWr, WcStatus,
+    Access, Buffer, CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, MemoryRegion, PinnedPool,
+    PoolLane, ProtectionDomain, QueuePair, RecvWr, RegionKeys, SendOp, SendWr, WcStatus,
 };
 
 use crate::controller::TargetAddr;
@@ -57,6 +57,23 @@ pub(crate) struct QueueIo {
     qp: QueuePair,
     /// Keyed data may ask for remote invalidation (the target's SEND_WITH_INV).
     pub remote_invalidate: bool,
+    /// Data buffers registered once with the queue's lane (verbs provider), instead of a region per command.
+    pool: Option<Arc<QueuePool>>,
+}
+
+/// A queue's registered data buffers and the lane they are registered with.
+#[derive(Debug)]
+pub(crate) struct QueuePool {
+    pub buffers: PinnedPool,
+    device: std::sync::Weak<Device>,
+    lane: usize,
+}
+
+impl QueuePool {
+    /// The keys through which the target reaches `buf`, if its arena is registered with the queue's lane.
+    pub fn keys(&self, buf: &Buffer) -> Option<RegionKeys> {
+        self.buffers.keys(buf, &self.device, self.lane)
+    }
 }
 
 impl QueueIo {
@@ -87,6 +104,11 @@ impl QueueIo {
 
     pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, HostError> {
         Ok(self.qp.deregister(mr).await?)
+    }
+
+    /// The queue's registered data buffers, if it has them.
+    pub fn pool(&self) -> Option<&QueuePool> {
+        self.pool.as_deref()
     }
 }
 
@@ -172,7 +194,8 @@ impl HostQueue {
             Some(l) => drop(l.spawn(task.run(rx, events))),
             None => drop(tokio::spawn(task.run(rx, events))),
         }
-        let io = QueueIo { submissions, slots, qp, remote_invalidate: device.regions_remotely_invalidable() };
+        let io =
+            QueueIo { submissions, slots, qp, remote_invalidate: device.regions_remotely_invalidable(), pool: None };
         Ok(HostQueue { qid, depth, conn, io, closing, device, lane })
     }
 
@@ -184,6 +207,23 @@ impl HostQueue {
 
     pub(crate) fn io(&self) -> &QueueIo {
         &self.io
+    }
+
+    /// Gives the queue data buffers of `buffer_size` bytes registered once with its lane (remote read and
+    /// write: the target reaches them with the arena's key), for the verbs provider, whose registration per
+    /// command is a system call and pinned pages each way. The soft provider's regions are a table entry on
+    /// the lane's thread and it registers no arenas, so its queues keep a region per command. A peer with the
+    /// key reaches every buffer of the queue's arenas (as SPDK's host exposes its registered memory map), from
+    /// any queue pair of the domain, while the queue's lane lives (the lane's end deregisters them).
+    pub(crate) async fn use_registered_buffers(&mut self, pd: &ProtectionDomain, buffer_size: usize) {
+        let Some(lane) = &self.lane else { return };
+        if self.device.provider() != transport::Provider::Verbs {
+            return;
+        }
+        let device = Arc::downgrade(&self.device);
+        let pool = QueuePool { buffers: PinnedPool::new(buffer_size), device: device.clone(), lane: lane.id };
+        pool.buffers.add_lane(PoolLane { device, pd: pd.id, lane: lane.id, access: Access::REMOTE_ALL }).await;
+        self.io.pool = Some(Arc::new(pool));
     }
 
     pub(crate) fn lane(&self) -> Option<&Arc<LaneThread>> {

@@ -120,7 +120,7 @@ async fn soft_send(p: &Pair, size: usize, count: usize, depth: usize) -> f64 {
         }
         let c = p.cqa.next().await;
         assert_eq!(c.wc.status, WcStatus::Success);
-        bufs.push(c.wc.buf);
+        bufs.push(c.wc.buf.into_vec());
         done += 1;
         received += p.cqb.poll(usize::MAX).len();
     }
@@ -145,7 +145,7 @@ async fn soft_rdma(p: &Pair, read: bool, size: usize, total: usize, depth: usize
         }
         let c = p.cqa.next().await;
         assert_eq!(c.wc.status, WcStatus::Success);
-        bufs.push(c.wc.buf);
+        bufs.push(c.wc.buf.into_vec());
         done += 1;
     }
     let elapsed = start.elapsed().as_secs_f64();

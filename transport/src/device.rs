@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::connection::{ConnId, PeerParams};
-use crate::region::Access;
 use crate::region::RegionKeys;
+use crate::region::{Access, RegionMemory};
 use crate::work_request::{RecvWr, SendWr, WcStatus, WorkCompletion};
 
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +208,7 @@ pub(crate) fn register_on_lane(
     lane: Option<&mpsc::UnboundedSender<Command>>,
     pd_known: bool,
     pd: u32,
-    buf: Vec<u8>,
+    buf: RegionMemory,
     access: Access,
     reply: Reply<MemoryRegion>,
 ) {
@@ -267,12 +267,12 @@ impl QueuePair {
         access: Access,
     ) -> Result<MemoryRegion, DeviceError> {
         let pd = pd.id;
-        call_on(&self.commands, |reply| Command::Register(pd, buf, access, reply)).await
+        call_on(&self.commands, |reply| Command::Register(pd, RegionMemory::Owned(buf), access, reply)).await
     }
 
     /// Takes back a region [`QueuePair::register`] handed out.
     pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
-        call_on(&self.commands, |reply| Command::Deregister(mr.keys.rkey, reply)).await
+        call_on(&self.commands, |reply| Command::Deregister(mr.keys.lkey, reply)).await
     }
 }
 
@@ -312,6 +312,10 @@ pub struct DeviceStats {
     pub queue_pairs: usize,
     pub regions: usize,
     pub region_bytes: usize,
+    /// Buffer arenas registered once for in-place posting (`Device::pin_on_lane`): a pool's, which grows to
+    /// its high-water mark and stays; not counted in `regions`, which are per-request registrations.
+    pub arenas: usize,
+    pub arena_bytes: usize,
     pub connections: usize,
     /// Connection attempts given up on but still remembered, so that the peer's retransmissions are recognised
     /// (soft provider; each goes away on its own).
@@ -343,7 +347,8 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;
 pub(crate) enum Command {
     AllocPd(Reply<ProtectionDomain>),
     DeallocPd(u32, Reply<()>),
-    Register(u32, Vec<u8>, Access, Reply<MemoryRegion>),
+    Register(u32, RegionMemory, Access, Reply<MemoryRegion>),
+    /// By the region's lkey (its rkey may be 0 when it grants no remote access).
     Deregister(u32, Reply<Vec<u8>>),
     CreateQp(u32, CompletionQueue, CompletionQueue, Option<u32>, Reply<u32>),
     CreateSrq(u32, Reply<u32>),
@@ -402,7 +407,7 @@ pub(crate) enum Command {
     RegisterOnLane {
         lane: usize,
         pd: u32,
-        buf: Vec<u8>,
+        buf: RegionMemory,
         access: Access,
         reply: Reply<MemoryRegion>,
     },
@@ -484,11 +489,11 @@ impl Device {
         access: Access,
     ) -> Result<MemoryRegion, DeviceError> {
         let pd = pd.id;
-        self.call(|r| Command::Register(pd, buf, access, r)).await
+        self.call(|r| Command::Register(pd, RegionMemory::Owned(buf), access, r)).await
     }
 
     pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
-        self.call(|r| Command::Deregister(mr.keys.rkey, r)).await
+        self.call(|r| Command::Deregister(mr.keys.lkey, r)).await
     }
 
     /// Hands `buf` to lane `lane` for remote access by the lane's queue pairs (a lane's memory is its own:
@@ -501,11 +506,36 @@ impl Device {
         access: Access,
     ) -> Result<MemoryRegion, DeviceError> {
         let pd = pd.id;
+        let buf = RegionMemory::Owned(buf);
         self.call(|reply| Command::RegisterOnLane { lane, pd, buf, access, reply }).await
     }
 
+    /// Registers an arena ([`crate::Buffer::carve`]) with lane `lane` once: the buffers carved from it are then
+    /// posted on the lane's queue pairs in place — no staging copy, no registration per request — and, with
+    /// remote access, a peer reaches a piece at its [`crate::Buffer::address`] with the region's rkey. A peer
+    /// given that rkey can reach the whole arena, so grant remote access only on memory that peer may have
+    /// (a host queue's data buffers, as SPDK's host does with its memory map). The verbs provider only: the soft
+    /// provider copies every buffer into its datagrams anyway and says `Unsupported`, and so does a lane's
+    /// device with no arenas (post the buffers as they are then). [`Device::unpin_on_lane`] lets it go.
+    pub async fn pin_on_lane(
+        &self,
+        lane: usize,
+        pd: &ProtectionDomain,
+        pinned: crate::buffer::Pinned,
+        access: Access,
+    ) -> Result<MemoryRegion, DeviceError> {
+        let pd = pd.id;
+        let buf = RegionMemory::Pinned(pinned);
+        self.call(|reply| Command::RegisterOnLane { lane, pd, buf, access, reply }).await
+    }
+
+    /// Deregisters an arena [`Device::pin_on_lane`] registered; its memory lives on in the pieces still held.
+    pub async fn unpin_on_lane(&self, lane: usize, mr: MemoryRegion) -> Result<(), DeviceError> {
+        self.deregister_on_lane(lane, mr).await.map(drop)
+    }
+
     pub async fn deregister_on_lane(&self, lane: usize, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
-        let key = mr.keys.rkey;
+        let key = mr.keys.lkey;
         self.call(|reply| Command::DeregisterOnLane { lane, key, reply }).await
     }
 

@@ -19,22 +19,26 @@
 //! application runs on its own threads for the data path (see [`lane`]).
 #![deny(unsafe_code)]
 
+pub mod buffer;
 pub mod connection;
 pub mod device;
 pub mod lane;
 pub mod mtu;
+pub mod pinned_pool;
 pub mod provider;
 pub mod region;
 pub mod soft;
 pub mod verbs;
 pub mod work_request;
 
+pub use buffer::{Buffer, Pinned};
 pub use connection::{ConnId, PeerParams};
 pub use device::{
     Completion, CompletionQueue, ConnectionOptions, Device, DeviceError, DeviceEvent, DeviceStats, MemoryRegion,
     ProtectionDomain, QpState, QpTransition, QueuePair, SharedReceiveQueue,
 };
 pub use lane::Lane;
+pub use pinned_pool::{PinnedPool, PoolLane};
 pub use provider::Provider;
 pub use region::{Access, RegionKeys};
 pub use soft::device::SoftConfig;

@@ -24,3 +24,11 @@ pub struct RegionKeys {
     pub addr: u64,
     pub len: usize,
 }
+
+/// What a region is registered over: a buffer the region owns until it is deregistered, or an arena the
+/// application keeps carving its buffers from ([`crate::Buffer::carve`]), which the region only keeps alive.
+#[derive(Debug)]
+pub(crate) enum RegionMemory {
+    Owned(Vec<u8>),
+    Pinned(#[cfg_attr(not(feature = "verbs"), allow(dead_code))] crate::buffer::Pinned),
+}

@@ -6,6 +6,8 @@
 //! message is the segments' concatenation, and the completion hands the segments back, filled in order. The
 //! engine gathers a list into one buffer while the request is in flight (one copy) and scatters it back.
 
+use crate::buffer::Buffer;
+
 /// What a send-queue work request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOp {
@@ -36,20 +38,20 @@ pub struct SendWr {
     /// Data to send or write; for RDMA READ, the buffer the data lands in (its length is the read length).
     /// Every request completes — there are no unsignaled requests — because the completion is what hands the
     /// buffer back.
-    pub buf: Vec<u8>,
+    pub buf: Buffer,
     /// Segments instead of `buf`, when non-empty.
-    pub sg_list: Vec<Vec<u8>>,
+    pub sg_list: Vec<Buffer>,
     pub solicited: bool,
 }
 
 impl SendWr {
-    pub fn new(wr_id: u64, op: SendOp, buf: Vec<u8>) -> SendWr {
-        SendWr { wr_id, op, buf, sg_list: Vec::new(), solicited: false }
+    pub fn new(wr_id: u64, op: SendOp, buf: impl Into<Buffer>) -> SendWr {
+        SendWr { wr_id, op, buf: buf.into(), sg_list: Vec::new(), solicited: false }
     }
 
     /// A request whose data is the concatenation of `segments`.
-    pub fn with_sg_list(wr_id: u64, op: SendOp, segments: Vec<Vec<u8>>) -> SendWr {
-        SendWr { wr_id, op, buf: Vec::new(), sg_list: segments, solicited: false }
+    pub fn with_sg_list(wr_id: u64, op: SendOp, segments: Vec<Buffer>) -> SendWr {
+        SendWr { wr_id, op, buf: Buffer::default(), sg_list: segments, solicited: false }
     }
 
     pub fn opcode(&self) -> WcOpcode {
@@ -65,18 +67,18 @@ impl SendWr {
 pub struct RecvWr {
     pub wr_id: u64,
     /// Receive buffer; its length is the largest message it accepts.
-    pub buf: Vec<u8>,
+    pub buf: Buffer,
     /// Segments instead of `buf`, when non-empty (the message fills them in order).
-    pub sg_list: Vec<Vec<u8>>,
+    pub sg_list: Vec<Buffer>,
 }
 
 impl RecvWr {
-    pub fn new(wr_id: u64, buf: Vec<u8>) -> RecvWr {
-        RecvWr { wr_id, buf, sg_list: Vec::new() }
+    pub fn new(wr_id: u64, buf: impl Into<Buffer>) -> RecvWr {
+        RecvWr { wr_id, buf: buf.into(), sg_list: Vec::new() }
     }
 
-    pub fn with_sg_list(wr_id: u64, segments: Vec<Vec<u8>>) -> RecvWr {
-        RecvWr { wr_id, buf: Vec::new(), sg_list: segments }
+    pub fn with_sg_list(wr_id: u64, segments: Vec<Buffer>) -> RecvWr {
+        RecvWr { wr_id, buf: Buffer::default(), sg_list: segments }
     }
 }
 
@@ -88,8 +90,8 @@ impl WorkCompletion {
         status: WcStatus,
         opcode: WcOpcode,
         byte_len: u32,
-        mut buf: Vec<u8>,
-        mut sg_list: Vec<Vec<u8>>,
+        mut buf: Buffer,
+        mut sg_list: Vec<Buffer>,
         filled: usize,
     ) -> WorkCompletion {
         scatter(&mut buf, &mut sg_list, filled);
@@ -98,15 +100,19 @@ impl WorkCompletion {
 }
 
 /// Gathers a scatter/gather list into `buf` (no-op for a single buffer).
-pub(crate) fn gather(buf: &mut Vec<u8>, sg_list: &[Vec<u8>]) {
+pub(crate) fn gather(buf: &mut Buffer, sg_list: &[Buffer]) {
     if !sg_list.is_empty() {
-        *buf = sg_list.concat();
+        let mut all = Buffer::zeroed(0);
+        for segment in sg_list {
+            all.extend_from_slice(segment);
+        }
+        *buf = all;
     }
 }
 
 /// Scatters the first `len` bytes of `buf` back into the segments (no-op without a list); the gathered copy
 /// is released so that the completion hands back exactly what was posted.
-pub(crate) fn scatter(buf: &mut Vec<u8>, sg_list: &mut [Vec<u8>], len: usize) {
+pub(crate) fn scatter(buf: &mut Buffer, sg_list: &mut [Buffer], len: usize) {
     if sg_list.is_empty() {
         return;
     }
@@ -119,7 +125,7 @@ pub(crate) fn scatter(buf: &mut Vec<u8>, sg_list: &mut [Vec<u8>], len: usize) {
         segment[..n].copy_from_slice(&buf[at..at + n]);
         at += n;
     }
-    *buf = Vec::new();
+    *buf = Buffer::default();
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -162,7 +168,7 @@ pub struct WorkCompletion {
     /// The rkey a SEND_WITH_INV invalidated (RECV completions).
     pub invalidated_rkey: Option<u32>,
     /// The buffer the request was posted with, handed back.
-    pub buf: Vec<u8>,
+    pub buf: Buffer,
     /// The scatter/gather list the request was posted with, handed back (filled for RECV and RDMA READ).
-    pub sg_list: Vec<Vec<u8>>,
+    pub sg_list: Vec<Buffer>,
 }

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use support::{Impairments, Rng, SimMemory, SimNet};
+use transport::Buffer;
 use transport::soft::rc::{
     Access, EngineState, RcConfig, RcQp, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion,
 };
@@ -167,8 +168,8 @@ fn run(seed: u64) -> Result<String, String> {
             ),
         };
         let wr = if rng.chance(0.3) {
-            let segments = split(&mut rng, wr.buf.clone());
-            SendWr { buf: Vec::new(), sg_list: segments, ..wr }
+            let segments = split(&mut rng, wr.buf.to_vec());
+            SendWr { buf: Buffer::default(), sg_list: segments, ..wr }
         } else {
             wr
         };
@@ -273,14 +274,14 @@ fn run(seed: u64) -> Result<String, String> {
 }
 
 /// Cuts a buffer into 1 to 5 segments of random sizes (empty ones included).
-fn split(rng: &mut Rng, buf: Vec<u8>) -> Vec<Vec<u8>> {
+fn split(rng: &mut Rng, buf: Vec<u8>) -> Vec<Buffer> {
     let pieces = 1 + rng.below(5) as usize;
     let mut cuts: Vec<usize> = (1..pieces).map(|_| rng.below(buf.len() as u64 + 1) as usize).collect();
     cuts.sort_unstable();
     let mut out = Vec::new();
     let mut start = 0;
     for cut in cuts.into_iter().chain([buf.len()]) {
-        out.push(buf[start..cut].to_vec());
+        out.push(Buffer::from(&buf[start..cut]));
         start = cut;
     }
     out
@@ -288,7 +289,7 @@ fn split(rng: &mut Rng, buf: Vec<u8>) -> Vec<Vec<u8>> {
 
 /// The data a completion hands back, whether as one buffer or as segments.
 fn data(wc: &WorkCompletion) -> Vec<u8> {
-    if wc.sg_list.is_empty() { wc.buf.clone() } else { wc.sg_list.concat() }
+    if wc.sg_list.is_empty() { wc.buf.to_vec() } else { wc.sg_list.iter().flat_map(|s| s.iter().copied()).collect() }
 }
 
 fn verify(sides: &[Side]) -> Result<(), String> {

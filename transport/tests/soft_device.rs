@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use nvme_proto::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest};
+use transport::Buffer;
 use transport::soft::device::{
     CompletionQueue, ConnectionOptions, Device, DeviceEvent, ProtectionDomain, QueuePair, SoftConfig,
 };
@@ -361,7 +362,7 @@ async fn manual_state_machine() {
     // Sends are refused before RTS (the buffer still comes back).
     qa.post_send(SendWr::new(1, SendOp::Send, b"early".to_vec())).unwrap();
     let wc = complete(&cqa).await.wc;
-    assert_eq!((wc.wr_id, wc.status, wc.buf.as_slice()), (1, WcStatus::WrFlush, &b"early"[..]));
+    assert_eq!((wc.wr_id, wc.status, &wc.buf[..]), (1, WcStatus::WrFlush, &b"early"[..]));
     for (dev, qp) in [(&a, &qa), (&b, &qb)] {
         assert_eq!(dev.modify_qp(qp, rts).await.unwrap(), QpState::Rts);
     }
@@ -438,8 +439,8 @@ async fn shared_receive_queue() {
 #[tokio::test]
 async fn scatter_gather_lists() {
     let c = connect().await;
-    c.qb.post_recv(RecvWr::with_sg_list(1, vec![vec![0; 4], vec![0; 20]])).unwrap();
-    let segments = vec![b"ab".to_vec(), b"cdef".to_vec(), b"ghij".to_vec()];
+    c.qb.post_recv(RecvWr::with_sg_list(1, vec![Buffer::zeroed(4), Buffer::zeroed(20)])).unwrap();
+    let segments = vec![Buffer::from(&b"ab"[..]), Buffer::from(&b"cdef"[..]), Buffer::from(&b"ghij"[..])];
     c.qa.post_send(SendWr::with_sg_list(2, SendOp::Send, segments.clone())).unwrap();
     let sent = complete(&c.cqa).await.wc;
     assert_eq!((sent.status, &sent.sg_list, sent.buf.is_empty()), (WcStatus::Success, &segments, true));
@@ -449,7 +450,7 @@ async fn scatter_gather_lists() {
 
     let region = c.b.register(&c.pdb, (0..64u8).collect(), Access::REMOTE_READ).await.unwrap();
     let op = SendOp::RdmaRead { remote_addr: region.keys.addr + 8, rkey: region.keys.rkey };
-    c.qa.post_send(SendWr::with_sg_list(3, op, vec![vec![0; 3], vec![], vec![0; 5]])).unwrap();
+    c.qa.post_send(SendWr::with_sg_list(3, op, vec![Buffer::zeroed(3), Buffer::default(), Buffer::zeroed(5)])).unwrap();
     let read = complete(&c.cqa).await.wc;
     assert_eq!((read.status, read.byte_len), (WcStatus::Success, 8));
     assert_eq!(read.sg_list, vec![vec![8, 9, 10], vec![], vec![11, 12, 13, 14, 15]]);

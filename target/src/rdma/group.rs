@@ -19,7 +19,11 @@ pub(crate) enum GroupMsg {
     Adopt(Box<QueueSetup>),
     /// A lane of a device for this group's thread to run: the queue pairs the listener creates on it are
     /// driven here, beside the queues that use them.
-    RunLane(transport::Lane),
+    RunLane {
+        lane: Box<transport::Lane>,
+        /// The lane as the group's buffer pool registers its memory with it.
+        pin: transport::PoolLane,
+    },
     Close {
         key: u64,
         reason: &'static str,
@@ -132,9 +136,11 @@ async fn run(
                     let _ = own.send(GroupMsg::Finished { key });
                 });
             }
-            GroupMsg::RunLane(lane) => {
+            GroupMsg::RunLane { lane, pin } => {
                 tracing::debug!(group = index, lane = lane.id(), "running a lane");
                 tokio::task::spawn_local(lane.run());
+                let pool = pool.clone();
+                tokio::task::spawn_local(async move { pool.add_lane(pin).await });
             }
             GroupMsg::Close { key, reason } => {
                 if let Some(e) = queues.get(&key) {

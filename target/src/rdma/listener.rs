@@ -16,8 +16,8 @@ use std::time::Duration;
 use nvme_proto::rdma_cm::{CmAccept, CmReject, CmRejectStatus, CmRequest, RECORD_FORMAT_1_0};
 use tokio::sync::{mpsc, oneshot};
 use transport::{
-    CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, PeerParams, ProtectionDomain, Provider, RecvWr,
-    SharedReceiveQueue,
+    Access, Buffer, CompletionQueue, ConnId, ConnectionOptions, Device, DeviceEvent, PeerParams, ProtectionDomain,
+    Provider, RecvWr, SharedReceiveQueue,
 };
 
 use super::group::{GroupMsg, Groups};
@@ -150,8 +150,14 @@ async fn group_srq(
             return None;
         }
     };
-    for slot in 0..u64::from(depth) {
-        srq.post_recv(RecvWr::new(RECV_TAG | slot, vec![0; size])).ok()?;
+    // One arena for all of them, registered once with the lane: the device takes capsules into them in place.
+    let (buffers, pinned) = Buffer::carve(depth as usize, size);
+    match device.pin_on_lane(lane, pd, pinned, Access::LOCAL_WRITE).await {
+        Ok(_) | Err(transport::DeviceError::Unsupported(_)) => {}
+        Err(e) => tracing::warn!(lane, "pinning the receive buffers: {e} (they are staged)"),
+    }
+    for (slot, buf) in (0..u64::from(depth)).zip(buffers) {
+        srq.post_recv(RecvWr::new(RECV_TAG | slot, buf)).ok()?;
     }
     Some(srq)
 }
@@ -173,7 +179,13 @@ async fn open_device(
         lanes.push(match device.open_lane().await {
             Ok(lane) => {
                 let id = lane.id();
-                match groups.send(group, GroupMsg::RunLane(lane)) {
+                let pin = transport::PoolLane {
+                    device: Arc::downgrade(&device),
+                    pd: pd.id,
+                    lane: id,
+                    access: Access::LOCAL_WRITE,
+                };
+                match groups.send(group, GroupMsg::RunLane { lane: Box::new(lane), pin }) {
                     Ok(()) => {
                         let srq = group_srq(&device, id, &pd, limits.srq_depth, limits.capsule_bytes()).await;
                         Some(GroupLane { id, srq })

@@ -66,8 +66,12 @@ pub struct Stats {
     /// Attempts whose accept went unanswered, remembered while the host may still retransmit its request
     /// (each goes away on its own within two minutes).
     pub stale_connection_attempts: usize,
-    /// Registered memory regions of every device.
+    /// Memory regions of every device registered for one request (back to its baseline when idle).
     pub memory_regions: usize,
+    /// Buffer arenas registered once per lane (receive buffers, the pools' data and response buffers, posted
+    /// in place): the pools' grow to their high-water mark and stay, bounded by `pool_buffers`.
+    pub buffer_arenas: usize,
+    pub buffer_arena_bytes: usize,
     /// Capsule buffers waiting on the poll groups' shared receive queues: all of them (groups × `srq_depth` per
     /// listener) whenever no queue holds one — a buffer a closing queue failed to hand back shows here.
     pub srq_receives: u64,
@@ -281,7 +285,7 @@ impl StatsHandle {
         }
         let mut listeners = self.listener_status();
         let (mut qpairs, mut connections, mut stale_connection_attempts, mut memory_regions) = (0, 0, 0, 0);
-        let mut srq_receives = 0;
+        let (mut srq_receives, mut buffer_arenas, mut buffer_arena_bytes) = (0, 0, 0);
         for l in &mut listeners {
             if let Some(d) = &l.device
                 && let Ok(s) = d.stats().await
@@ -290,6 +294,8 @@ impl StatsHandle {
                 connections += s.connections;
                 stale_connection_attempts += s.stale_connection_attempts;
                 memory_regions += s.regions;
+                buffer_arenas += s.arenas;
+                buffer_arena_bytes += s.arena_bytes;
                 srq_receives += s.srq_receives;
                 l.active_mtu = Some(s.active_mtu);
                 l.lanes = Some(s.lanes);
@@ -312,6 +318,8 @@ impl StatsHandle {
             connections,
             stale_connection_attempts,
             memory_regions,
+            buffer_arenas,
+            buffer_arena_bytes,
             srq_receives,
             pool_buffers_in_use: groups.iter().map(|g| g.pool_buffers_in_use).sum(),
             pool_buffers: groups.iter().map(|g| g.pool_buffers).sum(),

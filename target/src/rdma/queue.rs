@@ -23,8 +23,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use transport::{
-    Completion, CompletionQueue, ConnId, Device, QpTransition, QueuePair, SendOp, SendWr, SharedReceiveQueue, WcOpcode,
-    WcStatus, WorkCompletion,
+    Buffer, Completion, CompletionQueue, ConnId, Device, QpTransition, QueuePair, SendOp, SendWr, SharedReceiveQueue,
+    WcOpcode, WcStatus, WorkCompletion,
 };
 
 use super::listener::ListenerMsg;
@@ -86,12 +86,12 @@ enum Binding {
 /// Data of one command while it is handled.
 enum Data {
     None,
-    Plain(Vec<u8>),
+    Plain(Buffer),
     Pooled(Lease),
 }
 
 impl Data {
-    fn bytes_mut(&mut self) -> &mut Vec<u8> {
+    fn bytes_mut(&mut self) -> &mut Buffer {
         match self {
             Data::Pooled(lease) => &mut lease.buf,
             Data::Plain(v) => v,
@@ -158,7 +158,7 @@ fn lost(wr_id: u64, opcode: WcOpcode) -> WorkCompletion {
         byte_len: 0,
         imm: None,
         invalidated_rkey: None,
-        buf: Vec::new(),
+        buf: Buffer::default(),
         sg_list: Vec::new(),
     }
 }
@@ -349,7 +349,7 @@ impl Queue {
 
     /// Hands a receive buffer back: to the group's shared receive queue always (it outlives this queue), to
     /// the queue pair's own receives unless the queue is draining.
-    fn repost(&self, slot: u64, mut buf: Vec<u8>) {
+    fn repost(&self, slot: u64, mut buf: Buffer) {
         if self.draining.get() && self.setup.srq.is_none() {
             return;
         }
@@ -420,10 +420,13 @@ impl Queue {
             Some(rkey) => SendOp::SendWithInv(rkey),
             None => SendOp::Send,
         };
-        let wc = self.post(SendWr::new(0, op, cqe.to_array().to_vec())).await;
+        let mut capsule = self.pool.take_response().await;
+        capsule.copy_from_slice(&cqe.to_array());
+        let wc = self.post(SendWr::new(0, op, capsule)).await;
         if wc.status != WcStatus::Success && !self.draining.get() {
             tracing::debug!(qid = self.setup.qid, cid, status = ?wc.status, "response not delivered");
         }
+        self.pool.put_response(wc.buf);
         if let Some(DataInFlight { completion, wr_id, mut lease }) = reply.data_in_flight {
             let wc = completion.await.unwrap_or_else(|_| lost(wr_id, WcOpcode::RdmaWrite));
             if wc.status != WcStatus::Success && !self.draining.get() {
@@ -568,7 +571,7 @@ impl Queue {
                     return Some(Reply { result, ..Reply::err(status) });
                 }
                 if let Transfer::ToHost(n) = transfer {
-                    let mut data = Data::Plain(data);
+                    let mut data = Data::Plain(Buffer::from(data));
                     data.bytes_mut().resize(n as usize, 0);
                     let sent = self.deliver(&capsule.data, &mut data).await;
                     self.release(data);
@@ -619,7 +622,7 @@ impl Queue {
         let counters = binding.counters.clone();
         let result = if plan.may_block() {
             let mut buf = match &mut data {
-                Data::None => Vec::new(),
+                Data::None => Buffer::default(),
                 d => std::mem::take(d.bytes_mut()),
             };
             let joined = tokio::task::spawn_blocking(move || {
@@ -640,7 +643,7 @@ impl Queue {
                 }
             }
         } else {
-            let mut empty = Vec::new();
+            let mut empty = Buffer::default();
             let buf = match &mut data {
                 Data::None => &mut empty,
                 d => d.bytes_mut(),
@@ -701,7 +704,7 @@ impl Queue {
         self.check_data(sgl, transfer, inline)?;
         let Transfer::ToController(len) = transfer else { return Ok(Data::None) };
         match *sgl {
-            SglDescriptor::InCapsule { .. } => Ok(Data::Plain(inline[..len as usize].to_vec())),
+            SglDescriptor::InCapsule { .. } => Ok(Data::Plain(Buffer::from(&inline[..len as usize]))),
             SglDescriptor::Keyed { address, key, .. } => {
                 let mut lease = self.pool.take(len as usize).await;
                 let buf = std::mem::take(&mut lease.buf);

@@ -127,7 +127,19 @@ impl DataPath {
         self.srqs.len()
     }
 
-    pub fn register(&mut self, pd: u32, buf: Vec<u8>, access: Access) -> Result<RegionKeys, DeviceError> {
+    pub fn register(
+        &mut self,
+        pd: u32,
+        memory: crate::region::RegionMemory,
+        access: Access,
+    ) -> Result<RegionKeys, DeviceError> {
+        // The responder copies a region's bytes into its datagrams from memory it owns: it cannot reach an
+        // arena whose pieces the application holds (and needs none to avoid a copy).
+        let crate::region::RegionMemory::Owned(buf) = memory else {
+            return Err(DeviceError::Unsupported(
+                "the soft provider does not register arenas (post their buffers as they are)",
+            ));
+        };
         let len = buf.len();
         self.memory.register(pd, buf, access).map_err(|_| DeviceError::RegionTooLarge(len))
     }
@@ -546,7 +558,7 @@ fn failed_recv(wr: RecvWr) -> WorkCompletion {
 }
 
 /// A request that never ran: flushed, with what it was posted with handed back.
-fn flushed(wr_id: u64, opcode: WcOpcode, buf: Vec<u8>, sg_list: Vec<Vec<u8>>) -> WorkCompletion {
+fn flushed(wr_id: u64, opcode: WcOpcode, buf: crate::Buffer, sg_list: Vec<crate::Buffer>) -> WorkCompletion {
     WorkCompletion::new(wr_id, WcStatus::WrFlush, opcode, 0, buf, sg_list, 0)
 }
 

@@ -4,9 +4,11 @@
 //! itself; each lane (`lane`) has one on the thread that runs it. Nothing in it is reached from another thread:
 //! the objects are `Rc`, and the connection manager (the worker's) tells the owner by message what it decided.
 //!
-//! The application's buffers never reach the device: each work request is staged through a registered buffer
-//! the data path owns (copied in before posting, copied out on completion), so a buffer handed back by a
-//! completion can be used at once, whatever the device still does.
+//! A buffer carved from an arena the application registered here ([`crate::Buffer::carve`],
+//! `Device::pin_on_lane`) is posted in place: the device reads and writes it while the data path holds it, and
+//! the completion hands it back. Any other buffer is staged through a registered buffer the data path owns
+//! (copied in before posting, copied out on completion), so a buffer handed back by a completion can be used at
+//! once, whatever the device still does.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -15,8 +17,9 @@ use std::rc::Rc;
 use tokio::sync::mpsc;
 
 use super::ffi::{self, QpAttr, SendKind};
+use crate::buffer::Buffer;
 use crate::device::{Completion, CompletionQueue, DeviceError, DeviceEvent, MemoryRegion, QpState, QpTransition};
-use crate::region::{Access, RegionKeys};
+use crate::region::{Access, RegionKeys, RegionMemory};
 use crate::work_request::{RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WorkCompletion};
 
 /// Work requests each queue pair has on the device at once; more wait here (a full queue is not an error for
@@ -124,8 +127,8 @@ struct Pending {
     wr_id: u64,
     /// `None` for a receive.
     op: Option<SendOp>,
-    buf: Vec<u8>,
-    sg_list: Vec<Vec<u8>>,
+    buf: Buffer,
+    sg_list: Vec<Buffer>,
     staging: Option<ffi::MemoryRegion>,
     len: usize,
 }
@@ -195,7 +198,11 @@ pub(super) struct DataPath {
     events: mpsc::UnboundedSender<DeviceEvent>,
     /// `None`: the device was removed under the domain.
     pds: HashMap<u32, Option<Rc<ffi::Pd>>>,
+    /// Regions and arenas by lkey: a region without remote access has no rkey to tell it apart (rxe gives
+    /// every such region rkey 0).
     regions: KeyMap<u32, Region>,
+    /// Arenas registered once, with their domain: buffers in them are posted in place.
+    pinned: KeyMap<u32, (u32, ffi::PinnedRegion)>,
     srqs: KeyMap<u32, SrqSlot>,
     qps: KeyMap<u32, QpSlot>,
     /// The one completion queue of every queue pair here (made with the first), its size, and the completions
@@ -214,11 +221,11 @@ pub(super) struct DataPath {
 pub(super) fn flushed(
     wr_id: u64,
     op: Option<SendOp>,
-    buf: Vec<u8>,
-    sg_list: Vec<Vec<u8>>,
+    buf: Buffer,
+    sg_list: Vec<Buffer>,
     status: WcStatus,
 ) -> WorkCompletion {
-    let opcode = op.map_or(WcOpcode::Recv, |op| SendWr::new(0, op, Vec::new()).opcode());
+    let opcode = op.map_or(WcOpcode::Recv, |op| SendWr::new(0, op, Buffer::default()).opcode());
     WorkCompletion { wr_id, status, opcode, byte_len: 0, imm: None, invalidated_rkey: None, buf, sg_list }
 }
 
@@ -239,8 +246,8 @@ fn wc_status(status: u32) -> WcStatus {
     }
 }
 
-fn recv_len(wr: &RecvWr) -> usize {
-    if wr.sg_list.is_empty() { wr.buf.len() } else { wr.sg_list.iter().map(Vec::len).sum() }
+fn data_len(buf: &Buffer, sg_list: &[Buffer]) -> usize {
+    if sg_list.is_empty() { buf.len() } else { sg_list.iter().map(|s| s.len()).sum() }
 }
 
 impl DataPath {
@@ -264,6 +271,7 @@ impl DataPath {
             events,
             pds: HashMap::new(),
             regions: KeyMap::default(),
+            pinned: KeyMap::default(),
             srqs: KeyMap::default(),
             qps: KeyMap::default(),
             cq: None,
@@ -324,20 +332,30 @@ impl DataPath {
 
     pub fn pd_busy(&self, pd: u32) -> bool {
         self.regions.values().any(|r| r.pd == pd)
+            || self.pinned.values().any(|(p, _)| *p == pd)
             || self.qps.values().any(|q| q.pd == pd)
             || self.srqs.values().any(|s| s.pd == pd)
     }
 
-    pub fn register(&mut self, pd: u32, buf: Vec<u8>, access: Access) -> Result<MemoryRegion, DeviceError> {
+    pub fn register(&mut self, pd: u32, memory: RegionMemory, access: Access) -> Result<MemoryRegion, DeviceError> {
         let p = self.pd(pd)?;
         let access = ffi::RegionAccess {
             local_write: access.local_write,
             remote_read: access.remote_read,
             remote_write: access.remote_write,
         };
+        let buf = match memory {
+            RegionMemory::Owned(buf) => buf,
+            RegionMemory::Pinned(pinned) => {
+                let mr = ffi::PinnedRegion::register(&p, pinned, access).map_err(|(e, _)| verbs(e))?;
+                let keys = RegionKeys { lkey: mr.lkey(), rkey: mr.rkey(), addr: mr.addr(), len: mr.len() };
+                self.pinned.insert(keys.lkey, (pd, mr));
+                return Ok(MemoryRegion { keys });
+            }
+        };
         let mr = ffi::MemoryRegion::register(&p, buf, access).map_err(|(e, _)| verbs(e))?;
         let keys = RegionKeys { lkey: mr.lkey(), rkey: mr.rkey(), addr: mr.addr(), len: mr.len() };
-        self.regions.insert(keys.rkey, Region { pd, mr: Some(mr), kept: None });
+        self.regions.insert(keys.lkey, Region { pd, mr: Some(mr), kept: None });
         Ok(MemoryRegion { keys })
     }
 
@@ -345,8 +363,19 @@ impl DataPath {
         match self.regions.remove(&key) {
             Some(Region { mr: Some(mr), .. }) => Ok(mr.into_buffer()),
             Some(Region { kept, .. }) => Ok(kept.unwrap_or_default()),
+            // An arena's memory is its pieces': nothing to hand back.
+            None if self.pinned.remove(&key).is_some() => Ok(Vec::new()),
             None => Err(DeviceError::UnknownRegion(key)),
         }
+    }
+
+    /// The entry for a request's data where it is, if it is one buffer carved from an arena of domain `pd`
+    /// registered here (no staging then).
+    fn in_place(&self, pd: u32, buf: &Buffer, sg_list: &[Buffer]) -> Option<ffi::Sge> {
+        if !sg_list.is_empty() || buf.is_empty() || self.pinned.is_empty() {
+            return None;
+        }
+        self.pinned.values().filter(|(p, _)| *p == pd).find_map(|(_, mr)| mr.sge(buf.address(), buf.len()))
     }
 
     pub fn create_srq(&mut self, id: u32, pd: u32) -> Result<(), DeviceError> {
@@ -537,11 +566,12 @@ impl DataPath {
             slot.backlog.push_back(wr);
             return;
         };
-        let pd = slot.pd;
-        let Ok(pd) = self.pd(pd) else { return };
+        let pd_id = slot.pd;
+        let Ok(pd) = self.pd(pd_id) else { return };
+        let direct = self.in_place(pd_id, &wr.buf, &wr.sg_list);
         let Some(slot) = self.srqs.get_mut(&id) else { return };
-        let len = recv_len(&wr);
-        let staging = match slot.staging.take(&pd, len) {
+        let len = data_len(&wr.buf, &wr.sg_list);
+        let staging = match if direct.is_some() { Ok(None) } else { slot.staging.take(&pd, len) } {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(srq = id, "staging a receive: {e}");
@@ -551,7 +581,7 @@ impl DataPath {
         };
         let key = self.next_wr;
         self.next_wr += 1;
-        match srq.post_recv(key, staging.as_ref().map(|s| s.sge(len))) {
+        match srq.post_recv(key, direct.or_else(|| staging.as_ref().map(|s| s.sge(len)))) {
             Ok(()) => {
                 slot.posted += 1;
                 self.pending.insert(key, Pending::receive(Owner::Srq(id), wr, staging, len));
@@ -587,11 +617,12 @@ impl DataPath {
     }
 
     fn post_recv_now(&mut self, qpn: u32, wr: RecvWr) {
-        let Some(pd) = self.qps.get(&qpn).map(|s| s.pd) else { return };
-        let Ok(pd) = self.pd(pd) else { return };
+        let Some(pd_id) = self.qps.get(&qpn).map(|s| s.pd) else { return };
+        let Ok(pd) = self.pd(pd_id) else { return };
+        let direct = self.in_place(pd_id, &wr.buf, &wr.sg_list);
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        let len = recv_len(&wr);
-        let staging = match slot.staging.take(&pd, len) {
+        let len = data_len(&wr.buf, &wr.sg_list);
+        let staging = match if direct.is_some() { Ok(None) } else { slot.staging.take(&pd, len) } {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(qpn, "staging a receive: {e}");
@@ -604,7 +635,7 @@ impl DataPath {
         };
         let key = self.next_wr;
         self.next_wr += 1;
-        match slot.qp.post_recv(key, staging.as_ref().map(|s| s.sge(len))) {
+        match slot.qp.post_recv(key, direct.or_else(|| staging.as_ref().map(|s| s.sge(len)))) {
             Ok(()) => {
                 slot.recvs_posted += 1;
                 self.pending.insert(key, Pending::receive(Owner::Qp(qpn), wr, staging, len));
@@ -646,11 +677,12 @@ impl DataPath {
     }
 
     fn post_send_now(&mut self, qpn: u32, wr: SendWr) {
-        let Some(pd) = self.qps.get(&qpn).map(|s| s.pd) else { return };
-        let Ok(pd) = self.pd(pd) else { return };
+        let Some(pd_id) = self.qps.get(&qpn).map(|s| s.pd) else { return };
+        let Ok(pd) = self.pd(pd_id) else { return };
+        let direct = self.in_place(pd_id, &wr.buf, &wr.sg_list);
         let Some(slot) = self.qps.get_mut(&qpn) else { return };
-        let len = if wr.sg_list.is_empty() { wr.buf.len() } else { wr.sg_list.iter().map(Vec::len).sum() };
-        let mut staging = match slot.staging.take(&pd, len) {
+        let len = data_len(&wr.buf, &wr.sg_list);
+        let mut staging = match if direct.is_some() { Ok(None) } else { slot.staging.take(&pd, len) } {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(qpn, "staging a send: {e}");
@@ -691,7 +723,7 @@ impl DataPath {
         if slot.chain.is_empty() {
             self.chained.push(qpn);
         }
-        let sge = staging.as_ref().map(|s| s.sge(len));
+        let sge = direct.or_else(|| staging.as_ref().map(|s| s.sge(len)));
         slot.chain.push(ffi::SendRequest { wr_id: key, kind, sge, solicited: wr.solicited, signaled: true });
         slot.sends_posted += 1;
         self.pending.insert(key, Pending::send(qpn, wr, staging, len));
@@ -919,7 +951,7 @@ impl DataPath {
             }
         }
         let opcode = match p.op {
-            Some(op) => SendWr::new(0, op, Vec::new()).opcode(),
+            Some(op) => SendWr::new(0, op, Buffer::default()).opcode(),
             None if wc.opcode == ffi::wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => WcOpcode::RecvRdmaWithImm,
             None => WcOpcode::Recv,
         };
@@ -1025,6 +1057,9 @@ impl DataPath {
                 region.kept = Some(mr.into_buffer());
             }
         }
+        // The device is done with every queue above, so nothing can still be writing an arena; what the
+        // application posts from one later is staged (and flushed, the device being gone).
+        self.pinned.clear();
         for pd in self.pds.values_mut() {
             *pd = None;
         }
@@ -1041,6 +1076,7 @@ impl DataPath {
         }
         self.srqs.clear();
         self.regions.clear();
+        self.pinned.clear();
         self.pds.clear();
         self.cq = None;
         self.live = None;
@@ -1056,7 +1092,13 @@ impl DataPath {
 
     /// Regions and their bytes.
     pub fn regions(&self) -> (usize, usize) {
-        (self.regions.len(), self.regions.values().map(|r| r.mr.as_ref().map_or(0, |m| m.len())).sum())
+        let bytes = self.regions.values().map(|r| r.mr.as_ref().map_or(0, |m| m.len())).sum();
+        (self.regions.len(), bytes)
+    }
+
+    /// Arenas registered, and their bytes.
+    pub fn arenas(&self) -> (usize, usize) {
+        (self.pinned.len(), self.pinned.values().map(|(_, mr)| mr.len()).sum())
     }
 
     /// Receives posted on shared receive queues and not yet taken (on the device or waiting for room).

@@ -24,6 +24,7 @@ use std::rc::Rc;
 use rdma_mummy_sys as sys;
 
 use super::ucma;
+use crate::buffer::Pinned;
 
 fn last_error(call: &'static str) -> VerbsError {
     VerbsError { call, source: io::Error::last_os_error() }
@@ -629,6 +630,22 @@ pub struct RegionAccess {
     pub remote_write: bool,
 }
 
+impl RegionAccess {
+    fn flags(self) -> u32 {
+        let mut flags = 0;
+        if self.local_write || self.remote_write {
+            flags |= sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+        }
+        if self.remote_read {
+            flags |= sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
+        }
+        if self.remote_write {
+            flags |= sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+        }
+        flags
+    }
+}
+
 impl MemoryRegion {
     /// Registers `buf`; on failure the buffer comes back with the error.
     pub fn register(
@@ -639,16 +656,7 @@ impl MemoryRegion {
         if buf.is_empty() {
             return Err((VerbsError { call: "ibv_reg_mr", source: io::ErrorKind::InvalidInput.into() }, buf));
         }
-        let mut flags = 0;
-        if access.local_write || access.remote_write {
-            flags |= sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
-        }
-        if access.remote_read {
-            flags |= sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
-        }
-        if access.remote_write {
-            flags |= sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
-        }
+        let flags = access.flags();
         // SAFETY: the domain is valid; the buffer's heap memory stays where it is (the Vec is owned by the
         // region and never grown) until ibv_dereg_mr in drop or into_buffer.
         let raw =
@@ -710,6 +718,65 @@ impl Drop for MemoryRegion {
     fn drop(&mut self) {
         // Before the buffer is freed.
         self.deregister();
+    }
+}
+
+/// An arena registered with the device once ([`crate::Buffer::carve`]): the buffers carved from it are posted
+/// in place. The region keeps the arena's memory alive (its `Pinned`) until it is deregistered.
+pub struct PinnedRegion {
+    raw: NonNull<sys::ibv_mr>,
+    pinned: Pinned,
+    _pd: Rc<Pd>,
+}
+
+impl PinnedRegion {
+    /// Registers the arena; on failure it comes back with the error.
+    pub fn register(pd: &Rc<Pd>, pinned: Pinned, access: RegionAccess) -> Result<PinnedRegion, (VerbsError, Pinned)> {
+        let (start, len) = pinned.range();
+        if len == 0 {
+            return Err((VerbsError { call: "ibv_reg_mr", source: io::ErrorKind::InvalidInput.into() }, pinned));
+        }
+        // SAFETY: the domain is valid. `pinned` can only be made by `Buffer::carve`, which records the range of
+        // one allocation and keeps a handle of that allocation in it; the allocation is freed only when its last
+        // handle goes, so the range stays mapped while the region owns `pinned` — until ibv_dereg_mr in drop.
+        // The device writes there only for requests the data path posted with a piece it owns while they run,
+        // or for a peer granted remote access to the whole arena (see `Device::pin_on_lane`).
+        let raw = unsafe { sys::ibv_reg_mr(pd.raw.as_ptr(), start as *mut c_void, len, access.flags() as i32) };
+        match NonNull::new(raw) {
+            Some(raw) => Ok(PinnedRegion { raw, pinned, _pd: Rc::clone(pd) }),
+            None => Err((last_error("ibv_reg_mr"), pinned)),
+        }
+    }
+
+    pub fn lkey(&self) -> u32 {
+        // SAFETY: the region is valid; lkey is a plain field.
+        unsafe { self.raw.as_ref().lkey }
+    }
+
+    pub fn rkey(&self) -> u32 {
+        // SAFETY: as above.
+        unsafe { self.raw.as_ref().rkey }
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.pinned.range().0 as u64
+    }
+
+    pub fn len(&self) -> usize {
+        self.pinned.range().1
+    }
+
+    /// The entry for `len` bytes at `addr`, if they lie in the arena.
+    pub fn sge(&self, addr: u64, len: usize) -> Option<Sge> {
+        let length = u32::try_from(len).ok()?;
+        self.pinned.contains(addr, len).then(|| Sge { addr, length, lkey: self.lkey() })
+    }
+}
+
+impl Drop for PinnedRegion {
+    fn drop(&mut self) {
+        // SAFETY: the region is valid and deregistered once, here, before `pinned` lets the memory go.
+        unsafe { sys::ibv_dereg_mr(self.raw.as_ptr()) };
     }
 }
 

@@ -74,6 +74,8 @@ pub(crate) enum LaneReport {
 pub(crate) struct LaneCounters {
     pub regions: AtomicU64,
     pub region_bytes: AtomicU64,
+    pub arenas: AtomicU64,
+    pub arena_bytes: AtomicU64,
     pub srq_receives: AtomicU64,
 }
 
@@ -221,6 +223,9 @@ impl LaneState {
         let (regions, bytes) = self.data.regions();
         self.counters.regions.store(regions as u64, Ordering::Relaxed);
         self.counters.region_bytes.store(bytes as u64, Ordering::Relaxed);
+        let (arenas, arena_bytes) = self.data.arenas();
+        self.counters.arenas.store(arenas as u64, Ordering::Relaxed);
+        self.counters.arena_bytes.store(arena_bytes as u64, Ordering::Relaxed);
         self.counters.srq_receives.store(self.data.srq_receives() as u64, Ordering::Relaxed);
     }
 

@@ -399,6 +399,8 @@ impl Worker {
                     queue_pairs: self.data.queue_pairs() + self.lane_qps.len(),
                     regions: regions + self.lane_count(|c| &c.regions) as usize,
                     region_bytes: region_bytes + self.lane_count(|c| &c.region_bytes) as usize,
+                    arenas: self.data.arenas().0 + self.lane_count(|c| &c.arenas) as usize,
+                    arena_bytes: self.data.arenas().1 + self.lane_count(|c| &c.arena_bytes) as usize,
                     connections: self.conns.len(),
                     lanes: self.lanes.len(),
                     srq_receives: self.data.srq_receives() as u64 + self.lane_count(|c| &c.srq_receives),

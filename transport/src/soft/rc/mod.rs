@@ -193,7 +193,7 @@ impl RcQp {
         if self.state == EngineState::Error {
             return Err((PostError::QpError, wr));
         }
-        let len = if wr.sg_list.is_empty() { wr.buf.len() } else { wr.sg_list.iter().map(Vec::len).sum() };
+        let len = if wr.sg_list.is_empty() { wr.buf.len() } else { wr.sg_list.iter().map(|s| s.len()).sum() };
         if len > 1 << 31 {
             return Err((PostError::TooLong(len), wr));
         }
