@@ -516,7 +516,8 @@ impl Device {
     /// given that rkey can reach the whole arena, so grant remote access only on memory that peer may have
     /// (a host queue's data buffers, as SPDK's host does with its memory map). The verbs provider only: the soft
     /// provider copies every buffer into its datagrams anyway and says `Unsupported`, and so does a lane's
-    /// device with no arenas (post the buffers as they are then). [`Device::unpin_on_lane`] lets it go.
+    /// device with no arenas (post the buffers as they are then). The region lasts until
+    /// [`Device::deregister_on_lane`], the lane's end or the device's removal.
     pub async fn pin_on_lane(
         &self,
         lane: usize,
@@ -527,11 +528,6 @@ impl Device {
         let pd = pd.id;
         let buf = RegionMemory::Pinned(pinned);
         self.call(|reply| Command::RegisterOnLane { lane, pd, buf, access, reply }).await
-    }
-
-    /// Deregisters an arena [`Device::pin_on_lane`] registered; its memory lives on in the pieces still held.
-    pub async fn unpin_on_lane(&self, lane: usize, mr: MemoryRegion) -> Result<(), DeviceError> {
-        self.deregister_on_lane(lane, mr).await.map(drop)
     }
 
     pub async fn deregister_on_lane(&self, lane: usize, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {

@@ -102,11 +102,12 @@ impl WorkCompletion {
 /// Gathers a scatter/gather list into `buf` (no-op for a single buffer).
 pub(crate) fn gather(buf: &mut Buffer, sg_list: &[Buffer]) {
     if !sg_list.is_empty() {
-        let mut all = Buffer::zeroed(0);
+        // One allocation of the whole length, as `concat` made.
+        let mut all = Vec::with_capacity(sg_list.iter().map(|s| s.len()).sum());
         for segment in sg_list {
             all.extend_from_slice(segment);
         }
-        *buf = all;
+        *buf = all.into();
     }
 }
 

@@ -52,7 +52,6 @@ impl BufferPool {
         // Not zeroed again: whatever a transfer leaves in a buffer is overwritten in full before it is sent —
         // a read's by the backend (`read_at` fills the slice or fails, and a failed read sends nothing), a
         // write's by the RDMA READ (a failed one fails the command) — as nvmet's and SPDK's buffers are.
-        buf.resize(self.buffer_size, 0); // a no-op for the arenas' own buffers, which come back whole
         let tail = buf.split_off(len);
         Lease { buf, tail, _permit: permit }
     }

@@ -393,14 +393,15 @@ impl Worker {
                     self.stats.active_mtu = mtu;
                 }
                 let (regions, region_bytes) = self.data.regions();
+                let (arenas, arena_bytes) = self.data.arenas();
                 let _ = reply.send(DeviceStats {
                     protection_domains: self.pds.len(),
                     shared_receive_queues: self.data.shared_receive_queues() + self.lane_srqs.len(),
                     queue_pairs: self.data.queue_pairs() + self.lane_qps.len(),
                     regions: regions + self.lane_count(|c| &c.regions) as usize,
                     region_bytes: region_bytes + self.lane_count(|c| &c.region_bytes) as usize,
-                    arenas: self.data.arenas().0 + self.lane_count(|c| &c.arenas) as usize,
-                    arena_bytes: self.data.arenas().1 + self.lane_count(|c| &c.arena_bytes) as usize,
+                    arenas: arenas + self.lane_count(|c| &c.arenas) as usize,
+                    arena_bytes: arena_bytes + self.lane_count(|c| &c.arena_bytes) as usize,
                     connections: self.conns.len(),
                     lanes: self.lanes.len(),
                     srq_receives: self.data.srq_receives() as u64 + self.lane_count(|c| &c.srq_receives),
