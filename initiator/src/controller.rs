@@ -24,9 +24,10 @@ use transport::{Access, Device, ProtectionDomain, Provider, SoftConfig, VerbsCon
 
 use crate::error::HostError;
 use crate::events::EventRouter;
+use crate::io_buffer::IoBuffer;
 use crate::lane::LaneThread;
 use crate::loss::LossSignal;
-use crate::queue::{HostQueue, QueueIo, QueuePool};
+use crate::queue::{DataMoveCounts, DataMoves, HostQueue, QueueIo, QueuePool};
 
 /// Where a target listens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,11 +112,12 @@ pub fn default_hostid() -> Uuid {
     Uuid::from_bytes(out)
 }
 
-/// What a command moves.
+/// What a command moves. Data to the controller is an [`IoBuffer`]: one the queue lent
+/// ([`Controller::buffer`]) is sent in place, anything else (`vec.into()`) through a copy or a region of its own.
 #[derive(Debug)]
 pub enum DataDir {
     None,
-    ToController(Vec<u8>),
+    ToController(IoBuffer),
     ToHost(usize),
 }
 
@@ -206,10 +208,11 @@ fn null_sgl() -> SglDescriptor {
 
 /// One command's outcome and the caller's buffer back (filled for controller → host transfers) whenever it
 /// could be recovered — so that a write that failed on one association can be sent again on another.
-pub(crate) type Exchange = (Result<Cqe, HostError>, Option<Vec<u8>>);
+pub(crate) type Exchange = (Result<Cqe, HostError>, Option<IoBuffer>);
 
-/// Sends one command with its data on `queue`: registers a region for keyed data, or puts small writes in the
-/// capsule.
+/// Sends one command with its data on `queue`: small writes in the capsule; keyed data in place when the
+/// queue's pool lent the buffer, through a buffer of that pool otherwise, or in a region registered for the
+/// command (no pool, or more than its buffers hold).
 async fn exchange(
     pd: &ProtectionDomain,
     queue: &QueueIo,
@@ -218,10 +221,10 @@ async fn exchange(
     in_capsule_limit: usize,
     name: &'static str,
 ) -> Exchange {
-    let (access, mut buf) = match data {
+    let (access, buf) = match data {
         DataDir::None => {
             let result = queue.submit(capsule(command, null_sgl()), &[]).await;
-            return (result.and_then(|c| check(name, c)), Some(Vec::new()));
+            return (result.and_then(|c| check(name, c)), Some(IoBuffer::default()));
         }
         DataDir::ToController(buf) if buf.len() <= in_capsule_limit => {
             let sgl = SglDescriptor::in_capsule(0, buf.len() as u32);
@@ -229,74 +232,87 @@ async fn exchange(
             return (result.and_then(|c| check(name, c)), Some(buf));
         }
         DataDir::ToController(buf) => (Access::REMOTE_READ, buf),
-        DataDir::ToHost(len) => (Access::REMOTE_WRITE, vec![0u8; len]),
+        DataDir::ToHost(len) => match queue.pool() {
+            Some(pool) => (Access::REMOTE_WRITE, IoBuffer::lend(pool, len).await),
+            None => (Access::REMOTE_WRITE, IoBuffer::zeroed(len)),
+        },
+    };
+    let buf = match queue.pool() {
+        Some(pool) if buf.len() <= pool.buffers.buffer_size() => {
+            match exchange_pooled(queue, pool, command, buf, access, name).await {
+                Ok(done) => return done,
+                Err(back) => back,
+            }
+        }
+        _ => buf,
     };
     let len = buf.len() as u32;
-    if let Some(pool) = queue.pool()
-        && buf.len() <= pool.buffers.buffer_size()
-    {
-        match exchange_registered(queue, pool, command, buf, access, name).await {
-            Ok(done) => return done,
-            Err(back) => buf = back,
-        }
-    }
-    let mr = match queue.register(pd, buf, access).await {
+    DataMoves::count(&queue.moves.registered);
+    let mr = match queue.register(pd, buf.into_vec(), access).await {
         Ok(mr) => mr,
         Err(e) => return (Err(e), None),
     };
     let sgl = match SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, queue.remote_invalidate) {
         Ok(sgl) => sgl,
         Err(e) => {
-            let buf = queue.deregister(mr).await.ok();
+            let buf = queue.deregister(mr).await.ok().map(IoBuffer::from);
             return (Err(e.into()), buf);
         }
     };
     let result = queue.submit(capsule(command, sgl), &[]).await;
     match queue.deregister(mr).await {
-        Ok(buf) => (result.and_then(|c| check(name, c)), Some(buf)),
+        Ok(buf) => (result.and_then(|c| check(name, c)), Some(buf.into())),
         Err(e) => (result.and(Err(e)), None),
     }
 }
 
-/// [`exchange`] through a buffer of the queue's registered pool: the caller's data is copied in (writes) or out
-/// (reads) instead of being registered for the command. The caller's buffer comes back as the error when the
-/// pool's arena is not registered (then the command registers a region of its own).
-async fn exchange_registered(
+/// [`exchange`] through the queue's registered pool: a buffer the pool lent is posted where it is; any other is
+/// copied in (writes) or out (reads) through one of the pool's. The caller's buffer comes back as the error when
+/// the pool's arena is not registered (then the command registers a region of its own).
+async fn exchange_pooled(
     queue: &QueueIo,
-    pool: &QueuePool,
+    pool: &Arc<QueuePool>,
     command: Command,
-    data: Vec<u8>,
+    data: IoBuffer,
     access: Access,
     name: &'static str,
-) -> Result<Exchange, Vec<u8>> {
-    let len = data.len();
-    let mut buf = pool.buffers.take().await;
-    let tail = buf.split_off(len);
-    let Some(keys) = pool.keys(&buf) else {
-        buf.unsplit(tail);
-        pool.buffers.give(buf);
-        return Err(data);
-    };
+) -> Result<Exchange, IoBuffer> {
     let to_host = access.remote_write;
-    if !to_host {
-        buf.copy_from_slice(&data);
-    }
-    // No remote invalidation: the key is the whole arena's, not this command's.
-    let result = match SglDescriptor::keyed(buf.address(), len as u32, keys.rkey, false) {
-        Ok(sgl) => queue.submit(capsule(command, sgl), &[]).await.and_then(|c| check(name, c)),
-        Err(e) => Err(e.into()),
+    let (mut posted, caller) = if data.lent_by(pool) {
+        (data, None)
+    } else {
+        let mut lent = IoBuffer::lend(pool, data.len()).await;
+        if !to_host {
+            lent.copy_from_slice(&data);
+        }
+        (lent, Some(data))
     };
-    // A response means the target is done with the buffer (RC delivers a read's data before its response):
-    // it goes back to the pool. Without one (a timeout, a lost queue pair) the target may still write into it
-    // through the arena's key, so it is never handed out again; the pool carves another when it needs one.
-    let mut back = data;
-    if to_host && result.is_ok() {
-        back.copy_from_slice(&buf);
-    }
+    let Some(keys) = posted.keys_in(pool) else {
+        return Err(caller.unwrap_or(posted));
+    };
+    DataMoves::count(if caller.is_none() { &queue.moves.in_place } else { &queue.moves.copied });
+    // No remote invalidation: the key is the whole arena's, not this command's.
+    let sgl = match SglDescriptor::keyed(posted.address(), posted.len() as u32, keys.rkey, false) {
+        Ok(sgl) => sgl,
+        Err(e) => return Ok((Err(e.into()), Some(caller.unwrap_or(posted)))),
+    };
+    let home = posted.outstanding();
+    let result = queue.submit(capsule(command, sgl), &[]).await.and_then(|c| check(name, c));
+    // A response means the target is done with the buffer (RC delivers a read's data before its response).
+    // Without one (a timeout, a lost queue pair) the target may still reach it through the arena's key: it
+    // never goes back to the pool.
     if matches!(result, Ok(_) | Err(HostError::Nvme { .. })) {
-        buf.unsplit(tail);
-        pool.buffers.give(buf);
+        posted.answered(home);
     }
+    let back = match caller {
+        None => posted,
+        Some(mut caller) => {
+            if to_host && result.is_ok() {
+                caller.copy_from_slice(&posted);
+            }
+            caller
+        }
+    };
     Ok((result, Some(back)))
 }
 
@@ -308,7 +324,7 @@ async fn transact(
     data: DataDir,
     in_capsule_limit: usize,
     name: &'static str,
-) -> Result<(Cqe, Vec<u8>), HostError> {
+) -> Result<(Cqe, IoBuffer), HostError> {
     let (result, buf) = exchange(pd, queue.io(), command, data, in_capsule_limit, name).await;
     result.map(|c| (c, buf.unwrap_or_default()))
 }
@@ -483,7 +499,8 @@ impl Controller {
         };
         let bytes = data.to_bytes()?.to_vec();
         let command = Command::Fabrics(FabricsCommand::Connect(connect));
-        let (cqe, _) = transact(&self.pd, queue, command, DataDir::ToController(bytes), limit, "Connect").await?;
+        let (cqe, _) =
+            transact(&self.pd, queue, command, DataDir::ToController(bytes.into()), limit, "Connect").await?;
         Ok(connect_result_cntlid(cqe.dw0.get()))
     }
 
@@ -516,7 +533,9 @@ impl Controller {
         len: usize,
         name: &'static str,
     ) -> Result<(Cqe, Vec<u8>), HostError> {
-        transact(&self.pd, &self.admin, Command::Admin(command), DataDir::ToHost(len), 0, name).await
+        let (cqe, data) =
+            transact(&self.pd, &self.admin, Command::Admin(command), DataDir::ToHost(len), 0, name).await?;
+        Ok((cqe, data.into_vec()))
     }
 
     /// Any command with any data on queue `qid` (0 = admin): for tools and tests that need the raw exchange.
@@ -655,10 +674,35 @@ impl Controller {
         qid: Option<u16>,
         command: IoCommand,
         data: DataDir,
-    ) -> Result<(Cqe, Vec<u8>), HostError> {
+    ) -> Result<(Cqe, IoBuffer), HostError> {
         let queue = self.pick_queue(qid)?;
         let (result, buf) = self.exchange_on(queue, command, data).await;
         result.map(|c| (c, buf.unwrap_or_default()))
+    }
+
+    /// `len` bytes for a command on the queue `lane` maps to (as in [`Controller::io_exchange`]): a buffer that
+    /// queue's registered pool lends, which the target then reaches in place, when it has one that holds them;
+    /// memory of its own otherwise (no lane, the soft provider, more than the largest transfer). A lent
+    /// buffer's bytes are whatever its last use left: fill all of them for a write.
+    pub async fn buffer(&self, lane: Option<usize>, len: usize) -> IoBuffer {
+        let pool = match lane {
+            Some(l) if !self.io.is_empty() => self.io[l % self.io.len()].io().pool(),
+            _ => None,
+        };
+        match pool {
+            Some(pool) => IoBuffer::lend(pool, len).await,
+            None => IoBuffer::zeroed(len),
+        }
+    }
+
+    /// How the keyed data of this association's I/O commands reached the target so far (every I/O queue).
+    pub fn data_moves(&self) -> DataMoveCounts {
+        self.io.iter().map(|q| q.io().moves.snapshot()).fold(DataMoveCounts::default(), |a, b| a + b)
+    }
+
+    /// Whether one of this association's I/O queues lent `buf`.
+    pub fn lent(&self, buf: &IoBuffer) -> bool {
+        self.io.iter().any(|q| q.io().pool().is_some_and(|p| buf.lent_by(p)))
     }
 
     /// An I/O command on the queue `lane` maps to (round robin without one), with the caller's buffer back
@@ -717,7 +761,7 @@ impl Controller {
         let info = self.namespace(nsid).await?;
         let rw = self.rw(nsid, slba, blocks)?;
         let len = blocks as usize * info.block_size as usize;
-        Ok(self.io_command(None, IoCommand::Read(rw), DataDir::ToHost(len)).await?.1)
+        Ok(self.io_command(None, IoCommand::Read(rw), DataDir::ToHost(len)).await?.1.into_vec())
     }
 
     /// Writes `data` (a whole number of blocks) at `slba`.
@@ -731,7 +775,7 @@ impl Controller {
             )));
         }
         let rw = self.rw(nsid, slba, (data.len() / info.block_size as usize) as u64)?;
-        self.io_command(None, IoCommand::Write(rw), DataDir::ToController(data)).await.map(|_| ())
+        self.io_command(None, IoCommand::Write(rw), DataDir::ToController(data.into())).await.map(|_| ())
     }
 
     pub async fn flush(&self, nsid: u32) -> Result<(), HostError> {
@@ -749,7 +793,7 @@ impl Controller {
         }
         let dsm = DatasetManagement { nsid, nr: (ranges.len() - 1) as u8, attributes: dsm_attribute::AD };
         let data = DsmRange::list_to_bytes(ranges);
-        self.io_command(None, IoCommand::DatasetManagement(dsm), DataDir::ToController(data)).await.map(|_| ())
+        self.io_command(None, IoCommand::DatasetManagement(dsm), DataDir::ToController(data.into())).await.map(|_| ())
     }
 
     /// Keep Alive every KATO/2; one that fails or is not answered within KATO marks the association lost
@@ -891,10 +935,10 @@ impl Controller {
 }
 
 /// The data of a command that was never sent, back to its caller.
-fn data_back(data: DataDir) -> Option<Vec<u8>> {
+fn data_back(data: DataDir) -> Option<IoBuffer> {
     match data {
         DataDir::ToController(buf) => Some(buf),
-        DataDir::None | DataDir::ToHost(_) => Some(Vec::new()),
+        DataDir::None | DataDir::ToHost(_) => Some(IoBuffer::default()),
     }
 }
 

@@ -22,6 +22,7 @@
 mod controller;
 mod error;
 mod events;
+mod io_buffer;
 mod lane;
 mod loss;
 mod path;
@@ -32,7 +33,8 @@ mod session;
 
 pub use controller::{ConnectOptions, Controller, DataDir, NamespaceInfo, TargetAddr, default_hostid, discover};
 pub use error::HostError;
+pub use io_buffer::IoBuffer;
 pub use path::{Path, PathState};
-pub use queue::{CONNECT_TIMEOUT, HostQueue};
+pub use queue::{CONNECT_TIMEOUT, DataMoveCounts, HostQueue};
 pub use reconnect::{NextStep, ReconnectPolicy};
 pub use session::Session;

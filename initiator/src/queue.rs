@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use nvme_proto::rdma_cm::{CmReject, CmRequest, RECORD_FORMAT_1_0};
@@ -59,6 +60,50 @@ pub(crate) struct QueueIo {
     pub remote_invalidate: bool,
     /// Data buffers registered once with the queue's lane (verbs provider), instead of a region per command.
     pool: Option<Arc<QueuePool>>,
+    /// How its commands' keyed data reached the target.
+    pub moves: Arc<DataMoves>,
+}
+
+/// How a queue's keyed data reached the target, by command: where it was (a buffer the queue's pool lent), by a
+/// copy through one of the pool's buffers, or through a region registered for the command.
+#[derive(Debug, Default)]
+pub struct DataMoves {
+    pub in_place: AtomicU64,
+    pub copied: AtomicU64,
+    pub registered: AtomicU64,
+}
+
+/// A snapshot of [`DataMoves`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataMoveCounts {
+    pub in_place: u64,
+    pub copied: u64,
+    pub registered: u64,
+}
+
+impl DataMoves {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> DataMoveCounts {
+        DataMoveCounts {
+            in_place: self.in_place.load(Ordering::Relaxed),
+            copied: self.copied.load(Ordering::Relaxed),
+            registered: self.registered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl std::ops::Add for DataMoveCounts {
+    type Output = DataMoveCounts;
+    fn add(self, o: DataMoveCounts) -> DataMoveCounts {
+        DataMoveCounts {
+            in_place: self.in_place + o.in_place,
+            copied: self.copied + o.copied,
+            registered: self.registered + o.registered,
+        }
+    }
 }
 
 /// A queue's registered data buffers and the lane they are registered with.
@@ -70,6 +115,12 @@ pub(crate) struct QueuePool {
 }
 
 impl QueuePool {
+    /// A pool registered with no lane (its buffers have no keys): for tests of lending.
+    #[cfg(test)]
+    pub fn unregistered(buffer_size: usize) -> QueuePool {
+        QueuePool { buffers: PinnedPool::new(buffer_size), device: std::sync::Weak::new(), lane: 0 }
+    }
+
     /// The keys through which the target reaches `buf`, if its arena is registered with the queue's lane.
     pub fn keys(&self, buf: &Buffer) -> Option<RegionKeys> {
         self.buffers.keys(buf, &self.device, self.lane)
@@ -107,8 +158,8 @@ impl QueueIo {
     }
 
     /// The queue's registered data buffers, if it has them.
-    pub fn pool(&self) -> Option<&QueuePool> {
-        self.pool.as_deref()
+    pub fn pool(&self) -> Option<&Arc<QueuePool>> {
+        self.pool.as_ref()
     }
 }
 
@@ -194,8 +245,14 @@ impl HostQueue {
             Some(l) => drop(l.spawn(task.run(rx, events))),
             None => drop(tokio::spawn(task.run(rx, events))),
         }
-        let io =
-            QueueIo { submissions, slots, qp, remote_invalidate: device.regions_remotely_invalidable(), pool: None };
+        let io = QueueIo {
+            submissions,
+            slots,
+            qp,
+            remote_invalidate: device.regions_remotely_invalidable(),
+            pool: None,
+            moves: Arc::default(),
+        };
         Ok(HostQueue { qid, depth, conn, io, closing, device, lane })
     }
 

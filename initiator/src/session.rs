@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::controller::{ConnectOptions, Controller, DataDir, NamespaceInfo, TargetAddr};
 use crate::error::HostError;
+use crate::io_buffer::IoBuffer;
 use crate::path::{Path, PathState};
 use crate::reconnect::ReconnectPolicy;
 
@@ -175,6 +176,26 @@ impl Session {
         }
     }
 
+    /// `len` bytes for a command on queue `lane` ([`Controller::buffer`] of the next live path): [`Session::io`]
+    /// sends a write of it on the path that lent it while that path is live (in place), elsewhere by a copy.
+    pub async fn buffer(&self, lane: Option<usize>, len: usize) -> IoBuffer {
+        match self.pick() {
+            Some((_, ctrl)) => ctrl.buffer(lane, len).await,
+            None => IoBuffer::zeroed(len),
+        }
+    }
+
+    /// The live path for `data`: the one whose controller lent its buffer, or the next in turn.
+    fn pick_for(&self, data: &DataDir) -> Option<(&Path, Arc<Controller>)> {
+        if let DataDir::ToController(buf) = data
+            && buf.is_lent()
+            && let Some(found) = self.paths.iter().find_map(|p| p.live().filter(|c| c.lent(buf)).map(|c| (p, c)))
+        {
+            return Some(found);
+        }
+        self.pick()
+    }
+
     /// One I/O command, on queue `lane` of whichever path is live, sent again after a lost association.
     /// Returns the completion, the path index it completed on, and the buffer (filled for reads).
     pub async fn io(
@@ -182,9 +203,9 @@ impl Session {
         lane: Option<usize>,
         command: IoCommand,
         mut data: DataDir,
-    ) -> Result<(Cqe, usize, Vec<u8>), HostError> {
+    ) -> Result<(Cqe, usize, IoBuffer), HostError> {
         loop {
-            let Some((path, ctrl)) = self.pick() else {
+            let Some((path, ctrl)) = self.pick_for(&data) else {
                 self.wait_for_path().await?;
                 continue;
             };

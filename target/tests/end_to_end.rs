@@ -155,7 +155,9 @@ async fn random_io(t: &TestTarget, nqn: &str, ops_per_worker: usize) -> (u64, u6
                     let generation = op as u32 + 1;
                     let gens = vec![generation; len as usize];
                     let data = blocks(lba, &gens, bs);
-                    ctrl.io_command(Some(qid), IoCommand::Write(rw), DataDir::ToController(data)).await.expect("write");
+                    ctrl.io_command(Some(qid), IoCommand::Write(rw), DataDir::ToController(data.into()))
+                        .await
+                        .expect("write");
                     model[at as usize..(at + len) as usize].fill(generation);
                     writes += 1;
                 } else {
@@ -193,6 +195,12 @@ async fn random_io(t: &TestTarget, nqn: &str, ops_per_worker: usize) -> (u64, u6
     let host = ctrl.transport_stats().await.expect("host stats");
     assert_eq!(host.lanes, 4, "{host:?}");
     assert!(host.lane_packets_received > reads + writes, "{host:?}");
+    // The soft provider registers no pools: every keyed command (each read; writes past the capsule) had a
+    // region of its own, none went in place or through a pool's copy.
+    let moves = ctrl.data_moves();
+    let keyed_reads = reads + 128 * (region / 256);
+    assert_eq!(moves.in_place + moves.copied, 0, "{moves:?}");
+    assert!((keyed_reads..=keyed_reads + writes).contains(&moves.registered), "{moves:?}");
     // The target's queues took their capsules from their poll groups' shared receive queues.
     let listener = &stats.listeners[0];
     assert_eq!(listener.shared_receive_queues, listener.lanes, "one per poll group's lane: {listener:?}");

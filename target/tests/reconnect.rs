@@ -35,7 +35,7 @@ async fn session(target: &TestTarget, policy: ReconnectPolicy) -> Arc<Session> {
 }
 
 fn write(lba: u64, fill: u8) -> (IoCommand, DataDir) {
-    (IoCommand::Write(ReadWrite::new(1, lba, 8).unwrap()), DataDir::ToController(vec![fill; 4096]))
+    (IoCommand::Write(ReadWrite::new(1, lba, 8).unwrap()), DataDir::ToController(vec![fill; 4096].into()))
 }
 
 fn read(lba: u64) -> (IoCommand, DataDir) {

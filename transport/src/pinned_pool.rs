@@ -39,6 +39,10 @@ pub struct PinnedPool {
     buffer_size: usize,
     per_chunk: usize,
     state: Mutex<State>,
+    /// Held while a chunk is carved and registered: its buffers are free only once every lane has it (else
+    /// a buffer taken meanwhile would be staged, or have no keys), and those waiting take them then instead
+    /// of carving chunks of their own.
+    carving: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +62,7 @@ impl PinnedPool {
             buffer_size,
             per_chunk: (CHUNK_BYTES / buffer_size.max(1)).clamp(1, CHUNK_BUFFERS),
             state: Mutex::new(State::default()),
+            carving: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -73,23 +78,28 @@ impl PinnedPool {
     /// A buffer of the pool's size (its bytes are whatever its last use left). When none is free a chunk is
     /// carved and registered with every lane of the pool before this returns.
     pub async fn take(&self) -> Buffer {
-        let (first, chunk, lanes) = {
+        if let Some(b) = self.state().free.pop() {
+            return b;
+        }
+        let _carving = self.carving.lock().await;
+        let (mut pieces, chunk, lanes) = {
             let mut state = self.state();
+            // Another taker carved while this one waited.
             if let Some(b) = state.free.pop() {
                 return b;
             }
-            let (mut pieces, mut pinned) = Buffer::carve(self.per_chunk, self.buffer_size);
+            let (pieces, mut pinned) = Buffer::carve(self.per_chunk, self.buffer_size);
             state.carved += self.per_chunk;
             let lanes = state.lanes.clone();
             let shares: Vec<Pinned> = lanes.iter().map(|_| pinned.share()).collect();
             state.chunks.push(pinned);
-            let first = pieces.pop().expect("a chunk holds at least one buffer");
-            state.free.extend(pieces);
-            (first, shares, lanes)
+            (pieces, shares, lanes)
         };
         for (lane, pinned) in lanes.into_iter().zip(chunk) {
             self.register(lane, pinned).await;
         }
+        let first = pieces.pop().expect("a chunk holds at least one buffer");
+        self.state().free.extend(pieces);
         first
     }
 
@@ -104,6 +114,7 @@ impl PinnedPool {
     /// A lane the pool's buffers are posted on: every chunk so far is registered with it now, every later one
     /// when it is carved. Lanes of devices that are gone are forgotten.
     pub async fn add_lane(&self, lane: PoolLane) {
+        let _carving = self.carving.lock().await;
         let shares: Vec<Pinned> = {
             let mut state = self.state();
             state.lanes.retain(|l| l.device.strong_count() > 0);

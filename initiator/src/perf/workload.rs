@@ -117,6 +117,9 @@ pub struct PathReport {
     pub completions: u64,
     pub reconnects: u64,
     pub state: String,
+    /// How the I/O data of the association live at the end of the run reached the target (since that
+    /// association began): in place, copied through the queue's pool, or by a region per command.
+    pub data_moves: Option<crate::DataMoveCounts>,
 }
 
 #[derive(Debug, Clone)]
@@ -272,8 +275,10 @@ impl Rng {
 
 const MAX_REPORTED_ERRORS: usize = 10;
 
-fn note_verify_errors(v: &mut VerifyReport, data: &[u8], first_lba: u64, span: Span, expected: &[u64]) {
-    for (i, block) in data.chunks_exact(span.block_size as usize).enumerate() {
+/// Checks a read's blocks, then scrubs each block's magic: a buffer the queue lends again holds what its last
+/// read left, and a read the target acknowledged without writing must not pass on an earlier read's block.
+fn note_verify_errors(v: &mut VerifyReport, data: &mut [u8], first_lba: u64, span: Span, expected: &[u64]) {
+    for (i, block) in data.chunks_exact_mut(span.block_size as usize).enumerate() {
         let lba = first_lba + i as u64;
         if let Err(m) = pattern::check(block, lba, expected) {
             v.errors += 1;
@@ -281,6 +286,7 @@ fn note_verify_errors(v: &mut VerifyReport, data: &[u8], first_lba: u64, span: S
                 v.first_errors.push(format!("LBA {lba}: {m} (expected {:x?})", expected));
             }
         }
+        pattern::scrub(block);
     }
 }
 
@@ -399,6 +405,7 @@ pub async fn run(
                 crate::PathState::Failed { .. } => "failed".into(),
                 crate::PathState::Closed => "closed".into(),
             },
+            data_moves: p.live().map(|c| c.data_moves()),
         })
         .collect();
     if let Some(v) = &mut report.verify {
@@ -448,12 +455,12 @@ async fn worker(
         let started = Instant::now();
         if is_read {
             match session.io(Some(lane), IoCommand::Read(rw), DataDir::ToHost(bytes as usize)).await {
-                Ok((_, _, data)) => {
+                Ok((_, _, mut data)) => {
                     r.read_latency.record(started.elapsed().as_nanos() as u64);
                     r.reads += 1;
                     shared.completed(bytes);
                     if job.verify && !r.units[k as usize].is_empty() {
-                        note_verify_errors(&mut r.verify, &data, lba, span, &r.units[k as usize]);
+                        note_verify_errors(&mut r.verify, &mut data, lba, span, &r.units[k as usize]);
                         r.verify.checked_blocks += span.blocks_per_io;
                     }
                 }
@@ -466,7 +473,8 @@ async fn worker(
         } else {
             writes_issued += 1;
             let generation = (run_id << 32) | (writes_issued * depth + w as u64) & 0xffff_ffff;
-            let mut data = vec![0u8; bytes as usize];
+            // Filled where the queue's pool lent it, so the target reads it in place.
+            let mut data = session.buffer(Some(lane), bytes as usize).await;
             if job.verify {
                 pattern::fill(&mut data, span.block_size as usize, lba, generation);
                 r.units[k as usize].push(generation);
@@ -528,9 +536,9 @@ async fn final_check(
                 let lba = lba_of(w as u64 + k as u64 * job.iodepth as u64, span);
                 let rw = ReadWrite::new(job.nsid, lba, span.blocks_per_io as u32).expect("checked");
                 let lane = Some(w % job.io_queues);
-                let (_, _, data) =
+                let (_, _, mut data) =
                     session.io(lane, IoCommand::Read(rw), DataDir::ToHost(job.block_bytes as usize)).await?;
-                note_verify_errors(&mut report, &data, lba, span, expected);
+                note_verify_errors(&mut report, &mut data, lba, span, expected);
                 report.final_checked_blocks += span.blocks_per_io;
             }
             Ok::<_, HostError>(report)

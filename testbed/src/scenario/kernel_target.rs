@@ -31,6 +31,11 @@ pub struct KernelTargetResult {
     pub verified_blocks: u64,
     pub final_verified_blocks: u64,
     pub verify_errors: Option<u64>,
+    /// How perf's keyed data reached the kernel target (our host's verbs pool): in place, copied through a
+    /// pool buffer, or by a region registered per command. Zero copies and registrations is the claim.
+    pub data_in_place: u64,
+    pub data_copied: u64,
+    pub data_registered: u64,
     pub target_kernel_errors: Vec<String>,
     pub vms: Vec<VmOutcome>,
     pub problems: Vec<String>,
@@ -39,7 +44,7 @@ pub struct KernelTargetResult {
 impl KernelTargetResult {
     pub fn summary(&self) -> String {
         format!(
-            "initiator-kernel-target: {}\n  kernel {} under {:?}, {:.0} s\n  nvmf discover (exit {:?}): {:?}\n  nvmf id-ctrl (exit {:?}): model {:?}, subnqn {:?}\n  nvmf perf --verify randrw 4k (exit {:?}): {:.0} IOPS, {} I/Os, {} errors; {} blocks checked during, {} at the end, verify errors {:?}\n{}",
+            "initiator-kernel-target: {}\n  kernel {} under {:?}, {:.0} s\n  nvmf discover (exit {:?}): {:?}\n  nvmf id-ctrl (exit {:?}): model {:?}, subnqn {:?}\n  nvmf perf --verify randrw 8k (exit {:?}): {:.0} IOPS, {} I/Os, {} errors; {} blocks checked during, {} at the end, verify errors {:?}\n  keyed data: {} in place, {} copied, {} registered per command\n{}",
             if self.passed { "PASSED" } else { "FAILED" },
             self.kernel,
             self.accel,
@@ -56,6 +61,9 @@ impl KernelTargetResult {
             self.verified_blocks,
             self.final_verified_blocks,
             self.verify_errors,
+            self.data_in_place,
+            self.data_copied,
+            self.data_registered,
             self.problems.iter().map(|p| format!("  problem: {p}\n")).collect::<String>()
         )
     }
@@ -77,7 +85,7 @@ export RUST_LOG=warn
 echo $? > $T/discover.exit
 {nvmf} id-ctrl {conn} -n {NQN} -o json > $T/id-ctrl.json 2> $T/id-ctrl.err
 echo $? > $T/id-ctrl.exit
-{nvmf} perf {conn} -n {NQN} -w randrw --bs 4k -q 16 --size 64m --runtime {PERF_SECONDS} --verify -o json \
+{nvmf} perf {conn} -n {NQN} -w randrw --bs 8k -q 16 --size 64m --runtime {PERF_SECONDS} --verify -o json \
     > $T/perf.json 2> $T/perf.err
 echo $? > $T/perf.exit
 dmesg > $T/host.dmesg
@@ -107,6 +115,8 @@ touch $T/host-done
     let perf_exit = exit("perf.exit");
     let perf = json("perf.json").unwrap_or_default();
     let verify_errors = perf["verify"]["errors"].as_u64();
+    let moves = &perf["paths"][0]["data_moves"];
+    let moved = |k: &str| moves[k].as_u64().unwrap_or(0);
     let result = KernelTargetResult {
         scenario: "initiator-kernel-target",
         kernel: setup.image.version.clone(),
@@ -125,6 +135,9 @@ touch $T/host-done
         verified_blocks: perf["verify"]["checked_blocks"].as_u64().unwrap_or(0),
         final_verified_blocks: perf["verify"]["final_checked_blocks"].as_u64().unwrap_or(0),
         verify_errors,
+        data_in_place: moved("in_place"),
+        data_copied: moved("copied"),
+        data_registered: moved("registered"),
         target_kernel_errors: super::flap::kernel_errors(&vm_run.read("target.dmesg").unwrap_or_default()),
         vms: outcomes,
         problems: Vec::new(),
@@ -135,6 +148,14 @@ touch $T/host-done
             result.perf_errors,
             result.final_verified_blocks,
             vm_run.read("perf.err").unwrap_or_default().lines().last().unwrap_or_default()
+        ));
+    }
+    // Every keyed transfer of the run (8 KiB: reads and writes, both past the capsule) in place: the queue's pool lent
+    // the buffer and the kernel target reached it with the arena's key.
+    if perf_exit == Some(0) && (result.data_in_place == 0 || result.data_copied > 0 || result.data_registered > 0) {
+        problems.push(format!(
+            "keyed data not all in place: {} in place, {} copied, {} registered per command ({moves})",
+            result.data_in_place, result.data_copied, result.data_registered
         ));
     }
     problems.extend(super::vm_problems(&result.vms, timeout));

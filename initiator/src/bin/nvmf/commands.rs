@@ -336,7 +336,7 @@ async fn write(t: Transfer) -> Result<ExitCode, Failure> {
         let (blocks, bytes) = extent(&t, ns.block_size, Some(data.len()))?;
         check_transfer(bytes, &*s.controller().await?)?;
         let command = IoCommand::Write(rw(t.namespace_id, t.start_block, blocks)?);
-        s.io(None, command, DataDir::ToController(data)).await?;
+        s.io(None, command, DataDir::ToController(data.into())).await?;
         Ok::<_, Failure>(())
     }
     .await;

@@ -257,6 +257,9 @@ pub fn perf_json(job: &PerfJob, r: &PerfReport) -> Value {
         "cpu_us_per_io": r.cpu_us_per_io().map(|c| (c * 100.0).round() / 100.0),
         "paths": r.paths.iter().map(|p| json!({
             "address": p.address, "completions": p.completions, "reconnects": p.reconnects, "state": p.state,
+            "data_moves": p.data_moves.map(|m| json!({
+                "in_place": m.in_place, "copied": m.copied, "registered": m.registered,
+            })),
         })).collect::<Vec<_>>(),
     });
     if let Some(ver) = &r.verify {
@@ -313,7 +316,14 @@ pub fn perf_text(job: &PerfJob, r: &PerfReport) -> String {
     }
     for p in &r.paths {
         out +=
-            &format!("  path {}: {} completions, {} reconnects, {}\n", p.address, p.completions, p.reconnects, p.state);
+            &format!("  path {}: {} completions, {} reconnects, {}", p.address, p.completions, p.reconnects, p.state);
+        if let Some(m) = p.data_moves {
+            out += &format!(
+                "; keyed data in place {}, copied {}, registered per command {}",
+                m.in_place, m.copied, m.registered
+            );
+        }
+        out += "\n";
     }
     if let Some(e) = &r.first_error {
         out += &format!("  first error: {e}\n");
