@@ -238,7 +238,7 @@ async fn exchange(
         },
     };
     let buf = match queue.pool() {
-        Some(pool) if buf.len() <= pool.buffers.buffer_size() => {
+        Some(pool) if pool.in_place && buf.len() <= pool.buffers.buffer_size() => {
             match exchange_pooled(queue, pool, command, buf, access, name).await {
                 Ok(done) => return done,
                 Err(back) => back,
@@ -246,22 +246,26 @@ async fn exchange(
         }
         _ => buf,
     };
+    // The buffer's bytes are the region's while it is registered (a lent buffer's too: its pool gets it back
+    // only once the region is gone, whatever the command's outcome).
     let len = buf.len() as u32;
     DataMoves::count(&queue.moves.registered);
-    let mr = match queue.register(pd, buf.into_vec(), access).await {
+    let mut shell = buf;
+    let (bytes, lent) = shell.lend_bytes();
+    let mr = match queue.register(pd, bytes, access).await {
         Ok(mr) => mr,
         Err(e) => return (Err(e), None),
     };
     let sgl = match SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, queue.remote_invalidate) {
         Ok(sgl) => sgl,
         Err(e) => {
-            let buf = queue.deregister(mr).await.ok().map(IoBuffer::from);
+            let buf = queue.deregister(mr).await.ok().map(|b| shell.restore_bytes(b, lent));
             return (Err(e.into()), buf);
         }
     };
     let result = queue.submit(capsule(command, sgl), &[]).await;
     match queue.deregister(mr).await {
-        Ok(buf) => (result.and_then(|c| check(name, c)), Some(buf.into())),
+        Ok(b) => (result.and_then(|c| check(name, c)), Some(shell.restore_bytes(b, lent))),
         Err(e) => (result.and(Err(e)), None),
     }
 }
@@ -469,7 +473,7 @@ impl Controller {
         }
         let (device, pd, router, target) = (self.device.clone(), &self.pd, &self.router, self.target);
         let mut q = HostQueue::connect(device, pd, router, target, qid, depth, loss, lane).await?;
-        q.use_registered_buffers(pd, self.max_transfer()).await;
+        q.use_buffer_pool(pd, self.max_transfer()).await;
         let connect = Connect { recfmt: 0, qid, sqsize: depth - 1, cattr: 0, kato: 0 };
         let result = self.connect_on(&q, connect, self.cntlid, self.options.in_capsule_limit).await;
         match result {
@@ -697,7 +701,11 @@ impl Controller {
 
     /// How the keyed data of this association's I/O commands reached the target so far (every I/O queue).
     pub fn data_moves(&self) -> DataMoveCounts {
-        self.io.iter().map(|q| q.io().moves.snapshot()).fold(DataMoveCounts::default(), |a, b| a + b)
+        let queue = |q: &HostQueue| DataMoveCounts {
+            pool_buffers: q.io().pool().map_or(0, |p| p.buffers.carved() as u64),
+            ..q.io().moves.snapshot()
+        };
+        self.io.iter().map(|q| queue(q)).fold(DataMoveCounts::default(), |a, b| a + b)
     }
 
     /// Whether one of this association's I/O queues lent `buf`.

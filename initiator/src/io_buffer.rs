@@ -13,6 +13,12 @@ use transport::{Buffer, RegionKeys};
 
 use crate::queue::QueuePool;
 
+/// What [`IoBuffer::lend_bytes`] leaves to know its bytes again.
+pub(crate) struct LentBytes {
+    address: u64,
+    home: Option<Weak<QueuePool>>,
+}
+
 /// A command's data: see the module documentation.
 #[derive(Default)]
 pub struct IoBuffer {
@@ -72,6 +78,26 @@ impl IoBuffer {
     /// Where its bytes are, as the device addresses them.
     pub(crate) fn address(&self) -> u64 {
         self.bytes.address()
+    }
+
+    /// Hands its bytes over (to be a region of their own for one command); [`IoBuffer::restore_bytes`] takes
+    /// them back. Meanwhile it is not its pool's: dropped (a cancelled exchange), its bytes are not returned.
+    pub(crate) fn lend_bytes(&mut self) -> (Buffer, LentBytes) {
+        let bytes = std::mem::take(&mut self.bytes);
+        let lent = LentBytes { address: bytes.address(), home: self.home.take() };
+        (bytes, lent)
+    }
+
+    /// Its bytes back from their region. They go home again only if they are the very bytes lent (a provider
+    /// that copied them out hands back memory of its own, which is not the pool's).
+    pub(crate) fn restore_bytes(mut self, bytes: Buffer, lent: LentBytes) -> IoBuffer {
+        if bytes.address() == lent.address {
+            self.home = lent.home;
+        } else {
+            self.tail = Buffer::default();
+        }
+        self.bytes = bytes;
+        self
     }
 
     /// Whether it is a pool's (lent, and so returned when dropped).

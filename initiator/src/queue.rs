@@ -79,6 +79,9 @@ pub struct DataMoveCounts {
     pub in_place: u64,
     pub copied: u64,
     pub registered: u64,
+    /// Buffers the queues' pools carved: what they hold (each of the largest transfer), which stays bounded by
+    /// the commands in flight however many ran.
+    pub pool_buffers: u64,
 }
 
 impl DataMoves {
@@ -91,6 +94,7 @@ impl DataMoves {
             in_place: self.in_place.load(Ordering::Relaxed),
             copied: self.copied.load(Ordering::Relaxed),
             registered: self.registered.load(Ordering::Relaxed),
+            pool_buffers: 0,
         }
     }
 }
@@ -102,14 +106,18 @@ impl std::ops::Add for DataMoveCounts {
             in_place: self.in_place + o.in_place,
             copied: self.copied + o.copied,
             registered: self.registered + o.registered,
+            pool_buffers: self.pool_buffers + o.pool_buffers,
         }
     }
 }
 
-/// A queue's registered data buffers and the lane they are registered with.
+/// A queue's data buffers and the lane they are registered with, if they are (verbs provider).
 #[derive(Debug)]
 pub(crate) struct QueuePool {
     pub buffers: PinnedPool,
+    /// Its arenas are registered with the queue's lane: the target reaches its buffers in place, with the
+    /// arena's key. Otherwise (soft provider) a buffer is handed to the lane as a region for its command.
+    pub in_place: bool,
     device: std::sync::Weak<Device>,
     lane: usize,
 }
@@ -118,7 +126,7 @@ impl QueuePool {
     /// A pool registered with no lane (its buffers have no keys): for tests of lending.
     #[cfg(test)]
     pub fn unregistered(buffer_size: usize) -> QueuePool {
-        QueuePool { buffers: PinnedPool::new(buffer_size), device: std::sync::Weak::new(), lane: 0 }
+        QueuePool { buffers: PinnedPool::new(buffer_size), in_place: false, device: std::sync::Weak::new(), lane: 0 }
     }
 
     /// The keys through which the target reaches `buf`, if its arena is registered with the queue's lane.
@@ -147,13 +155,13 @@ impl QueueIo {
     pub async fn register(
         &self,
         pd: &ProtectionDomain,
-        buf: Vec<u8>,
+        buf: Buffer,
         access: Access,
     ) -> Result<MemoryRegion, HostError> {
         Ok(self.qp.register(pd, buf, access).await?)
     }
 
-    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, HostError> {
+    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Buffer, HostError> {
         Ok(self.qp.deregister(mr).await?)
     }
 
@@ -266,20 +274,22 @@ impl HostQueue {
         &self.io
     }
 
-    /// Gives the queue data buffers of `buffer_size` bytes registered once with its lane (remote read and
-    /// write: the target reaches them with the arena's key), for the verbs provider, whose registration per
-    /// command is a system call and pinned pages each way. The soft provider's regions are a table entry on
-    /// the lane's thread and it registers no arenas, so its queues keep a region per command. A peer with the
-    /// key reaches every buffer of the queue's arenas (as SPDK's host exposes its registered memory map), from
-    /// any queue pair of the domain, while the queue's lane lives (the lane's end deregisters them).
-    pub(crate) async fn use_registered_buffers(&mut self, pd: &ProtectionDomain, buffer_size: usize) {
+    /// Gives the queue a pool of data buffers of `buffer_size` bytes, lent to its commands and back. On the
+    /// verbs provider, whose registration per command is a system call and pinned pages each way, the pool's
+    /// arenas are registered once with the queue's lane (remote read and write: the target reaches them with
+    /// the arena's key). A peer with the key reaches every buffer of the queue's arenas (as SPDK's host exposes
+    /// its registered memory map), from any queue pair of the domain, while the queue's lane lives (the lane's
+    /// end deregisters them). The soft provider registers no arenas (its lane's memory is its own): a lent
+    /// buffer is moved to the lane as its command's region — a table entry — and back, so the pool saves the
+    /// allocation per command, not the registration.
+    pub(crate) async fn use_buffer_pool(&mut self, pd: &ProtectionDomain, buffer_size: usize) {
         let Some(lane) = &self.lane else { return };
-        if self.device.provider() != transport::Provider::Verbs {
-            return;
-        }
+        let in_place = self.device.provider() == transport::Provider::Verbs;
         let device = Arc::downgrade(&self.device);
-        let pool = QueuePool { buffers: PinnedPool::new(buffer_size), device: device.clone(), lane: lane.id };
-        pool.buffers.add_lane(PoolLane { device, pd: pd.id, lane: lane.id, access: Access::REMOTE_ALL }).await;
+        let pool = QueuePool { buffers: PinnedPool::new(buffer_size), in_place, device: device.clone(), lane: lane.id };
+        if in_place {
+            pool.buffers.add_lane(PoolLane { device, pd: pd.id, lane: lane.id, access: Access::REMOTE_ALL }).await;
+        }
         self.io.pool = Some(Arc::new(pool));
     }
 

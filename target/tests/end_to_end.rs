@@ -195,12 +195,15 @@ async fn random_io(t: &TestTarget, nqn: &str, ops_per_worker: usize) -> (u64, u6
     let host = ctrl.transport_stats().await.expect("host stats");
     assert_eq!(host.lanes, 4, "{host:?}");
     assert!(host.lane_packets_received > reads + writes, "{host:?}");
-    // The soft provider registers no pools: every keyed command (each read; writes past the capsule) had a
-    // region of its own, none went in place or through a pool's copy.
+    // The soft provider registers no arenas: every keyed command (each read; writes past the capsule) had a
+    // region of its own, none went in place or through a pool's copy — but its memory was a pool buffer lent
+    // and given back, so the pools hold about what was in flight (128 workers), not one per command.
     let moves = ctrl.data_moves();
     let keyed_reads = reads + 128 * (region / 256);
     assert_eq!(moves.in_place + moves.copied, 0, "{moves:?}");
     assert!((keyed_reads..=keyed_reads + writes).contains(&moves.registered), "{moves:?}");
+    assert!(moves.pool_buffers > 0 && moves.pool_buffers <= 4 * 64, "{moves:?}");
+    assert!(moves.registered > 10 * moves.pool_buffers, "{moves:?}");
     // The target's queues took their capsules from their poll groups' shared receive queues.
     let listener = &stats.listeners[0];
     assert_eq!(listener.shared_receive_queues, listener.lanes, "one per poll group's lane: {listener:?}");

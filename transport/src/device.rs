@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::buffer::Buffer;
 use crate::connection::{ConnId, PeerParams};
 use crate::region::RegionKeys;
 use crate::region::{Access, RegionMemory};
@@ -226,7 +227,7 @@ pub(crate) fn register_on_lane(
 }
 
 /// A device worker's `DeregisterOnLane`: handed to the lane's channel as the lane's own `Deregister`.
-pub(crate) fn deregister_on_lane(lane: Option<&mpsc::UnboundedSender<Command>>, key: u32, reply: Reply<Vec<u8>>) {
+pub(crate) fn deregister_on_lane(lane: Option<&mpsc::UnboundedSender<Command>>, key: u32, reply: Reply<Buffer>) {
     match lane {
         Some(l) => {
             let _ = l.send(Command::Deregister(key, reply));
@@ -263,15 +264,16 @@ impl QueuePair {
     pub async fn register(
         &self,
         pd: &ProtectionDomain,
-        buf: Vec<u8>,
+        buf: impl Into<Buffer>,
         access: Access,
     ) -> Result<MemoryRegion, DeviceError> {
         let pd = pd.id;
-        call_on(&self.commands, |reply| Command::Register(pd, RegionMemory::Owned(buf), access, reply)).await
+        let buf = RegionMemory::Owned(buf.into());
+        call_on(&self.commands, |reply| Command::Register(pd, buf, access, reply)).await
     }
 
     /// Takes back a region [`QueuePair::register`] handed out.
-    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
+    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Buffer, DeviceError> {
         call_on(&self.commands, |reply| Command::Deregister(mr.keys.lkey, reply)).await
     }
 }
@@ -349,7 +351,7 @@ pub(crate) enum Command {
     DeallocPd(u32, Reply<()>),
     Register(u32, RegionMemory, Access, Reply<MemoryRegion>),
     /// By the region's lkey (its rkey may be 0 when it grants no remote access).
-    Deregister(u32, Reply<Vec<u8>>),
+    Deregister(u32, Reply<Buffer>),
     CreateQp(u32, CompletionQueue, CompletionQueue, Option<u32>, Reply<u32>),
     CreateSrq(u32, Reply<u32>),
     DestroySrq(u32, Reply<Vec<RecvWr>>),
@@ -414,7 +416,7 @@ pub(crate) enum Command {
     DeregisterOnLane {
         lane: usize,
         key: u32,
-        reply: Reply<Vec<u8>>,
+        reply: Reply<Buffer>,
     },
     Shutdown,
 }
@@ -485,14 +487,15 @@ impl Device {
     pub async fn register(
         &self,
         pd: &ProtectionDomain,
-        buf: Vec<u8>,
+        buf: impl Into<Buffer>,
         access: Access,
     ) -> Result<MemoryRegion, DeviceError> {
         let pd = pd.id;
-        self.call(|r| Command::Register(pd, RegionMemory::Owned(buf), access, r)).await
+        let buf = RegionMemory::Owned(buf.into());
+        self.call(|r| Command::Register(pd, buf, access, r)).await
     }
 
-    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
+    pub async fn deregister(&self, mr: MemoryRegion) -> Result<Buffer, DeviceError> {
         self.call(|r| Command::Deregister(mr.keys.lkey, r)).await
     }
 
@@ -502,11 +505,11 @@ impl Device {
         &self,
         lane: usize,
         pd: &ProtectionDomain,
-        buf: Vec<u8>,
+        buf: impl Into<Buffer>,
         access: Access,
     ) -> Result<MemoryRegion, DeviceError> {
         let pd = pd.id;
-        let buf = RegionMemory::Owned(buf);
+        let buf = RegionMemory::Owned(buf.into());
         self.call(|reply| Command::RegisterOnLane { lane, pd, buf, access, reply }).await
     }
 
@@ -530,7 +533,7 @@ impl Device {
         self.call(|reply| Command::RegisterOnLane { lane, pd, buf, access, reply }).await
     }
 
-    pub async fn deregister_on_lane(&self, lane: usize, mr: MemoryRegion) -> Result<Vec<u8>, DeviceError> {
+    pub async fn deregister_on_lane(&self, lane: usize, mr: MemoryRegion) -> Result<Buffer, DeviceError> {
         let key = mr.keys.lkey;
         self.call(|reply| Command::DeregisterOnLane { lane, key, reply }).await
     }

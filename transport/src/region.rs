@@ -29,6 +29,6 @@ pub struct RegionKeys {
 /// application keeps carving its buffers from ([`crate::Buffer::carve`]), which the region only keeps alive.
 #[derive(Debug)]
 pub(crate) enum RegionMemory {
-    Owned(Vec<u8>),
+    Owned(crate::buffer::Buffer),
     Pinned(#[cfg_attr(not(feature = "verbs"), allow(dead_code))] crate::buffer::Pinned),
 }

@@ -448,7 +448,7 @@ async fn scatter_gather_lists() {
     assert_eq!((got.status, got.byte_len), (WcStatus::Success, 10));
     assert_eq!(got.sg_list, vec![b"abcd".to_vec(), b"efghij\0\0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec()]);
 
-    let region = c.b.register(&c.pdb, (0..64u8).collect(), Access::REMOTE_READ).await.unwrap();
+    let region = c.b.register(&c.pdb, (0..64u8).collect::<Vec<u8>>(), Access::REMOTE_READ).await.unwrap();
     let op = SendOp::RdmaRead { remote_addr: region.keys.addr + 8, rkey: region.keys.rkey };
     c.qa.post_send(SendWr::with_sg_list(3, op, vec![Buffer::zeroed(3), Buffer::default(), Buffer::zeroed(5)])).unwrap();
     let read = complete(&c.cqa).await.wc;

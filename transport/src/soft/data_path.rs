@@ -144,7 +144,7 @@ impl DataPath {
         self.memory.register(pd, buf, access).map_err(|_| DeviceError::RegionTooLarge(len))
     }
 
-    pub fn deregister(&mut self, key: u32) -> Result<Vec<u8>, DeviceError> {
+    pub fn deregister(&mut self, key: u32) -> Result<crate::buffer::Buffer, DeviceError> {
         self.memory.deregister(key).ok_or(DeviceError::UnknownRegion(key))
     }
 

@@ -6,13 +6,14 @@
 use std::collections::HashMap;
 
 use super::rc::{Access, AccessError, RemoteMemory};
+use crate::buffer::Buffer;
 
 #[derive(Debug)]
 struct Region {
     /// The protection domain the region belongs to: only queue pairs of the same domain reach it.
     pd: u32,
     base: u64,
-    data: Vec<u8>,
+    data: Buffer,
     access: Access,
     valid: bool,
 }
@@ -35,7 +36,7 @@ impl Default for MemoryTable {
 }
 
 impl MemoryTable {
-    pub fn register(&mut self, pd: u32, data: Vec<u8>, access: Access) -> Result<RegionKeys, Vec<u8>> {
+    pub fn register(&mut self, pd: u32, data: Buffer, access: Access) -> Result<RegionKeys, Buffer> {
         if data.len() > MAX_REGION {
             return Err(data);
         }
@@ -54,7 +55,7 @@ impl MemoryTable {
     }
 
     /// Removes the region and hands its memory back.
-    pub fn deregister(&mut self, key: u32) -> Option<Vec<u8>> {
+    pub fn deregister(&mut self, key: u32) -> Option<Buffer> {
         self.regions.remove(&key).map(|r| r.data)
     }
 
@@ -144,9 +145,9 @@ mod tests {
     #[test]
     fn bounds_access_and_invalidation() {
         let mut table = MemoryTable::default();
-        let a = table.register(1, vec![0; 100], Access::REMOTE_WRITE).unwrap();
-        let b = table.register(1, (0..50).collect(), Access::REMOTE_READ).unwrap();
-        let c = table.register(2, vec![0; 10], Access::REMOTE_ALL).unwrap();
+        let a = table.register(1, Buffer::zeroed(100), Access::REMOTE_WRITE).unwrap();
+        let b = table.register(1, (0..50).collect::<Vec<u8>>().into(), Access::REMOTE_READ).unwrap();
+        let c = table.register(2, Buffer::zeroed(10), Access::REMOTE_ALL).unwrap();
         assert!(
             matches!(table.domain(1).check(c.rkey, c.addr, 1, true), Err(AccessError::UnknownKey(_))),
             "other domain"

@@ -353,18 +353,20 @@ impl DataPath {
                 return Ok(MemoryRegion { keys });
             }
         };
-        let mr = ffi::MemoryRegion::register(&p, buf, access).map_err(|(e, _)| verbs(e))?;
+        // The FFI region owns a `Vec` (moved, not copied, for memory of its own; a piece of an arena is copied
+        // out — its arena is the way to post it in place).
+        let mr = ffi::MemoryRegion::register(&p, buf.into_vec(), access).map_err(|(e, _)| verbs(e))?;
         let keys = RegionKeys { lkey: mr.lkey(), rkey: mr.rkey(), addr: mr.addr(), len: mr.len() };
         self.regions.insert(keys.lkey, Region { pd, mr: Some(mr), kept: None });
         Ok(MemoryRegion { keys })
     }
 
-    pub fn deregister(&mut self, key: u32) -> Result<Vec<u8>, DeviceError> {
+    pub fn deregister(&mut self, key: u32) -> Result<Buffer, DeviceError> {
         match self.regions.remove(&key) {
-            Some(Region { mr: Some(mr), .. }) => Ok(mr.into_buffer()),
-            Some(Region { kept, .. }) => Ok(kept.unwrap_or_default()),
+            Some(Region { mr: Some(mr), .. }) => Ok(mr.into_buffer().into()),
+            Some(Region { kept, .. }) => Ok(kept.unwrap_or_default().into()),
             // An arena's memory is its pieces': nothing to hand back.
-            None if self.pinned.remove(&key).is_some() => Ok(Vec::new()),
+            None if self.pinned.remove(&key).is_some() => Ok(Buffer::default()),
             None => Err(DeviceError::UnknownRegion(key)),
         }
     }

@@ -259,6 +259,7 @@ pub fn perf_json(job: &PerfJob, r: &PerfReport) -> Value {
             "address": p.address, "completions": p.completions, "reconnects": p.reconnects, "state": p.state,
             "data_moves": p.data_moves.map(|m| json!({
                 "in_place": m.in_place, "copied": m.copied, "registered": m.registered,
+                "pool_buffers": m.pool_buffers,
             })),
         })).collect::<Vec<_>>(),
     });
@@ -319,8 +320,8 @@ pub fn perf_text(job: &PerfJob, r: &PerfReport) -> String {
             &format!("  path {}: {} completions, {} reconnects, {}", p.address, p.completions, p.reconnects, p.state);
         if let Some(m) = p.data_moves {
             out += &format!(
-                "; keyed data in place {}, copied {}, registered per command {}",
-                m.in_place, m.copied, m.registered
+                "; keyed data in place {}, copied {}, registered per command {} ({} pool buffers)",
+                m.in_place, m.copied, m.registered, m.pool_buffers
             );
         }
         out += "\n";
