@@ -211,8 +211,9 @@ fn null_sgl() -> SglDescriptor {
 pub(crate) type Exchange = (Result<Cqe, HostError>, Option<IoBuffer>);
 
 /// Sends one command with its data on `queue`: small writes in the capsule; keyed data in place when the
-/// queue's pool lent the buffer, through a buffer of that pool otherwise, or in a region registered for the
-/// command (no pool, or more than its buffers hold).
+/// queue's registered pool (verbs) lent the buffer, through a buffer of that pool otherwise, or in a region
+/// registered for the command (soft — its pool's buffer moved into the region and back —, no pool, or more than
+/// its buffers hold).
 async fn exchange(
     pd: &ProtectionDomain,
     queue: &QueueIo,
@@ -233,7 +234,13 @@ async fn exchange(
         }
         DataDir::ToController(buf) => (Access::REMOTE_READ, buf),
         DataDir::ToHost(len) => match queue.pool() {
-            Some(pool) => (Access::REMOTE_WRITE, IoBuffer::lend(pool, len).await),
+            Some(pool) => {
+                // Zeroed as a new buffer would be: a lent one holds what its last use left (another read's
+                // blocks, a write's), which a read the target acknowledged without writing must not return.
+                let mut buf = IoBuffer::lend(pool, len).await;
+                buf.fill(0);
+                (Access::REMOTE_WRITE, buf)
+            }
             None => (Access::REMOTE_WRITE, IoBuffer::zeroed(len)),
         },
     };
@@ -250,6 +257,11 @@ async fn exchange(
     // only once the region is gone, whatever the command's outcome).
     let len = buf.len() as u32;
     DataMoves::count(&queue.moves.registered);
+    if buf.is_lent() && queue.pool().is_some_and(|p| p.in_place) {
+        // A verbs pool's buffer whose arena is not registered: the verbs region would copy the piece out of its
+        // arena and the pool would lose it, so a copy is registered and the buffer stays the caller's.
+        return exchange_copy_registered(pd, queue, command, buf, access, name).await;
+    }
     let mut shell = buf;
     let (bytes, lent) = shell.lend_bytes();
     let mr = match queue.register(pd, bytes, access).await {
@@ -267,6 +279,35 @@ async fn exchange(
     match queue.deregister(mr).await {
         Ok(b) => (result.and_then(|c| check(name, c)), Some(shell.restore_bytes(b, lent))),
         Err(e) => (result.and(Err(e)), None),
+    }
+}
+
+/// [`exchange`] through a region registered over a copy of `buf` (copied back for a read).
+async fn exchange_copy_registered(
+    pd: &ProtectionDomain,
+    queue: &QueueIo,
+    command: Command,
+    mut buf: IoBuffer,
+    access: Access,
+    name: &'static str,
+) -> Exchange {
+    let len = buf.len() as u32;
+    let mr = match queue.register(pd, transport::Buffer::from(&buf[..]), access).await {
+        Ok(mr) => mr,
+        Err(e) => return (Err(e), Some(buf)),
+    };
+    let result = match SglDescriptor::keyed(mr.keys.addr, len, mr.keys.rkey, queue.remote_invalidate) {
+        Ok(sgl) => queue.submit(capsule(command, sgl), &[]).await.and_then(|c| check(name, c)),
+        Err(e) => Err(e.into()),
+    };
+    match queue.deregister(mr).await {
+        Ok(copy) => {
+            if access.remote_write && result.is_ok() {
+                buf.copy_from_slice(&copy);
+            }
+            (result, Some(buf))
+        }
+        Err(e) => (result.and(Err(e)), Some(buf)),
     }
 }
 
@@ -685,8 +726,9 @@ impl Controller {
     }
 
     /// `len` bytes for a command on the queue `lane` maps to (as in [`Controller::io_exchange`]): a buffer that
-    /// queue's registered pool lends, which the target then reaches in place, when it has one that holds them;
-    /// memory of its own otherwise (no lane, the soft provider, more than the largest transfer). A lent
+    /// queue's pool lends when it holds them — the target then reaches it in place (verbs), or it becomes the
+    /// command's region without an allocation (soft); memory of its own otherwise (no lane, more than the
+    /// largest transfer). A lent
     /// buffer's bytes are whatever its last use left: fill all of them for a write.
     pub async fn buffer(&self, lane: Option<usize>, len: usize) -> IoBuffer {
         let pool = match lane {

@@ -237,8 +237,10 @@ mod tests {
         let own = IoBuffer::from(vec![1u8, 2, 3]);
         assert!(!own.lent_by(&one) && !own.is_lent());
         assert_eq!(own, vec![1, 2, 3]);
-        // A lent buffer whose pool is gone is let go, not returned.
+        // A lent buffer outliving its pool (a lost association's) is let go when dropped.
+        let gone = Arc::downgrade(&one);
         drop(one);
+        assert!(a.is_lent() && gone.upgrade().is_none());
         drop(a);
         // Its bytes out: copied from a lent one (which then goes home), moved from memory of its own.
         let lent = IoBuffer::lend(&two, 3).await;

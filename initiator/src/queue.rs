@@ -58,7 +58,7 @@ pub(crate) struct QueueIo {
     qp: QueuePair,
     /// Keyed data may ask for remote invalidation (the target's SEND_WITH_INV).
     pub remote_invalidate: bool,
-    /// Data buffers registered once with the queue's lane (verbs provider), instead of a region per command.
+    /// Data buffers lent to its commands (registered once with the queue's lane on the verbs provider).
     pool: Option<Arc<QueuePool>>,
     /// How its commands' keyed data reached the target.
     pub moves: Arc<DataMoves>,

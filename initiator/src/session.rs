@@ -177,7 +177,8 @@ impl Session {
     }
 
     /// `len` bytes for a command on queue `lane` ([`Controller::buffer`] of the next live path): [`Session::io`]
-    /// sends a write of it on the path that lent it while that path is live (in place), elsewhere by a copy.
+    /// sends a write of it on the path that lent it while that path is live (without a copy), elsewhere as
+    /// any other buffer.
     pub async fn buffer(&self, lane: Option<usize>, len: usize) -> IoBuffer {
         match self.pick() {
             Some((_, ctrl)) => ctrl.buffer(lane, len).await,

@@ -82,7 +82,7 @@ impl PinnedPool {
             return b;
         }
         let _carving = self.carving.lock().await;
-        let (mut pieces, chunk, lanes) = {
+        let (pieces, chunk, lanes) = {
             let mut state = self.state();
             // Another taker carved while this one waited.
             if let Some(b) = state.free.pop() {
@@ -95,12 +95,13 @@ impl PinnedPool {
             state.chunks.push(pinned);
             (pieces, shares, lanes)
         };
+        // A taker cancelled while the chunk registers leaves its buffers free all the same (one posted on a
+        // lane it did not reach yet is staged: slower, not wrong).
+        let mut carved = Carved { pool: self, pieces };
         for (lane, pinned) in lanes.into_iter().zip(chunk) {
             self.register(lane, pinned).await;
         }
-        let first = pieces.pop().expect("a chunk holds at least one buffer");
-        self.state().free.extend(pieces);
-        first
+        carved.pieces.pop().expect("a chunk holds at least one buffer")
     }
 
     /// Takes a buffer back: one of the pool's, whole; anything else (a piece that lost its tail, memory of its
@@ -159,6 +160,19 @@ impl PinnedPool {
     /// Buffers carved so far.
     pub fn carved(&self) -> usize {
         self.state().carved
+    }
+}
+
+/// A chunk's buffers while it registers: free once it is done, or if its taker is cancelled.
+struct Carved<'a> {
+    pool: &'a PinnedPool,
+    pieces: Vec<Buffer>,
+}
+
+impl Drop for Carved<'_> {
+    fn drop(&mut self) {
+        let pieces = std::mem::take(&mut self.pieces);
+        self.pool.state().free.extend(pieces);
     }
 }
 

@@ -275,10 +275,8 @@ impl Rng {
 
 const MAX_REPORTED_ERRORS: usize = 10;
 
-/// Checks a read's blocks, then scrubs each block's magic: a buffer the queue lends again holds what its last
-/// read left, and a read the target acknowledged without writing must not pass on an earlier read's block.
-fn note_verify_errors(v: &mut VerifyReport, data: &mut [u8], first_lba: u64, span: Span, expected: &[u64]) {
-    for (i, block) in data.chunks_exact_mut(span.block_size as usize).enumerate() {
+fn note_verify_errors(v: &mut VerifyReport, data: &[u8], first_lba: u64, span: Span, expected: &[u64]) {
+    for (i, block) in data.chunks_exact(span.block_size as usize).enumerate() {
         let lba = first_lba + i as u64;
         if let Err(m) = pattern::check(block, lba, expected) {
             v.errors += 1;
@@ -286,7 +284,6 @@ fn note_verify_errors(v: &mut VerifyReport, data: &mut [u8], first_lba: u64, spa
                 v.first_errors.push(format!("LBA {lba}: {m} (expected {:x?})", expected));
             }
         }
-        pattern::scrub(block);
     }
 }
 
@@ -455,12 +452,12 @@ async fn worker(
         let started = Instant::now();
         if is_read {
             match session.io(Some(lane), IoCommand::Read(rw), DataDir::ToHost(bytes as usize)).await {
-                Ok((_, _, mut data)) => {
+                Ok((_, _, data)) => {
                     r.read_latency.record(started.elapsed().as_nanos() as u64);
                     r.reads += 1;
                     shared.completed(bytes);
                     if job.verify && !r.units[k as usize].is_empty() {
-                        note_verify_errors(&mut r.verify, &mut data, lba, span, &r.units[k as usize]);
+                        note_verify_errors(&mut r.verify, &data, lba, span, &r.units[k as usize]);
                         r.verify.checked_blocks += span.blocks_per_io;
                     }
                 }
@@ -536,9 +533,9 @@ async fn final_check(
                 let lba = lba_of(w as u64 + k as u64 * job.iodepth as u64, span);
                 let rw = ReadWrite::new(job.nsid, lba, span.blocks_per_io as u32).expect("checked");
                 let lane = Some(w % job.io_queues);
-                let (_, _, mut data) =
+                let (_, _, data) =
                     session.io(lane, IoCommand::Read(rw), DataDir::ToHost(job.block_bytes as usize)).await?;
-                note_verify_errors(&mut report, &mut data, lba, span, expected);
+                note_verify_errors(&mut report, &data, lba, span, expected);
                 report.final_checked_blocks += span.blocks_per_io;
             }
             Ok::<_, HostError>(report)
